@@ -1,0 +1,53 @@
+"""Trainable-parameter counts of every method, in closed form, so tables compare like with like.
+
+Per adapted layer d_in -> d_out, rank r, N experts (router: d_in*N weights, none for "mean"):
+
+    lora      r*(d_in + d_out)
+    dora      r*(d_in + d_out) + d_out                      (peft's magnitude vector)
+    moelora   N*r*(d_in + d_out) + d_in*N
+    mor       r*(d_in + d_out) + N*(r + d_out) + d_in*N
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import MoRConfig
+
+METHOD_NAMES = ("mor", "moelora", "lora", "dora")
+
+
+def layer_parameter_count(method: str, d_in: int, d_out: int, r: int, num_experts: int = 1,
+                          router: str = "softmax") -> int:
+    """Trainable parameters of one adapted d_in -> d_out layer."""
+    router_params = 0 if router == "mean" else d_in * num_experts
+    if method == "lora":
+        return r * (d_in + d_out)
+    if method == "dora":
+        return r * (d_in + d_out) + d_out
+    if method == "moelora":
+        return num_experts * r * (d_in + d_out) + router_params
+    if method == "mor":
+        return r * (d_in + d_out) + num_experts * (r + d_out) + router_params
+    raise ValueError(f"unknown method {method!r}; choose one of {METHOD_NAMES}")
+
+
+def target_shapes(model: nn.Module, target_modules="ffn") -> list[tuple[int, int]]:
+    """(d_in, d_out) of every module that ``target_modules`` selects in ``model``."""
+    from .layer import linear_shape
+    from .model import find_target_modules
+
+    names = find_target_modules(model, MoRConfig(target_modules=target_modules))
+    return [linear_shape(model.get_submodule(name)) for name in names]
+
+
+def parameter_count(model: nn.Module, method: str, r: int, num_experts: int = 1, target_modules="ffn",
+                    router: str = "softmax") -> int:
+    """Closed-form trainable parameters of ``method`` on ``model``'s target modules."""
+    return sum(layer_parameter_count(method, d_in, d_out, r, num_experts, router)
+               for d_in, d_out in target_shapes(model, target_modules))
+
+
+def count_trainable_parameters(model: nn.Module) -> int:
+    """Parameters that require gradients, for any wrapper (MoRModel, PeftModel, plain)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
