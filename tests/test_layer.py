@@ -1,0 +1,188 @@
+"""The MoR / MoE-LoRA layer against the equation, written out naively."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from mor import MoELoRALinear, MoRLinear, layer_parameter_count
+from mor.routing import load_balancing_loss
+
+D_IN, D_OUT, R, N = 24, 20, 4, 5
+ATOL = 1e-5  # fp32, values of order 1
+
+
+def naive_output(layer, x):
+    """W x + sum_i G_i(x) D_i x, one expert at a time (the paper's equation, no tricks)."""
+    out = layer.base_layer(x)
+    gates = layer.route(x)  # (..., N)
+    deltas = layer.expert_deltas()  # (N, d_out, d_in)
+    for i in range(layer.num_experts):
+        out = out + gates[..., i : i + 1] * (x @ deltas[i].T)
+    return out
+
+
+def naive_mor_delta(layer, i):
+    """D_i = (alpha/r) diag(Omega_B[i]) B diag(Omega_A[i]) A, from the raw parameters."""
+    return layer.scaling * torch.diag(layer.expert_scales_out[i]) @ layer.lora_B @ torch.diag(
+        layer.expert_scales_in[i]) @ layer.lora_A
+
+
+def randomise(layer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if not name.startswith("base_layer."):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if "scales" in name else 0.0))
+    return layer
+
+
+def make(kind, base, router="softmax", **kw):
+    cls = MoRLinear if kind == "mor" else MoELoRALinear
+    return randomise(cls(base, r=R, num_experts=N, alpha=8.0, router=router, **kw))
+
+
+@pytest.mark.parametrize("kind", ["mor", "moelora"])
+@pytest.mark.parametrize("base_kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("router", ["softmax", "topk", "mean", "balanced"])
+def test_efficient_forward_equals_naive_per_expert_formula(kind, base_kind, router):
+    torch.manual_seed(0)
+    base = nn.Linear(D_IN, D_OUT) if base_kind == "linear" else Conv1D(D_OUT, D_IN)
+    if base_kind == "conv1d":
+        nn.init.normal_(base.weight)
+    layer = make(kind, base, router=router, top_k=2).eval()
+    x = torch.randn(3, 7, D_IN)
+    torch.testing.assert_close(layer(x), naive_output(layer, x), atol=ATOL, rtol=1e-5)
+
+
+def test_expert_deltas_are_the_papers_rescaled_lora():
+    layer = make("mor", nn.Linear(D_IN, D_OUT))
+    deltas = layer.expert_deltas()
+    assert deltas.shape == (N, D_OUT, D_IN)
+    for i in range(N):
+        torch.testing.assert_close(deltas[i], naive_mor_delta(layer, i), atol=ATOL, rtol=1e-5)
+
+
+def test_topk_router_keeps_k_experts_and_renormalises():
+    layer = make("mor", nn.Linear(D_IN, D_OUT), router="topk", top_k=2)
+    gates = layer.route(torch.randn(50, D_IN))
+    assert ((gates > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(gates.sum(-1), torch.ones(50))
+
+
+def test_router_weights_are_a_distribution_and_depend_on_input():
+    layer = make("mor", nn.Linear(D_IN, D_OUT))
+    gates = layer.route(torch.randn(4, 9, D_IN))
+    assert gates.shape == (4, 9, N) and (gates >= 0).all()
+    torch.testing.assert_close(gates.sum(-1), torch.ones(4, 9))
+    assert gates.reshape(-1, N).std(dim=0).max() > 1e-3
+
+
+def test_mean_router_is_uniform_and_has_no_parameters():
+    layer = MoRLinear(nn.Linear(D_IN, D_OUT), r=R, num_experts=N, router="mean")
+    assert layer.router.weight is None
+    torch.testing.assert_close(layer.route(torch.randn(3, D_IN)), torch.full((3, N), 1.0 / N))
+
+
+@pytest.mark.parametrize("kind", ["mor", "moelora"])
+def test_new_layer_equals_base_layer_exactly(kind):
+    base = nn.Linear(D_IN, D_OUT)
+    cls = MoRLinear if kind == "mor" else MoELoRALinear
+    layer = cls(base, r=R, num_experts=N).eval()
+    x = torch.randn(5, D_IN)
+    assert torch.equal(layer(x), base(x))
+
+
+def test_single_expert_mor_with_unit_scales_is_lora_with_same_factors():
+    torch.manual_seed(0)
+    base = nn.Linear(D_IN, D_OUT)
+    lora_model = get_peft_model(nn.Sequential(base), LoraConfig(r=R, lora_alpha=8, target_modules=["0"],
+                                                                 lora_dropout=0.0))
+    lora_layer = lora_model.base_model.model[0]
+    with torch.no_grad():
+        lora_layer.lora_B["default"].weight.normal_()
+    mor = MoRLinear(lora_layer.base_layer, r=R, num_experts=1, alpha=8.0, init="ones").eval()
+    with torch.no_grad():
+        mor.lora_A.copy_(lora_layer.lora_A["default"].weight)
+        mor.lora_B.copy_(lora_layer.lora_B["default"].weight)
+    assert torch.equal(mor.expert_scales_in, torch.ones(1, R)) and torch.equal(mor.expert_scales_out, torch.ones(1, D_OUT))
+    x = torch.randn(6, D_IN)
+    torch.testing.assert_close(mor(x), lora_model(x), atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mor", "moelora"])
+def test_gradients_match_naive_formula(kind):
+    layer = make(kind, nn.Linear(D_IN, D_OUT)).eval()
+    x = torch.randn(4, 3, D_IN)
+    target = torch.randn(4, 3, D_OUT)
+    params = [p for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
+    fast = torch.autograd.grad(((layer(x) - target) ** 2).sum(), params)
+    slow = torch.autograd.grad(((naive_output(layer, x) - target) ** 2).sum(), params)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert layer.base_layer.weight.requires_grad is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_runs_in_low_precision_close_to_fp32(dtype):
+    torch.manual_seed(0)
+    ref = make("mor", nn.Linear(D_IN, D_OUT)).eval()
+    low = MoRLinear(nn.Linear(D_IN, D_OUT), r=R, num_experts=N, alpha=8.0).to(dtype).eval()
+    low.load_state_dict({k: v.to(dtype) for k, v in ref.state_dict().items()})
+    x = torch.randn(2, 5, D_IN)
+    out = low(x.to(dtype))
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(out.float(), ref(x), atol=tol, rtol=tol)
+
+
+def test_no_tokens_by_experts_by_dout_tensor_is_materialised():
+    """The forward's largest activation is (tokens, d_out), never (tokens, N, d_out)."""
+    layer = make("mor", nn.Linear(D_IN, D_OUT)).eval()
+    x = torch.randn(64, D_IN)
+    sizes = []
+    # walk the autograd graph of the output and collect the size of every tensor it saved
+    out = layer(x.requires_grad_())
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        for attr in dir(fn):
+            if attr.startswith("_saved_"):
+                value = getattr(fn, attr)
+                if isinstance(value, torch.Tensor):
+                    sizes.append(value.numel())
+        stack.extend(f for f, _ in fn.next_functions)
+    assert max(sizes) < 64 * N * D_OUT
+
+
+def test_merge_folds_fixed_routing_exactly():
+    for base in (nn.Linear(D_IN, D_OUT), Conv1D(D_OUT, D_IN)):
+        layer = make("mor", base).eval()
+        g = torch.softmax(torch.randn(N), 0)
+        x = torch.randn(8, D_IN)
+        layer.router.fixed = g
+        expected = layer(x)
+        layer.router.fixed = None
+        merged = layer.merge(g)
+        torch.testing.assert_close(merged(x), expected, atol=ATOL, rtol=1e-5)
+
+
+def test_parameter_count_closed_form_matches_layers():
+    for kind, cls in (("mor", MoRLinear), ("moelora", MoELoRALinear)):
+        for router in ("softmax", "mean"):
+            layer = cls(nn.Linear(D_IN, D_OUT), r=R, num_experts=N, router=router)
+            actual = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+            assert actual == layer_parameter_count(kind, D_IN, D_OUT, R, N, router)
+
+
+def test_load_balancing_loss_is_one_when_uniform_and_larger_when_collapsed():
+    even = torch.eye(4).repeat(5, 1) * 1e-3 + 0.25  # every expert is some token's top choice
+    assert load_balancing_loss(even).item() == pytest.approx(1.0, abs=1e-2)
+    collapsed = torch.tensor([[0.97, 0.01, 0.01, 0.01]]).repeat(20, 1)
+    assert load_balancing_loss(collapsed).item() > 3.5
