@@ -233,10 +233,16 @@ def _iter_file_values(path: Path, bad: list[str] | None) -> Iterator[tuple[int, 
     """Yield ``(line, value)`` for every record in a JSON-list or JSON Lines file.
 
     The format is chosen by content, not by suffix: a file starting with ``[`` is a JSON list,
-    one starting with ``{`` holding more than one object is JSON Lines.
+    one starting with ``{`` is JSON Lines (a lone object spread over several lines is refused:
+    it is most likely a mistaken JSON file).
     """
     name = str(path)
-    text = path.read_text(encoding="utf-8-sig")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{name}:{line}: the file is not UTF-8 text ({err.reason}); re-save it as UTF-8.") from None
     i = _skip_ws(text, 0)
     if i >= len(text):
         raise DataError(f"{name}:1: the file is empty; it must hold a JSON list of records or JSON Lines.")
@@ -298,7 +304,7 @@ def _check_instruction(record: dict) -> None:
         raise DataError('missing field "output": add the response text the model should learn.')
     if not _nonempty_str(record["output"]):
         raise DataError(f'empty output ({record["output"]!r}): write the response text the model should learn.')
-    if "answer" in record and not isinstance(record["answer"], (str, int)):
+    if record.get("answer") is not None and not isinstance(record["answer"], (str, int)):
         raise DataError(f'"answer" is {record["answer"]!r}; it must be a label such as "answer2" or an index.')
     if "choices" in record:
         _check_choices(record)
@@ -455,7 +461,9 @@ def load_hub_task(dataset_id: str, split: str = "train", name: str | None = None
     rows = datasets.load_dataset(dataset_id, name, split=split)
     file = f"{dataset_id}[{split}]"
     skipped: list[str] = []
-    records = _records_from_values(((k + 1, dict(row)) for k, row in enumerate(rows)), file, skip_bad, skipped)
+    # datasets fills fields a row lacks with None; drop them so optional fields stay optional
+    values = ((k + 1, {key: v for key, v in row.items() if v is not None}) for k, row in enumerate(rows))
+    records = _records_from_values(values, file, skip_bad, skipped)
     if not records:
         raise DataError(f"{file}: the dataset has no usable records ({len(skipped)} skipped).")
     return Task(dataset_id.rstrip("/").split("/")[-1], records, [file], skipped)
@@ -465,7 +473,7 @@ def load_hub_task(dataset_id: str, split: str = "train", name: str | None = None
 # Multiple-choice parsing
 # --------------------------------------------------------------------------------------------
 
-_FORMAT = re.compile(r"Answer format\s*:\s*(?P<labels>[^\n]*)\s*$", re.IGNORECASE)
+_FORMAT = re.compile(r"Answer format\s*:[ \t]*(?P<labels>[^\n]*?)[ \t]*$", re.IGNORECASE | re.MULTILINE)
 _CORRECT = re.compile(r"correct answer is\s*:?\s*(?P<label>[^\s.,;]+)", re.IGNORECASE)
 _PREAMBLE = re.compile(r"^Please\b[^:\n]*:\s*", re.IGNORECASE)
 _NUMBERED = re.compile(r"^(?P<stem>[A-Za-z]+)\d+$")
@@ -612,7 +620,7 @@ def _gold(record: dict, labels: list[str], options: list[str]) -> int:
 def _is_blank(question: str, labels: list[str]) -> bool:
     """Fill-in-the-blank (winogrande in LLM-Adapters form): ``option1/option2`` labels and a
     ``_`` in the sentence. ARC's ``___`` questions use ``answerN`` labels and are not blanks."""
-    return bool(labels) and all(re.fullmatch(r"option\d+", l, re.I) for l in labels) and "_" in question
+    return bool(labels) and all(re.fullmatch(r"option\d+", label, re.I) for label in labels) and "_" in question
 
 
 def parse_multiple_choice(record: dict) -> ParsedChoice:
@@ -621,7 +629,8 @@ def parse_multiple_choice(record: dict) -> ParsedChoice:
     Handles LLM-Adapters instructions (``Answer1:``/``Solution1:``/``Option1:``/``Ending1:``
     markers, or label words such as ``true/false`` as the options), instruction records with an
     explicit ``"choices"`` list, and ``{"question", "choices", "label"}`` records. A non-empty
-    ``"input"`` is appended to the question on a new line. Raises :class:`DataError` naming
+    ``"input"`` is appended to the question on a new line. An explicit record is a
+    fill-in-the-blank only when it says ``"blank": true``. Raises :class:`DataError` naming
     the problem (the caller adds ``file:line``).
     """
     if not isinstance(record, dict):
@@ -634,7 +643,8 @@ def parse_multiple_choice(record: dict) -> ParsedChoice:
         _check_choice(record)
         options = [c.strip() for c in record["choices"]]
         question = record["question"].strip()
-        return ParsedChoice(question, options, [], _gold(record, [], options), bool(record.get("blank")) and "_" in question)
+        blank = record.get("blank") is True and "_" in question  # opt-in for explicit records
+        return ParsedChoice(question, options, [], _gold(record, [], options), blank)
     raise DataError('record has neither "instruction" nor "question"; it cannot be multiple choice.')
 
 
