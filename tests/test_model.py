@@ -1,0 +1,299 @@
+"""MoR on whole Hugging Face models: injection, training, save/load, merge, baselines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import mor
+from mor import MoRConfig, MoRModel, get_mor_model, parameter_count
+from mor.config import WEIGHTS_NAME
+
+from conftest import make_tiny_llama
+
+BATCH = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def train_steps(model, steps=5, lr=1e-2, batch=BATCH):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def trained(method="mor", **kw):
+    model = get_mor_model(make_tiny_llama(), MoRConfig(method=method, r=4, num_experts=4, dropout=0.0, init_seed=0, **kw))
+    train_steps(model)
+    return model
+
+
+@pytest.mark.parametrize("method", ["mor", "moelora"])
+def test_adapted_model_equals_base_model_at_initialisation(method):
+    base = make_tiny_llama()
+    expected = base(BATCH).logits
+    model = get_mor_model(base, MoRConfig(method=method, r=4, num_experts=3))
+    assert torch.equal(model(input_ids=BATCH).logits, expected)
+
+
+def test_only_adapter_parameters_train_and_default_targets_are_the_ffn():
+    model = get_mor_model(make_tiny_llama(), MoRConfig())
+    names = sorted(model.mor_layers())
+    assert names == sorted(f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".base_layer." not in n and "embed" not in n for n in trainable)
+
+
+def test_training_makes_experts_differ_and_routing_input_dependent():
+    model = get_mor_model(make_tiny_llama(), MoRConfig(r=4, num_experts=4, dropout=0.0, init="ones", init_seed=0))
+    losses = train_steps(model, steps=8)
+    assert losses[-1] < losses[0]
+    layer = model.mor_layers()["model.layers.0.mlp.up_proj"]
+    for scales in (layer.expert_scales_in, layer.expert_scales_out):
+        assert (scales - scales[0]).abs().max() > 1e-4, "the rows of Omega stayed equal"
+    x = torch.randn(10, layer.in_features)
+    assert layer.route(x).std(dim=0).max() > 1e-3
+
+
+def test_parameter_counts_match_closed_form_for_all_four_methods():
+    cases = {
+        "mor": lambda m: get_mor_model(m, MoRConfig(r=8, num_experts=4)),
+        "moelora": lambda m: get_mor_model(m, MoRConfig(method="moelora", r=2, num_experts=4)),
+        "lora": lambda m: get_peft_model(m, LoraConfig(r=8, target_modules=["gate_proj", "up_proj", "down_proj"])),
+        "dora": lambda m: get_peft_model(m, LoraConfig(r=8, use_dora=True, target_modules=["gate_proj", "up_proj", "down_proj"])),
+    }
+    ranks = {"mor": 8, "moelora": 2, "lora": 8, "dora": 8}
+    for method, wrap in cases.items():
+        model = wrap(make_tiny_llama())
+        expected = parameter_count(make_tiny_llama(), method, ranks[method], num_experts=4)
+        assert mor.count_trainable_parameters(model) == expected, method
+    # the explicit formula of MOR_METHOD.md section 3, for the tiny model's FFN (d=32, ffn=64)
+    shapes = [(32, 64), (32, 64), (64, 32)] * 2
+    assert parameter_count(make_tiny_llama(), "mor", 8, 4) == sum(8 * (i + o) + 4 * (8 + o) + i * 4 for i, o in shapes)
+
+
+@pytest.mark.parametrize("method", ["mor", "moelora"])
+def test_save_and_load_give_bit_identical_outputs(tmp_path, method):
+    model = trained(method)
+    expected = model(input_ids=BATCH).logits
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", WEIGHTS_NAME]
+    saved = load_file(str(tmp_path / WEIGHTS_NAME))
+    assert all(".base_layer." not in k for k in saved) and len(saved) > 0
+    loaded = MoRModel.from_pretrained(make_tiny_llama(), tmp_path)
+    assert torch.equal(loaded(input_ids=BATCH).logits, expected)
+    assert torch.equal(mor.load_adapter(make_tiny_llama(), tmp_path)(input_ids=BATCH).logits, expected)
+
+
+def test_corrupted_or_mismatched_adapter_files_give_clear_errors(tmp_path):
+    model = trained()
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / WEIGHTS_NAME
+    good = weights.read_bytes()
+
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="corrupted or not a safetensors"):
+        MoRModel.from_pretrained(make_tiny_llama(), tmp_path)
+
+    tensors = load_file_from_bytes(good, tmp_path)
+    dropped = dict(list(tensors.items())[1:])
+    save_file(dropped, str(weights))
+    with pytest.raises(ValueError, match="1 missing tensors"):
+        MoRModel.from_pretrained(make_tiny_llama(), tmp_path)
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    save_file(tensors, str(weights))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        MoRModel.from_pretrained(make_tiny_llama(), tmp_path)
+
+    weights.unlink()
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="adapter weights not found"):
+        MoRModel.from_pretrained(make_tiny_llama(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        MoRModel.from_pretrained(make_tiny_llama(), tmp_path / "nowhere")
+
+
+def load_file_from_bytes(data: bytes, tmp_path):
+    path = tmp_path / "copy.safetensors"
+    path.write_bytes(data)
+    tensors = load_file(str(path))
+    path.unlink()
+    return tensors
+
+
+def test_disable_adapter_gives_the_exact_base_model():
+    model = trained()
+    expected = make_tiny_llama()(BATCH).logits
+    with model.disable_adapter():
+        assert torch.equal(model(input_ids=BATCH).logits, expected)
+    assert not torch.allclose(model(input_ids=BATCH).logits, expected)
+
+
+@pytest.mark.parametrize("method", ["mor", "moelora"])
+def test_merge_with_measured_profile_equals_unmerged_fixed_routing(tmp_path, method):
+    model = trained(method)
+    batches = [{"input_ids": BATCH, "attention_mask": torch.ones_like(BATCH)}]
+    profile = model.measure_routing(batches)
+    assert set(profile.weights) == set(model.mor_layers())
+    for g in profile.weights.values():
+        assert g.shape == (4,) and abs(g.sum().item() - 1) < 1e-5
+    with model.fixed_routing(profile):
+        expected = model(input_ids=BATCH).logits
+    merged = model.merge_and_unload(routing=profile)
+    assert type(merged).__module__.startswith("transformers.")
+    assert not any("mor" in type(m).__module__ for m in merged.modules())
+    got = merged(input_ids=BATCH).logits
+    assert (got - expected).abs().max().item() <= 1e-5
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded(BATCH).logits, got)
+
+
+def test_routing_profile_ignores_padding_and_round_trips(tmp_path):
+    model = trained()
+    mask = torch.ones_like(BATCH)
+    mask[1, 6:] = 0
+    full = model.measure_routing([{"input_ids": BATCH[:1], "attention_mask": mask[:1]},
+                                  {"input_ids": BATCH[1:, :6], "attention_mask": mask[1:, :6]}])
+    padded = model.measure_routing([{"input_ids": BATCH, "attention_mask": mask}])
+    for name in full.weights:
+        torch.testing.assert_close(full.weights[name], padded.weights[name], atol=1e-5, rtol=1e-4)
+    path = padded.save(tmp_path / "profile.json")
+    again = mor.RoutingProfile.load(path)
+    for name in padded.weights:
+        torch.testing.assert_close(again.weights[name], padded.weights[name])
+
+
+def test_merge_needs_a_routing_for_learned_routers_but_not_for_mean():
+    with pytest.raises(ValueError, match="needs a fixed routing"):
+        trained().merge_and_unload()
+    model = trained(router="mean")
+    with model.fixed_routing("uniform"):
+        expected = model(input_ids=BATCH).logits
+    torch.testing.assert_close(model.merge_and_unload()(BATCH).logits, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="num_experts=4"):
+        trained().merge_and_unload(routing=torch.ones(3) / 3)
+
+
+def test_balanced_router_adds_and_reports_its_auxiliary_loss():
+    model = get_mor_model(make_tiny_llama(), MoRConfig(r=4, num_experts=4, router="balanced", balance_coef=0.5,
+                                                       dropout=0.0))
+    model.train()
+    out = model(input_ids=BATCH, labels=BATCH)
+    with model.disable_adapter():
+        plain = model.base_model(input_ids=BATCH, labels=BATCH).loss
+    aux = out["router_aux_loss"]
+    assert aux.item() >= 1.0 - 1e-4 and model.last_router_aux_loss == pytest.approx(aux.item())
+    torch.testing.assert_close(out.loss, plain + 0.5 * aux, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    router = model.mor_layers()["model.layers.0.mlp.gate_proj"].router
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    model.eval()
+    assert "router_aux_loss" not in model(input_ids=BATCH, labels=BATCH)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = get_mor_model(make_tiny_llama(), MoRConfig(r=4, num_experts=4, dropout=0.0, init_seed=0,
+                                                           router="balanced"))
+        with torch.no_grad():
+            for layer in model.mor_layers().values():
+                layer.lora_B.fill_(0.05)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(input_ids=BATCH, labels=BATCH).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
+
+
+def test_works_inside_accelerate_prepare():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = get_mor_model(make_tiny_llama(), MoRConfig(r=4, num_experts=2, dropout=0.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, opt = accelerator.prepare(model, opt)
+    model.train()
+    first = model(input_ids=BATCH, labels=BATCH).loss
+    accelerator.backward(first)
+    opt.step()
+    assert model(input_ids=BATCH, labels=BATCH).loss < first
+
+
+def test_torch_compile_matches_eager():
+    model = trained()
+    expected = model(input_ids=BATCH).logits
+    compiled = torch.compile(model.base_model, backend="aot_eager")
+    torch.testing.assert_close(compiled(input_ids=BATCH).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_conv1d_model_can_be_adapted_and_merged():
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    model = get_mor_model(base, MoRConfig(r=4, num_experts=3, target_modules=["c_fc", "c_proj"], dropout=0.0))
+    assert len(model.mor_layers()) == 6  # mlp.c_fc, mlp.c_proj and attn.c_proj in each block
+    train_steps(model, steps=3)
+    profile = model.measure_routing([{"input_ids": BATCH}])
+    with model.fixed_routing(profile):
+        expected = model(input_ids=BATCH).logits
+    assert (model.merge_and_unload(profile)(BATCH).logits - expected).abs().max() <= 1e-5
+
+
+def test_target_module_choices():
+    linear_count = lambda cfg: len(get_mor_model(make_tiny_llama(), cfg).mor_layers())  # noqa: E731
+    assert linear_count(MoRConfig(target_modules="attention")) == 8
+    assert linear_count(MoRConfig(target_modules="all-linear")) == 14  # 7 per block, lm_head excluded
+    assert linear_count(MoRConfig(target_modules=r".*\.0\.mlp\.(up|down)_proj")) == 2
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"r": 0}, "r"), ({"r": -3}, "r"), ({"num_experts": 0}, "num_experts"),
+    ({"router": "topk", "top_k": 9, "num_experts": 8}, "top_k"), ({"router": "gumbel"}, "router"),
+    ({"method": "lora"}, "method"), ({"dropout": 1.5}, "dropout"), ({"alpha": 0}, "alpha"),
+    ({"init": "zeros"}, "init"), ({"target_modules": []}, "target_modules"),
+])
+def test_bad_configurations_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"MoRConfig\.{field}="):
+        MoRConfig(**kwargs)
+
+
+def test_bad_targets_say_what_exists():
+    with pytest.raises(ValueError, match=r"matches no module.*gate_proj"):
+        get_mor_model(make_tiny_llama(), MoRConfig(target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="LlamaRMSNorm.*only"):
+        get_mor_model(make_tiny_llama(), MoRConfig(target_modules=["input_layernorm"]))
+
+
+def test_one_training_step_lowers_loss_on_smollm2(smollm2_path):
+    from mor.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_path)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    model = get_mor_model(base, MoRConfig(r=8, num_experts=8, dropout=0.0, init_seed=0))
+    batch = tokenizer(["The capital of France is Paris.", "Two plus two equals four."], return_tensors="pt",
+                      padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    loss0 = model(**batch, labels=labels).loss
+    loss0.backward()
+    opt.step()
+    with torch.no_grad():
+        loss1 = model(**batch, labels=labels).loss
+    assert loss1 < loss0
