@@ -638,3 +638,27 @@ def test_real_tokenizer_boundaries():
         assert tok.decode(out["input_ids"][:n_prompt]) == example.prompt
         assert tok.decode(out["input_ids"][n_prompt:-1]) == example.target
         assert out["input_ids"][-1] == tok.eos_token_id
+
+
+class MergingTokenizer:
+    """A fake tokenizer whose encoding of "ab" is one token, unlike "a" + "b"."""
+
+    eos_token_id = 0
+    vocab = {"ab": 9, "a": 1, "b": 2, "c": 3}
+
+    def __call__(self, text, add_special_tokens=False):
+        out, i = [], 0
+        while i < len(text):
+            piece = text[i : i + 2] if text[i : i + 2] in self.vocab else text[i]
+            out.append(self.vocab[piece])
+            i += len(piece)
+        return {"input_ids": out}
+
+
+def test_tokenize_boundary_merge_never_supervises_prompt_text():
+    out = tokenize_example(TrainingExample("t", "ca", "bc"), MergingTokenizer(), max_length=16)
+    # "cabc" would be [c, ab, c]: the prompt's own ids [c, a] are kept whole and the target
+    # is encoded alone, so the loss covers exactly "bc" + EOS
+    assert out["input_ids"] == [3, 1, 2, 3, 0]
+    assert out["labels"] == [-100, -100, 2, 3, 0]
+    assert encode_pair(MergingTokenizer(), "ca", "bc") == ([3, 1], [3])  # lm-eval's split, for scorers

@@ -218,7 +218,7 @@ def _iter_jsonl(path: str, text: str, bad: list[str] | None) -> Iterator[tuple[i
         if not raw.strip():
             continue
         try:
-            yield number, json.loads(raw)
+            value = json.loads(raw)
         except json.JSONDecodeError as err:
             msg = (
                 f"{path}:{number}: invalid JSON: {err.msg} (column {err.colno}). Each line of a "
@@ -227,6 +227,8 @@ def _iter_jsonl(path: str, text: str, bad: list[str] | None) -> Iterator[tuple[i
             if bad is None:
                 raise DataError(msg) from None
             bad.append(msg)
+            continue
+        yield number, value
 
 
 def _iter_file_values(path: Path, bad: list[str] | None) -> Iterator[tuple[int, Any]]:
