@@ -1,0 +1,632 @@
+"""Zero-shot multiple-choice scoring by log-likelihood, matching lm-evaluation-harness.
+
+Choice ``i`` of a :class:`~mor.data.MultipleChoiceItem` is scored as
+``log P(continuations[i] | contexts[i])`` under the model, exactly as lm-eval's ``HFLM`` does
+for ``output_type: multiple_choice`` tasks:
+
+* **Tokenisation** (:func:`encode_pair`) mirrors ``TemplateLM._encode_pair`` /
+  ``HFLM.tok_encode``: trailing whitespace of the context moves to the front of the
+  continuation; the pair is encoded as ``enc(context + continuation)`` and
+  ``enc(context)`` and the continuation tokens are the tail of the whole encoding beyond the
+  context's length; the model input is ``enc(context) + continuation_tokens``. Special tokens
+  follow the tokenizer's own default (``add_special_tokens`` is not passed), which is HFLM's
+  default ``add_bos_token=None``: a tokenizer whose post-processor adds BOS (Llama-2) gets it,
+  one that does not (SmolLM2, GPT-2) does not; a string that already starts with the decoded
+  prefix token is encoded without special tokens. An empty context becomes the prefix token
+  (BOS, else EOS). ``add_bos_token=True/False`` overrides, like HFLM's model argument.
+* **Truncation** mirrors ``HFLM._loglikelihood_tokens``: the input is
+  ``(context + continuation)[-(max_length + 1):][:-1]``, i.e. the context is cut from the
+  left; ``max_length`` is resolved like HFLM (config ``n_positions`` /
+  ``max_position_embeddings`` / ``n_ctx``, then the tokenizer's ``model_max_length``,
+  then 2048).
+* **Metrics** mirror ``ConfigurableTask.process_results``: ``acc`` = argmax of the summed
+  log-probabilities, ``acc_norm`` = argmax of log-probability divided by the choice's length
+  in characters (``numpy.argmax``: ties go to the first choice). lm-eval divides by the
+  length of the *choice text*, which it joins to the prompt with ``target_delimiter=" "``;
+  so the length used here (:func:`choice_length`) is the continuation's length without one
+  leading space. For fill-in-the-blank items (one context per choice, one shared
+  continuation) every choice gets the same length, so their ``acc_norm`` equals ``acc``
+  (lm-eval would divide by the option's length, which the item does not carry).
+
+Log-softmax is taken in float32 (lm-eval uses the logits' dtype), so in fp32 the numbers are
+the same as lm-eval's up to float rounding (~1e-6) and in bf16/fp16 slightly more precise.
+
+**Prefix reuse.** Each distinct context (token sequence) is run through the model once:
+
+1. *Prefix pass*: up to ``batch_size`` distinct contexts, right-padded with an attention
+   mask, are run with ``use_cache=True``. The log-probabilities at each context's last real
+   position score the *first* token of all its candidates; the KV cache is kept.
+2. *Candidate pass*: every candidate with more than one token contributes a row
+   ``continuation[:-1]`` (right-padded); the cache rows are gathered per candidate
+   (``Cache.batch_select_indices``; legacy tuple caches are indexed directly), the attention
+   mask is ``[context mask | continuation mask]`` (so padded cache slots of shorter contexts
+   are masked out) and ``position_ids`` continue from each context's own length. Rows are
+   chunked to at most ``batch_size`` per forward.
+
+This equals full-sequence scoring because a causal model's states for the context do not
+depend on what follows it (tested against naive one-by-one scoring). The model must accept
+``use_cache``, the cache argument (``cache`` in transformers >= 5.x, ``past_key_values``
+before; detected from the model's forward signature) and ``position_ids``, which every
+Hugging Face causal LM does and peft / MoR wrappers pass through. If a model does not
+return a cache (or rejects those arguments), or a pair has to be truncated, that pair is
+scored on the plain path: full sequences ``(context + continuation)[:-1]``, right-padded,
+``batch_size`` per forward. ``reuse_prefix=False`` forces the plain path.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mor.data import MultipleChoiceItem
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 2048  # lm_eval.models.utils.DEFAULT_MAX_LENGTH
+TOKENIZER_INFINITY = 1000000000000000019884624838656  # "unset" model_max_length
+SCORING = (
+    "answer-text log-likelihood, lm-eval multiple_choice "
+    "(acc: sum of log-probs; acc_norm: log-prob per character)"
+)
+
+__all__ = [
+    "ItemScore",
+    "score_items",
+    "accuracy_table",
+    "format_table",
+    "write_results_json",
+    "evaluate_tasks",
+    "encode_pair",
+    "choice_length",
+    "resolve_max_length",
+    "SCORING",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class ItemScore:
+    """The scores of one item's choices.
+
+    ``logprobs[i]`` is log P(continuations[i] | contexts[i]) summed over the continuation's
+    tokens; ``lengths[i]`` is the character count ``acc_norm`` divides by; ``num_tokens[i]`` is
+    how many continuation tokens were scored; ``is_greedy[i]`` says whether every continuation
+    token was the model's argmax (lm-eval's ``is_greedy``).
+    """
+
+    item: MultipleChoiceItem
+    logprobs: list[float]
+    lengths: list[int]
+    num_tokens: list[int] = field(default_factory=list)
+    is_greedy: list[bool] = field(default_factory=list)
+
+    @property
+    def pred(self) -> int:
+        """Index of the choice with the highest summed log-probability (first on ties)."""
+        return int(np.argmax(np.asarray(self.logprobs, dtype=np.float64)))
+
+    @property
+    def pred_norm(self) -> int:
+        """Index of the choice with the highest log-probability per character."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            normed = np.asarray(self.logprobs, dtype=np.float64) / np.asarray(self.lengths, dtype=np.float64)
+        return int(np.argmax(normed))
+
+    @property
+    def correct(self) -> bool:
+        return self.pred == self.item.gold
+
+    @property
+    def correct_norm(self) -> bool:
+        return self.pred_norm == self.item.gold
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.item.task,
+            "source": self.item.source,
+            "gold": self.item.gold,
+            "pred": self.pred,
+            "pred_norm": self.pred_norm,
+            "logprobs": list(self.logprobs),
+            "lengths": list(self.lengths),
+            "num_tokens": list(self.num_tokens),
+            "is_greedy": list(self.is_greedy),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation, as lm-eval's HFLM does it
+
+
+def _prefix_token_id(tokenizer, prefix_token_id: int | None = None) -> int:
+    if prefix_token_id is not None:
+        return prefix_token_id
+    if tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id
+    return tokenizer.eos_token_id
+
+
+def _tok_encode(
+    tokenizer,
+    string: str,
+    add_special_tokens: bool | None = None,
+    add_bos_token: bool | None = None,
+    prefix_token_id: int | None = None,
+) -> list[int]:
+    """``HFLM.tok_encode`` (no truncation)."""
+    if add_special_tokens is not None:
+        kwargs: dict[str, bool] = {"add_special_tokens": add_special_tokens}
+    elif add_bos_token is not None:
+        kwargs = {"add_special_tokens": add_bos_token}
+    else:
+        kwargs = {}
+    if add_special_tokens is None:
+        bos_str = tokenizer.decode(_prefix_token_id(tokenizer, prefix_token_id))
+        if bos_str is not None and string.startswith(bos_str):
+            kwargs["add_special_tokens"] = False
+    return list(tokenizer.encode(string, **kwargs))
+
+
+def encode_pair(
+    tokenizer,
+    context: str,
+    continuation: str,
+    *,
+    add_bos_token: bool | None = None,
+    prefix_token_id: int | None = None,
+) -> tuple[list[int], list[int]]:
+    """Token ids ``(context_enc, continuation_enc)`` exactly as lm-eval's HFLM builds them for a
+    causal LM's ``loglikelihood`` request (``TemplateLM.loglikelihood`` + ``_encode_pair``).
+
+    The model input is ``context_enc + continuation_enc``; the continuation tokens are scored.
+    """
+    if context == "":
+        continuation_enc = _tok_encode(
+            tokenizer, continuation, add_special_tokens=False, prefix_token_id=prefix_token_id
+        )
+        prefix = _prefix_token_id(tokenizer, prefix_token_id)
+        if not continuation_enc or prefix != continuation_enc[0]:
+            return [prefix], continuation_enc
+        return continuation_enc[:1], continuation_enc[1:]
+
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    opts = {"add_bos_token": add_bos_token, "prefix_token_id": prefix_token_id}
+    whole_enc = _tok_encode(tokenizer, context + continuation, **opts)
+    context_enc = _tok_encode(tokenizer, context, **opts)
+    return context_enc, whole_enc[len(context_enc) :]
+
+
+def choice_length(continuation: str) -> int:
+    """Characters ``acc_norm`` divides by: the continuation without lm-eval's default
+    ``target_delimiter`` (one leading space), i.e. the length of the choice text."""
+    return len(continuation) - 1 if continuation.startswith(" ") else len(continuation)
+
+
+def _item_lengths(item: MultipleChoiceItem) -> list[int]:
+    if len(set(item.contexts)) > 1 and len(set(item.continuations)) == 1:
+        # fill-in-the-blank: one shared continuation; every choice gets the same length
+        return [choice_length(item.continuations[0])] * len(item.continuations)
+    return [choice_length(c) for c in item.continuations]
+
+
+def resolve_max_length(model, tokenizer=None, default: int = DEFAULT_MAX_LENGTH) -> int:
+    """The context length HFLM uses: config ``n_positions`` / ``max_position_embeddings`` /
+    ``n_ctx`` (a nested ``text_config`` first), then ``tokenizer.model_max_length``, then
+    ``default``."""
+    config = getattr(model, "config", None)
+    cfg = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, attr, None)
+        if value is not None:
+            return int(value)
+    model_max_length = getattr(tokenizer, "model_max_length", None)
+    if model_max_length is not None and model_max_length != TOKENIZER_INFINITY:
+        return int(model_max_length)
+    return default
+
+
+# ---------------------------------------------------------------------------------------------
+# Model plumbing
+
+
+@dataclass
+class _Request:
+    item: int
+    choice: int
+    ctx: list[int]
+    cont: list[int]
+    logprob: float | None = None
+    greedy: bool | None = None
+
+
+class _NoCache(Exception):
+    """The model does not support the cached prefix path."""
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return model.get_input_embeddings().weight.device
+    except Exception:  # noqa: BLE001 - any model without the HF accessor
+        pass
+    try:
+        return next(model.parameters()).device
+    except Exception:  # noqa: BLE001
+        return torch.device("cpu")
+
+
+def _cache_kwarg(model) -> str:
+    """Name of the KV-cache argument: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
+    try:
+        from transformers import PreTrainedModel
+    except Exception:  # noqa: BLE001
+        return "past_key_values"
+    modules = model.modules() if isinstance(model, torch.nn.Module) else []
+    for module in modules:
+        if isinstance(module, PreTrainedModel):
+            try:
+                params = inspect.signature(module.forward).parameters
+            except (TypeError, ValueError):
+                break
+            return "cache" if "cache" in params else "past_key_values"
+    return "past_key_values"
+
+
+def _get(out, name):
+    if isinstance(out, Mapping):
+        return out.get(name)
+    return getattr(out, name, None)
+
+
+def _logits(out) -> torch.Tensor:
+    logits = _get(out, "logits")
+    if logits is None and isinstance(out, (tuple, list)):
+        logits = out[0]
+    return logits
+
+
+def _output_cache(out):
+    for name in ("cache", "past_key_values"):
+        value = _get(out, name)
+        if value is not None:
+            return value
+    return None
+
+
+def _select_cache(cache, index: torch.Tensor, keep_original: bool):
+    """A cache whose batch rows are ``cache[index]`` (rows may repeat)."""
+    if hasattr(cache, "batch_select_indices"):
+        selected = copy.deepcopy(cache) if keep_original else cache
+        selected.batch_select_indices(index)
+        return selected
+    if isinstance(cache, (tuple, list)):  # legacy ((k, v), ...) per layer
+        return tuple(tuple(t.index_select(0, index.to(t.device)) for t in layer) for layer in cache)
+    raise _NoCache(f"cannot index a cache of type {type(cache).__name__}")
+
+
+def _pad(rows: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _score_rows(logprobs: torch.Tensor, start: int, targets: Sequence[int]) -> tuple[float, bool]:
+    """Sum of ``logprobs[start + t, targets[t]]`` and whether all targets are the argmax."""
+    if not targets:
+        return 0.0, True
+    rows = logprobs[start : start + len(targets)]
+    tgt = torch.tensor(targets, dtype=torch.long, device=rows.device)
+    picked = rows.gather(1, tgt.unsqueeze(1)).squeeze(1)
+    greedy = bool((rows.argmax(dim=-1) == tgt).all())
+    return float(picked.sum()), greedy
+
+
+def _score_full(model, requests: list[_Request], batch_size: int, max_length: int, device, pbar) -> None:
+    """Plain path: each pair as one full sequence, like HFLM._loglikelihood_tokens."""
+    order = sorted(requests, key=lambda r: -(len(r.ctx) + len(r.cont)))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        inputs = [(r.ctx + r.cont)[-(max_length + 1) :][:-1] for r in chunk]
+        ids, mask = _pad(inputs, device)
+        logprobs = F.log_softmax(_logits(model(input_ids=ids, attention_mask=mask)).float(), dim=-1)
+        for row, (r, inp) in enumerate(zip(chunk, inputs)):
+            r.logprob, r.greedy = _score_rows(logprobs[row], len(inp) - len(r.cont), r.cont)
+        if pbar is not None:
+            pbar.update(len(chunk))
+
+
+def _score_prefix_groups(
+    model, groups: list[list[_Request]], batch_size: int, device, cache_kw: str, pbar
+) -> None:
+    """Cached path: each group shares one context; see the module docstring."""
+    # longest first (like lm-eval): memory problems show up at once, less padding per step
+    groups = sorted(groups, key=lambda g: -len(g[0].ctx))
+    i = 0
+    while i < len(groups):
+        step = [groups[i]]
+        n_rows = len(groups[i])
+        i += 1
+        while i < len(groups) and n_rows + len(groups[i]) <= batch_size:
+            step.append(groups[i])
+            n_rows += len(groups[i])
+            i += 1
+
+        ctx_ids, ctx_mask = _pad([g[0].ctx for g in step], device)
+        out = model(input_ids=ctx_ids, attention_mask=ctx_mask, use_cache=True)
+        cache = _output_cache(out)
+        if cache is None:
+            raise _NoCache("the model returned no cache")
+        logits = _logits(out)
+        ctx_lens = [len(g[0].ctx) for g in step]
+        last = torch.stack([logits[g, n - 1] for g, n in enumerate(ctx_lens)])
+        first = F.log_softmax(last.float(), dim=-1)  # [groups, vocab]
+        del out, logits
+
+        rest: list[tuple[int, _Request]] = []
+        for g, group in enumerate(step):
+            for r in group:
+                r.logprob, r.greedy = _score_rows(first[g : g + 1], 0, r.cont[:1])
+                if len(r.cont) > 1:
+                    rest.append((g, r))
+
+        chunks = [rest[s : s + batch_size] for s in range(0, len(rest), batch_size)]
+        for c_idx, chunk in enumerate(chunks):
+            index = torch.tensor([g for g, _ in chunk], dtype=torch.long, device=device)
+            rows_cache = _select_cache(cache, index, keep_original=c_idx < len(chunks) - 1)
+            ids, mask = _pad([r.cont[:-1] for _, r in chunk], device)
+            width = ids.shape[1]
+            base = torch.tensor([ctx_lens[g] for g, _ in chunk], dtype=torch.long, device=device)
+            position_ids = base.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
+            attention_mask = torch.cat([ctx_mask.index_select(0, index), mask], dim=1)
+            out = model(
+                input_ids=ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **{cache_kw: rows_cache},
+            )
+            logprobs = F.log_softmax(_logits(out).float(), dim=-1)
+            del out, rows_cache
+            for row, (_, r) in enumerate(chunk):
+                lp, greedy = _score_rows(logprobs[row], 0, r.cont[1:])
+                r.logprob = r.logprob + lp
+                r.greedy = r.greedy and greedy
+        del cache
+        if pbar is not None:
+            pbar.update(n_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public scoring API
+
+
+def score_items(
+    model,
+    tokenizer,
+    items: Sequence[MultipleChoiceItem],
+    batch_size: int = 8,
+    progress: bool = True,
+    *,
+    max_length: int | None = None,
+    add_bos_token: bool | None = None,
+    prefix_token_id: int | None = None,
+    reuse_prefix: bool = True,
+) -> list[ItemScore]:
+    """Score every choice of every item by log-likelihood, as lm-eval's HFLM does.
+
+    ``model`` is anything whose forward takes ``input_ids`` / ``attention_mask`` and returns
+    ``.logits`` (a transformers causal LM, a peft model, a MoR model); it is put in eval mode
+    for the call (and back in training mode afterwards if it was) and run under
+    ``torch.no_grad()`` on the device of its input embeddings. ``batch_size`` is the most
+    sequences per forward pass. ``max_length`` defaults to HFLM's (:func:`resolve_max_length`);
+    ``add_bos_token`` / ``prefix_token_id`` are HFLM's model arguments of the same names.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    items = list(items)
+    if max_length is None:
+        max_length = resolve_max_length(model, tokenizer)
+
+    requests: list[_Request] = []
+    for i, item in enumerate(items):
+        if len(item.contexts) != len(item.continuations):
+            raise ValueError(f"{item.source or item.task}: {len(item.contexts)} contexts but {len(item.continuations)} continuations")
+        if not item.continuations:
+            raise ValueError(f"{item.source or item.task}: no choices")
+        for j, (context, continuation) in enumerate(zip(item.contexts, item.continuations)):
+            ctx, cont = encode_pair(
+                tokenizer, context, continuation, add_bos_token=add_bos_token, prefix_token_id=prefix_token_id
+            )
+            if not cont:
+                raise ValueError(f"{item.source or item.task}: choice {j} ({continuation!r}) has no tokens to score")
+            if len(cont) > max_length:
+                raise ValueError(f"{item.source or item.task}: choice {j} has {len(cont)} tokens > max_length {max_length}")
+            requests.append(_Request(i, j, ctx, cont))
+
+    # Pairs that need truncation (the window cuts the context) go the plain way.
+    plain = [r for r in requests if not reuse_prefix or len(r.ctx) + len(r.cont) > max_length + 1]
+    groups_by_ctx: dict[tuple[int, ...], list[_Request]] = {}
+    if reuse_prefix:
+        for r in requests:
+            if len(r.ctx) + len(r.cont) <= max_length + 1:
+                groups_by_ctx.setdefault(tuple(r.ctx), []).append(r)
+    groups = list(groups_by_ctx.values())
+
+    pbar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=len(requests), desc="Scoring choices", unit="choice")
+
+    was_training = bool(getattr(model, "training", False))
+    if hasattr(model, "eval"):
+        model.eval()
+    device = _model_device(model)
+    try:
+        with torch.no_grad():
+            if groups:
+                try:
+                    _score_prefix_groups(model, groups, batch_size, device, _cache_kwarg(model), pbar)
+                except (_NoCache, TypeError) as exc:
+                    log.warning("prefix reuse unavailable for this model (%s); scoring full sequences", exc)
+                    redo = [r for g in groups for r in g]
+                    for r in redo:
+                        r.logprob = r.greedy = None
+                    plain = plain + redo
+                    if pbar is not None:
+                        pbar.reset(total=len(requests))
+            if plain:
+                _score_full(model, plain, batch_size, max_length, device, pbar)
+    finally:
+        if pbar is not None:
+            pbar.close()
+        if was_training and hasattr(model, "train"):
+            model.train()
+
+    per_item: list[list[_Request]] = [[] for _ in items]
+    for r in requests:
+        per_item[r.item].append(r)
+    scores = []
+    for item, reqs in zip(items, per_item):
+        reqs.sort(key=lambda r: r.choice)
+        scores.append(
+            ItemScore(
+                item=item,
+                logprobs=[float(r.logprob) for r in reqs],
+                lengths=_item_lengths(item),
+                num_tokens=[len(r.cont) for r in reqs],
+                is_greedy=[bool(r.greedy) for r in reqs],
+            )
+        )
+    return scores
+
+
+def _stderr(values: Sequence[float]) -> float | None:
+    """lm-eval's ``mean_stderr``: sample standard deviation / sqrt(n)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mu = sum(values) / n
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+
+
+def accuracy_table(scores: Sequence[ItemScore]) -> dict[str, Any]:
+    """Per-task and average accuracy.
+
+    Returns ``{"scoring": SCORING, "tasks": {task: row}, "average": row}`` where a task row is
+    ``{"n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "chance"}`` (``chance`` = mean
+    of 1/number of choices) and the average row is the unweighted mean over tasks (``n`` is
+    the total, ``tasks`` the number of tasks, stderrs combined as sqrt(sum se^2) / tasks).
+    """
+    by_task: dict[str, list[ItemScore]] = {}
+    for s in scores:
+        by_task.setdefault(s.item.task, []).append(s)
+    tasks: dict[str, dict[str, Any]] = {}
+    for task, rows in by_task.items():
+        acc = [1.0 if s.correct else 0.0 for s in rows]
+        acc_norm = [1.0 if s.correct_norm else 0.0 for s in rows]
+        tasks[task] = {
+            "n": len(rows),
+            "acc": sum(acc) / len(rows),
+            "acc_stderr": _stderr(acc),
+            "acc_norm": sum(acc_norm) / len(rows),
+            "acc_norm_stderr": _stderr(acc_norm),
+            "chance": sum(1.0 / len(s.item.continuations) for s in rows) / len(rows),
+        }
+    average: dict[str, Any] = {"n": sum(t["n"] for t in tasks.values()), "tasks": len(tasks)}
+    for key in ("acc", "acc_norm", "chance"):
+        average[key] = sum(t[key] for t in tasks.values()) / len(tasks) if tasks else None
+    for key in ("acc_stderr", "acc_norm_stderr"):
+        ses = [t[key] for t in tasks.values()]
+        average[key] = math.sqrt(sum(se * se for se in ses)) / len(ses) if ses and None not in ses else None
+    return {"scoring": SCORING, "tasks": tasks, "average": average}
+
+
+def _fmt(value, stderr=None) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.4f}"
+    if stderr is not None:
+        text += f" ± {stderr:.4f}"
+    return text
+
+
+def format_table(results: Mapping[str, Any], stderr: bool = True) -> str:
+    """A Markdown table (task, n, acc, acc_norm, chance, plus an "average" row), preceded by a
+    line naming the scoring, for logs and reports."""
+    header = ["task", "n", "acc", "acc_norm", "chance"]
+    rows = []
+    named = list(results.get("tasks", {}).items()) + [("average", results.get("average", {}))]
+    for name, row in named:
+        if not row:
+            continue
+        rows.append(
+            [
+                str(name),
+                str(row.get("n", "")),
+                _fmt(row.get("acc"), row.get("acc_stderr") if stderr else None),
+                _fmt(row.get("acc_norm"), row.get("acc_norm_stderr") if stderr else None),
+                _fmt(row.get("chance")),
+            ]
+        )
+    widths = [max(len(h), *(len(r[k]) for r in rows)) if rows else len(h) for k, h in enumerate(header)]
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    out = [f"Scoring: {results.get('scoring', SCORING)}", "", line(header)]
+    out.append("| " + " | ".join("-" * w for w in widths) + " |")
+    out.extend(line(r) for r in rows)
+    return "\n".join(out)
+
+
+def write_results_json(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``results`` (e.g. from :func:`accuracy_table`) as indented JSON; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def evaluate_tasks(
+    model,
+    tokenizer,
+    tasks_items: Mapping[str, Sequence[MultipleChoiceItem]],
+    batch_size: int = 8,
+    limit: int | None = None,
+    progress: bool = True,
+    **score_kwargs,
+) -> dict[str, Any]:
+    """Score the first ``limit`` items (all when ``None``) of every task and return
+    :func:`accuracy_table`'s results (tasks keep the mapping's order)."""
+    items: list[MultipleChoiceItem] = []
+    for task, task_items in tasks_items.items():
+        chosen = list(task_items)[:limit] if limit is not None else list(task_items)
+        items.extend(chosen)
+    scores = score_items(model, tokenizer, items, batch_size=batch_size, progress=progress, **score_kwargs)
+    results = accuracy_table(scores)
+    order = [t for t in tasks_items if t in results["tasks"]]
+    results["tasks"] = {t: results["tasks"][t] for t in order + [t for t in results["tasks"] if t not in order]}
+    return results
