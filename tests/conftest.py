@@ -41,3 +41,44 @@ def commonsense() -> Path:
     if not COMMONSENSE.is_dir():
         pytest.skip("../shared/data/commonsense is absent")
     return COMMONSENSE
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_tokenizer(chat: bool = True):
+    """A byte-level BPE tokenizer trained in a fraction of a second on a few strings (offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["Question: which number is larger? Answer: the correct answer is first second",
+              "Is 1234 even or odd? the correct answer is even odd true false animal plant tool",
+              "red blue green yellow positive negative Answer format: answer1/answer2/answer3"] * 20
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<pad>",
+                                  bos_token="<|im_start|>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny LLaMA + tokenizer folder that every loader (ours, lm-eval's) can open by path."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.bos_token_id = tok.bos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -1,0 +1,352 @@
+"""A training run, built on transformers' Trainer: load model and tasks, attach an adapter,
+train on the mixed task stream, save the adapter, evaluate before and after.
+
+Trainer brings progress bars, logging (tensorboard), gradient accumulation, schedules, mixed
+precision on GPU, gradient checkpointing and multi-process launch (``accelerate launch``); this
+module only adds what is ours: saving only the adapter in checkpoints, resuming from the last
+*complete* checkpoint, and reporting the router's auxiliary loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .config import WEIGHTS_NAME
+from .data import (Task, collate, load_task_records, mix_tasks, multiple_choice_items, split_records,
+                   tokenize_examples, training_examples)
+from .loading import load_model, load_tokenizer
+from .methods import AdapterSpec, apply_adapter
+from .model import MoRModel
+
+logger = logging.getLogger("mor")
+
+COMPLETE_MARKER = "checkpoint_complete"
+SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; the CLI fills it from flags, scripts build it directly."""
+
+    model: Union[str, None] = None  # hub id, local folder, .gguf file, or None for embedded SmolLM2
+    adapter: AdapterSpec = field(default_factory=AdapterSpec)
+    data: list[str] = field(default_factory=list)  # task files/folders; empty: the built-in suite
+    eval_data: list[str] = field(default_factory=list)  # extra eval tasks (default: the data's test splits)
+    holdout: int = 0  # carve this many eval records out of a task that has no test split
+    target: str = "output"  # "output" (the record's own answer) or "text" (the correct option's text)
+    mix: str = "proportional"  # proportional | uniform
+    output: str = "runs/mor"
+    max_steps: int = -1  # > 0 overrides epochs
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_length: int = 256
+    seed: int = 0
+    resume: bool = False
+    skip_bad: bool = False
+    save_steps: int = 50
+    logging_steps: int = 10
+    gradient_checkpointing: bool = False
+    evaluate: bool = True  # score the eval tasks before and after training
+    eval_limit: Union[int, None] = None
+    eval_batch_size: int = 16
+    builtin_train_size: Union[int, None] = None  # sizes of the built-in suite (None: its defaults)
+    builtin_eval_size: Union[int, None] = None
+
+    @property
+    def scoring(self) -> str:
+        """Evaluation matches the training target: label scoring for "output", option text for "text"."""
+        return "text" if self.target == "text" else "label"
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+def _has_split(folder: Path, split: str) -> bool:
+    return any((folder / f"{split}{ext}").is_file() for ext in (".json", ".jsonl"))
+
+
+def load_train_and_eval_tasks(cfg: TrainConfig) -> tuple[list[Task], list[Task]]:
+    """Training tasks from ``cfg.data`` (or the built-in suite) and their eval tasks.
+
+    A folder with train/test files gives both splits; a folder or file without a train split is
+    all training data, unless ``holdout`` carves a seeded eval split out of it.
+    """
+    paths = [Path(p) for p in cfg.data] or _builtin_paths(cfg)
+    train_tasks, eval_tasks = [], []
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"--data {path}: no such file or folder")
+        if path.is_dir() and _has_split(path, "train"):
+            train_tasks.append(load_task_records(path, skip_bad=cfg.skip_bad, split="train"))
+            if _has_split(path, "test"):
+                eval_tasks.append(load_task_records(path, skip_bad=cfg.skip_bad, split="test"))
+            continue
+        split = "test" if path.is_dir() and _has_split(path, "test") else None
+        task = load_task_records(path, skip_bad=cfg.skip_bad, split=split)
+        if cfg.holdout:
+            task, held = split_records(task, eval_size=cfg.holdout, seed=cfg.seed)
+            eval_tasks.append(held)
+        train_tasks.append(task)
+    names = [t.name for t in train_tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two --data entries have the same task name: {names}; rename one of them")
+    eval_tasks.extend(load_eval_tasks(cfg.eval_data, cfg.skip_bad))
+    return train_tasks, eval_tasks
+
+
+def _builtin_paths(cfg: TrainConfig) -> list[Path]:
+    from .tasks import DEFAULT_EVAL_SIZE, DEFAULT_TRAIN_SIZE, write_builtin_suite
+
+    folder = Path(cfg.output) / "data"
+    write_builtin_suite(folder, seed=cfg.seed, train_size=cfg.builtin_train_size or DEFAULT_TRAIN_SIZE,
+                        eval_size=cfg.builtin_eval_size or DEFAULT_EVAL_SIZE)
+    return sorted(p for p in folder.iterdir() if p.is_dir())
+
+
+def build_train_dataset(tasks: list[Task], tokenizer, cfg: TrainConfig) -> tuple[list[dict], dict]:
+    """Tokenised, mixed training stream and a report (examples per task, truncations, skips)."""
+    per_task = {t.name: training_examples(t, target=cfg.target, tokenizer=tokenizer) for t in tasks}
+    stream = [example for _, example in mix_tasks(per_task, mode=cfg.mix, seed=cfg.seed)]
+    tokenized = tokenize_examples(stream, tokenizer, cfg.max_length)
+    report = {
+        "tasks": {name: len(examples) for name, examples in per_task.items()},
+        "examples": len(tokenized),
+        "truncated": tokenized.truncated,
+        "skipped": {t.name: len(t.skipped) for t in tasks if t.skipped},
+    }
+    if tokenized.truncated:
+        logger.warning("%s (max_length=%d); e.g. %s", tokenized.summary(), cfg.max_length,
+                       tokenized.truncated_sources[:3])
+    for task in tasks:
+        if task.skipped:
+            logger.warning("task %s: skipped %d bad records (--skip-bad), e.g. %s", task.name, len(task.skipped),
+                           task.skipped[:2])
+    return [dict(f) for f in tokenized.features], report
+
+
+# -- trainer ---------------------------------------------------------------------------------------
+
+class AdapterTrainer(Trainer):
+    """Trainer that checkpoints only the adapter (MoR/MoE-LoRA in our format; peft's own for
+    LoRA/DoRA) and logs the router's load-balancing loss."""
+
+    def _adapter_model(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        model = self._adapter_model()
+        if not isinstance(model, MoRModel):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model or self._adapter_model()
+        if not isinstance(model, MoRModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model.load_adapter_weights(Path(resume_from_checkpoint) / WEIGHTS_NAME)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        aux = getattr(self._adapter_model(), "last_router_aux_loss", None)
+        if aux is not None and "loss" in logs:
+            logs["router_aux_loss"] = round(aux, 5)
+        super().log(logs, *args, **kwargs)
+
+
+class CompleteCheckpointCallback(TrainerCallback):
+    """Marks a checkpoint complete once everything in it is written (atomically: a temporary
+    file renamed into place), so that a run killed mid-save never resumes from half a checkpoint."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                tmp = folder / (COMPLETE_MARKER + ".tmp")
+                tmp.write_text(json.dumps({"global_step": state.global_step}))
+                os.replace(tmp, folder / COMPLETE_MARKER)
+        return control
+
+
+def last_complete_checkpoint(folder: Union[str, Path]) -> Path | None:
+    """The highest-step ``checkpoint-N`` in ``folder`` that carries the completion marker."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    steps = []
+    for child in folder.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
+        if match and (child / COMPLETE_MARKER).is_file():
+            steps.append((int(match.group(1)), child))
+    return max(steps)[1] if steps else None
+
+
+def _discard_incomplete_checkpoints(folder: Path) -> None:
+    for child in folder.glob("checkpoint-*"):
+        if child.is_dir() and not (child / COMPLETE_MARKER).is_file():
+            logger.warning("removing incomplete checkpoint %s (the run stopped while writing it)", child)
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def training_arguments(cfg: TrainConfig) -> TrainingArguments:
+    on_gpu = torch.cuda.is_available()
+    try:
+        import tensorboard  # noqa: F401
+
+        report_to = ["tensorboard"]
+    except ImportError:
+        report_to = []
+    return TrainingArguments(
+        output_dir=str(Path(cfg.output) / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a fraction of the total steps
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.epochs,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=report_to,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    trainable_parameters: int
+    train_seconds: float
+    global_step: int
+    final_loss: float | None
+    data_report: dict
+    before: dict | None = None  # evaluation results with the adapter disabled
+    after: dict | None = None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["adapter_dir"] = str(self.adapter_dir)
+        return out
+
+
+def evaluate_model(model, tokenizer, tasks: list[Task], scoring: str, batch_size: int = 16,
+                   limit: int | None = None) -> dict:
+    """Zero-shot multiple-choice accuracy per task (see mor.evaluate)."""
+    from .evaluate import evaluate_tasks
+
+    items = {t.name: multiple_choice_items(t, scoring=scoring, tokenizer=tokenizer) for t in tasks}
+    return evaluate_tasks(model, tokenizer, items, batch_size=batch_size, limit=limit)
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    """Train ``cfg.adapter`` on ``cfg.data``; save it to ``<output>/adapter``; evaluate before/after."""
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg.model)
+    train_tasks, eval_tasks = load_train_and_eval_tasks(cfg)
+    dataset, data_report = build_train_dataset(train_tasks, tokenizer, cfg)
+    logger.info("training on %d examples from %s", len(dataset), data_report["tasks"])
+
+    base = load_model(cfg.model)
+    if cfg.adapter.init_seed is None:
+        cfg.adapter.init_seed = cfg.seed
+    model = apply_adapter(base, cfg.adapter)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    before = None
+    if cfg.evaluate and eval_tasks and not cfg.resume:
+        with model.disable_adapter():
+            before = evaluate_model(model, tokenizer, eval_tasks, cfg.scoring, cfg.eval_batch_size, cfg.eval_limit)
+
+    args = training_arguments(cfg)
+    resume_from = None
+    if cfg.resume:
+        _discard_incomplete_checkpoints(Path(args.output_dir))
+        resume_from = last_complete_checkpoint(args.output_dir)
+        if resume_from is None:
+            logger.warning("--resume: no complete checkpoint in %s; starting from scratch", args.output_dir)
+        else:
+            logger.info("resuming from %s", resume_from)
+    trainer = AdapterTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+        callbacks=[CompleteCheckpointCallback()],
+    )
+    start = time.perf_counter()
+    outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - start
+
+    adapter_dir = output / "adapter"
+    if trainer.is_world_process_zero():
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        (adapter_dir / "training.json").write_text(json.dumps({
+            "model": cfg.model, "adapter": cfg.adapter.to_dict(), "trainable_parameters": trainable,
+            "train_config": {k: v for k, v in asdict(cfg).items() if k != "adapter"}, "data": data_report,
+        }, indent=2, default=str) + "\n")
+
+    after = None
+    if cfg.evaluate and eval_tasks and trainer.is_world_process_zero():
+        model.eval()
+        after = evaluate_model(model, tokenizer, eval_tasks, cfg.scoring, cfg.eval_batch_size, cfg.eval_limit)
+        if before is None and cfg.resume:
+            with model.disable_adapter():
+                before = evaluate_model(model, tokenizer, eval_tasks, cfg.scoring, cfg.eval_batch_size,
+                                        cfg.eval_limit)
+    result = TrainResult(adapter_dir, trainable, seconds, outcome.global_step, outcome.training_loss,
+                         data_report, before, after)
+    if trainer.is_world_process_zero():
+        (output / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    return result
+
+
+def load_eval_tasks(paths: list[str], skip_bad: bool = False) -> list[Task]:
+    """Tasks to evaluate: a folder's test split when it has one, else the whole file/folder."""
+    tasks = []
+    for path in map(Path, paths):
+        split = "test" if path.is_dir() and _has_split(path, "test") else None
+        tasks.append(load_task_records(path, skip_bad=skip_bad, split=split))
+    return tasks
+
+
+def summarise(result: TrainResult) -> dict[str, Any]:
+    """Before/after accuracy per task (the numbers the CLI prints)."""
+    rows = {}
+    if result.after:
+        for task, after in result.after["tasks"].items():
+            before = (result.before or {}).get("tasks", {}).get(task, {})
+            rows[task] = {"n": after.get("n"), "before": before.get("acc"), "after": after.get("acc"),
+                          "chance": after.get("chance")}
+    return rows
