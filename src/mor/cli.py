@@ -1,0 +1,316 @@
+"""The ``mor`` command line: train, eval, merge, analyze. Thin: parse flags, call the library,
+print tables. ``mor <command> --help`` lists every flag."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .data import DEFAULT_TEMPLATE, DataError
+
+logger = logging.getLogger("mor")
+
+
+# -- shared flags -------------------------------------------------------------------------------
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="hub id, local folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+
+
+def _add_data(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", nargs="+", required=required, default=[],
+                   help="task files (JSON list or JSONL) or folders; each is one task named after it")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed records and report how many")
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, default=None, help="score at most this many records per task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--scoring", choices=["label", "text"], default="label",
+                   help="label: log P('the correct answer is <label>'); text: lm-eval style option texts")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template of --scoring text")
+
+
+def _targets(value: str):
+    return value if value in ("ffn", "attention", "attention+ffn", "all-linear") or "," not in value and any(
+        c in value for c in "*.[](|") else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mor", description="Mixture-of-Ranks adapters: train, eval, merge, analyze")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command")
+
+    t = sub.add_parser("train", help="train an adapter (default: MoR on the built-in suite)")
+    _add_model(t)
+    t.add_argument("--method", choices=["mor", "lora", "dora", "moelora"], default="mor")
+    t.add_argument("--r", type=int, default=8, help="shared rank (MoR) / rank per expert (MoE-LoRA) / rank")
+    t.add_argument("--num-experts", type=int, default=8)
+    t.add_argument("--alpha", type=float, default=None, help="scale alpha/r (default alpha = 2r)")
+    t.add_argument("--dropout", type=float, default=0.05)
+    t.add_argument("--router", choices=["softmax", "mean", "balanced", "topk"], default="softmax")
+    t.add_argument("--top-k", type=int, default=2)
+    t.add_argument("--balance-coef", type=float, default=0.01)
+    t.add_argument("--target-modules", type=_targets, default="ffn",
+                   help="comma-separated names, a preset (ffn, attention, attention+ffn), all-linear, or a regex")
+    _add_data(t, required=False)
+    t.add_argument("--eval-data", nargs="+", default=[], help="extra eval tasks (default: the test splits of --data)")
+    t.add_argument("--holdout", type=int, default=0, help="carve this many eval records out of tasks with no test split")
+    t.add_argument("--target", choices=["output", "text"], default="output",
+                   help="output: the record's answer; text: the correct option's text (matches --scoring text)")
+    t.add_argument("--mix", choices=["proportional", "uniform"], default="proportional")
+    t.add_argument("--output", default="runs/mor")
+    t.add_argument("--max-steps", type=int, default=None, help="default: 150 on the built-in suite, else epochs")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--lr", type=float, default=None, help="default 1e-3 (MoR, MoE-LoRA, LoRA, DoRA alike)")
+    t.add_argument("--max-length", type=int, default=256)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save-steps", type=int, default=50)
+    t.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    t.add_argument("--eval-limit", type=int, default=None)
+    t.add_argument("--no-figures", action="store_true", help="skip the routing figures after training a MoR adapter")
+
+    e = sub.add_parser("eval", help="zero-shot multiple-choice accuracy per task")
+    _add_model(e)
+    e.add_argument("--adapter", default=None, help="adapter folder (MoR, MoE-LoRA, LoRA or DoRA)")
+    _add_data(e, required=True)
+    _add_eval_flags(e)
+    e.add_argument("--merged", action="store_true",
+                   help="evaluate the MoR adapter merged with fixed routing (one profile per task)")
+    e.add_argument("--routing", default=None, help="with --merged: a saved routing_profile.json for every task")
+    e.add_argument("--output", default=None, help="write the results as JSON here")
+
+    m = sub.add_parser("merge", help="merge a MoR adapter with fixed routing into a plain model folder")
+    _add_model(m)
+    m.add_argument("--adapter", required=True)
+    _add_data(m, required=False)
+    m.add_argument("--routing", default=None, help="a saved routing_profile.json instead of measuring on --data")
+    m.add_argument("--limit", type=int, default=200, help="records of --data used to measure the routing")
+    m.add_argument("--output", required=True, help="folder for the merged model (safetensors)")
+
+    a = sub.add_parser("analyze", help="router specialisation, parameter scaling and rank spectra (PNGs)")
+    _add_model(a)
+    a.add_argument("--adapter", required=True)
+    _add_data(a, required=True)
+    a.add_argument("--limit", type=int, default=100, help="records per task used to measure routing")
+    a.add_argument("--output", default="figures")
+    return parser
+
+
+# -- commands ---------------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    from .methods import AdapterSpec
+    from .train import TrainConfig, run_training
+
+    builtin = not args.data
+    spec = AdapterSpec(method=args.method, r=args.r, num_experts=args.num_experts, alpha=args.alpha,
+                       dropout=args.dropout, router=args.router, top_k=args.top_k, balance_coef=args.balance_coef,
+                       target_modules=args.target_modules)
+    max_steps = args.max_steps if args.max_steps is not None else (150 if builtin else -1)
+    cfg = TrainConfig(model=args.model, adapter=spec, data=args.data, eval_data=args.eval_data,
+                      holdout=args.holdout, target=args.target, mix=args.mix, output=args.output,
+                      max_steps=max_steps, epochs=args.epochs, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, lr=args.lr if args.lr is not None else 1e-3,
+                      max_length=args.max_length, seed=args.seed, resume=args.resume, skip_bad=args.skip_bad,
+                      save_steps=args.save_steps, gradient_checkpointing=args.gradient_checkpointing,
+                      evaluate=not args.no_eval, eval_limit=args.eval_limit)
+    if builtin:
+        print(f"No --data given: training on the built-in multi-task suite (written to {Path(args.output) / 'data'}).")
+    start = time.perf_counter()
+    result = run_training(cfg)
+    print(f"\nTrained {args.method} ({result.trainable_parameters:,} trainable parameters) for "
+          f"{result.global_step} steps in {result.train_seconds:.0f} s; adapter saved to {result.adapter_dir}")
+    if result.after:
+        print("\n" + format_before_after(result.before, result.after, "acc_norm" if cfg.scoring == "text" else "acc"))
+    if args.method == "mor" and not args.no_figures and result.after is not None:
+        figures = _figures_after_training(cfg, result)
+        print(f"\nRouting figures written to {figures}/ (see analysis.json there for the numbers)")
+    print(f"\nTotal wall time: {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def format_before_after(before: dict | None, after: dict, key: str = "acc") -> str:
+    """Table of accuracy (``key``: acc or acc_norm) per task before (adapter off) and after training."""
+    rows = [("task", "n", f"before {key}", f"after {key}", "chance")]
+    names = list(after["tasks"]) + ["average"]
+    for name in names:
+        a = after["tasks"].get(name) if name != "average" else after["average"]
+        b = ((before or {}).get("tasks", {}).get(name) if name != "average" else (before or {}).get("average")) or {}
+        rows.append((name, str(a.get("n", "")), _pct(b.get(key)), _pct(a.get(key)), _pct(a.get("chance"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _load_adapted(model_name: str | None, adapter: str | None):
+    from .loading import load_model, load_tokenizer
+    from .model import load_adapter
+
+    tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_name)
+    model = load_model(model_name)
+    if adapter:
+        model = load_adapter(model, adapter)
+    return model.eval(), tokenizer
+
+
+def _task_prompts(task, tokenizer, limit: int | None) -> list[str]:
+    from .data import training_examples
+
+    examples = training_examples(task, target="output", tokenizer=tokenizer)
+    return [e.prompt for e in examples[:limit]]
+
+
+def cmd_eval(args) -> int:
+    from .data import multiple_choice_items
+    from .evaluate import evaluate_tasks, format_table, write_results_json
+    from .model import MoRModel, RoutingProfile
+    from .train import load_eval_tasks
+
+    tasks = load_eval_tasks(args.data, args.skip_bad)
+    model, tokenizer = _load_adapted(args.model, args.adapter)
+    items = {t.name: multiple_choice_items(t, scoring=args.scoring, tokenizer=tokenizer, template=args.template)
+             for t in tasks}
+    if not args.merged:
+        results = evaluate_tasks(model, tokenizer, items, batch_size=args.batch_size, limit=args.limit)
+    else:
+        if not isinstance(model, MoRModel):
+            raise SystemExit("--merged needs a MoR or MoE-LoRA adapter (--adapter)")
+        per_task = {}
+        for task in tasks:
+            routing = (RoutingProfile.load(args.routing) if args.routing
+                       else model.measure_routing(_task_prompts(task, tokenizer, args.limit), tokenizer=tokenizer))
+            merged = copy.deepcopy(model).merge_and_unload(routing)
+            per_task.update(evaluate_tasks(merged, tokenizer, {task.name: items[task.name]},
+                                           batch_size=args.batch_size, limit=args.limit)["tasks"])
+        results = _combine(per_task, merged=True)
+    for task in tasks:
+        if task.skipped:
+            print(f"{task.name}: skipped {len(task.skipped)} bad records (--skip-bad)")
+    print(format_table(results))
+    if args.output:
+        print(f"\nResults written to {write_results_json(results, args.output)}")
+    return 0
+
+
+def _combine(task_rows: dict, merged: bool) -> dict:
+    """Results dict (as accuracy_table makes) from per-task rows evaluated separately."""
+    import math
+
+    average = {"n": sum(r["n"] for r in task_rows.values()), "tasks": len(task_rows)}
+    for key in ("acc", "acc_norm", "chance"):
+        average[key] = sum(r[key] for r in task_rows.values()) / len(task_rows)
+    for key in ("acc_stderr", "acc_norm_stderr"):
+        ses = [r.get(key) for r in task_rows.values()]
+        average[key] = math.sqrt(sum(s * s for s in ses)) / len(ses) if None not in ses else None
+    from .evaluate import SCORING
+
+    return {"scoring": SCORING + (" (merged, fixed routing per task)" if merged else ""), "tasks": task_rows,
+            "average": average}
+
+
+def cmd_merge(args) -> int:
+    import torch
+
+    from .model import MoRModel, RoutingProfile
+    from .train import load_eval_tasks
+
+    model, tokenizer = _load_adapted(args.model, args.adapter)
+    if not isinstance(model, MoRModel):
+        raise SystemExit(f"{args.adapter} is not a MoR/MoE-LoRA adapter; LoRA/DoRA merge with peft's merge_and_unload")
+    if args.routing:
+        routing = RoutingProfile.load(args.routing)
+        texts = ["The quick brown fox jumps over the lazy dog."]
+    else:
+        if not args.data:
+            raise SystemExit("give --data (a task whose routing to measure) or --routing profile.json")
+        tasks = load_eval_tasks(args.data, args.skip_bad)
+        texts = [t for task in tasks for t in _task_prompts(task, tokenizer, args.limit)]
+        routing = model.measure_routing(texts, tokenizer=tokenizer, progress=True)
+    check = tokenizer(texts[:8], return_tensors="pt", padding=True)
+    with torch.no_grad(), model.fixed_routing(routing):
+        expected = model(**check).logits
+    merged = model.merge_and_unload(routing)
+    with torch.no_grad():
+        got = merged(**check).logits
+    mask = check["attention_mask"].bool()
+    diff = (got - expected)[mask].abs().max().item()
+    out = Path(args.output)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    routing.save(out / "routing_profile.json")
+    print(f"Merged model written to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    print(f"Max |logit difference| vs the un-merged model with the same fixed routing: {diff:.3g}")
+    print(f"Mean routing weights over layers: {[round(x, 4) for x in routing.mean().tolist()]}")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from .analysis import analyze, format_report
+    from .model import MoRModel
+    from .train import load_eval_tasks
+
+    model, tokenizer = _load_adapted(args.model, args.adapter)
+    if not isinstance(model, MoRModel):
+        raise SystemExit(f"{args.adapter} is not a MoR/MoE-LoRA adapter: routing analysis needs a router")
+    tasks = load_eval_tasks(args.data, args.skip_bad)
+    texts = {t.name: _task_prompts(t, tokenizer, args.limit) for t in tasks}
+    result = analyze(model, texts, args.output, tokenizer=tokenizer)
+    print(format_report(result))
+    return 0
+
+
+def _figures_after_training(cfg, result) -> Path:
+    """Router-by-task figures for the eval tasks of a finished MoR run."""
+    from .analysis import analyze
+    from .model import load_adapter
+    from .loading import load_model, load_tokenizer
+    from .train import load_train_and_eval_tasks
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_adapter(load_model(cfg.model), result.adapter_dir)
+    _, eval_tasks = load_train_and_eval_tasks(cfg)
+    texts = {t.name: _task_prompts(t, tokenizer, 100) for t in eval_tasks}
+    folder = Path(cfg.output) / "figures"
+    analyze(model, texts, folder, tokenizer=tokenizer)
+    return folder
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "analyze": cmd_analyze}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        argv = ["train"]  # `mor` alone runs the default job
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["train", *argv])
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
