@@ -1,0 +1,293 @@
+"""MoR inside lm-evaluation-harness: the ``mor`` model type and :func:`make_lm`.
+
+Importing this module registers the lm-eval model type ``"mor"`` (a subclass of lm-eval's
+``HFLM``), which loads the base model with :func:`mor.loading.load_model` (a hub id, a local
+folder, a ``.gguf`` file, or nothing for the embedded SmolLM2) and attaches an adapter
+with :func:`mor.model.load_adapter` (MoR / MoE-LoRA through our ``MoRModel``, LoRA / DoRA
+through peft). Everything else -- tokenisation, batching, metrics -- is lm-eval's own HFLM.
+
+Python::
+
+    import lm_eval
+    import mor.lm_eval_model  # registers "mor"
+
+    results = lm_eval.simple_evaluate(
+        model="mor",
+        model_args="pretrained=HuggingFaceTB/SmolLM2-135M,adapter=runs/mor-r8",
+        tasks=["arc_easy"],
+    )
+
+Command line: lm-eval has no plugin mechanism for model types (``--include_path`` is for
+tasks only), so ``lm_eval --model mor`` only works from a process that imported this
+module. Use the wrapper, which takes exactly lm-eval's arguments::
+
+    python -m mor.lm_eval_model --model mor \\
+        --model_args pretrained=smollm2,adapter=runs/mor-r8[,merged_routing=profile.json] \\
+        --tasks arc_easy --batch_size 8
+    mor-lm-eval ...        # the same, once installed as a console script
+
+Model arguments of ``mor``: ``pretrained`` (default: the embedded SmolLM2), ``adapter`` (an
+adapter folder with ``adapter_config.json``), ``merged_routing`` (a routing profile JSON,
+passed to ``load_adapter``), ``tokenizer`` (default: the base's), ``dtype`` (default
+``float32``; ``auto`` keeps the checkpoint's), ``device`` (default: CUDA when available,
+else CPU), ``trust_remote_code``; all other HFLM arguments (``batch_size``,
+``max_length``, ``add_bos_token``, ...) work as for ``hf``.
+
+A model object you already have (for example right after training) is handed to lm-eval
+with :func:`make_lm`::
+
+    from mor.lm_eval_model import make_lm
+    lm = make_lm(model, tokenizer, batch_size=8)
+    results = lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.api.registry import model_registry, register_model
+from lm_eval.models.huggingface import HFLM
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "mor"
+
+__all__ = ["MoRLM", "make_lm", "attach_adapter", "load_base_and_adapter", "register", "main", "MODEL_NAME"]
+
+# HFLM arguments that only make sense when HFLM loads the model itself from a path.
+_UNSUPPORTED = ("parallelize", "tp_plan", "peft", "delta", "autogptq", "gptqmodel", "gguf_file")
+
+
+def attach_adapter(model, adapter_dir: str | Path, merged_routing: str | Path | None = None):
+    """The base ``model`` with the adapter in ``adapter_dir`` attached by
+    :func:`mor.model.load_adapter` (imported lazily): a ``MoRModel`` for MoR / MoE-LoRA, a
+    peft ``PeftModel`` for LoRA / DoRA.
+
+    ``merged_routing`` (a routing profile JSON written by ``RoutingProfile.save``, or
+    ``"uniform"``) folds a MoR adapter into the base weights with that fixed routing
+    (``MoRModel.merge_and_unload(routing=...)``, an exact merge) and returns the plain model.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: give the folder an adapter was saved to")
+    try:
+        from mor.model import load_adapter
+    except ImportError as exc:
+        if exc.name != "mor.model":  # a real import error inside mor.model: do not hide it
+            raise
+        load_adapter = None
+    if load_adapter is None:  # only while mor.model is not installed: peft adapters still load
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        if "peft_type" in config and merged_routing is None:
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(model, str(adapter_dir))
+        raise ImportError(f"mor.model.load_adapter is needed to load {adapter_dir} but is not available")
+    model = load_adapter(model, str(adapter_dir))
+    if merged_routing is not None:
+        merge = getattr(type(model), "merge_and_unload", None)
+        if merge is None or "routing" not in inspect.signature(merge).parameters:
+            raise ValueError(
+                f"merged_routing applies to MoR / MoE-LoRA adapters; {adapter_dir} loads as {type(model).__name__}"
+            )
+        model = model.merge_and_unload(routing=str(merged_routing))
+    return model
+
+
+def _resolve_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype if dtype is not None else torch.float32
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16, float16 or auto")
+    return value
+
+
+def _resolve_device(device) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.warning("CUDA requested but not available; using the CPU")
+        return torch.device("cpu")
+    return device
+
+
+def load_base_and_adapter(
+    pretrained: str | None = None,
+    adapter: str | Path | None = None,
+    merged_routing: str | Path | None = None,
+    tokenizer: str | None = None,
+    dtype: Any = "float32",
+    device: Any = None,
+    trust_remote_code: bool = False,
+):
+    """``(model, tokenizer)``: the base from :func:`mor.loading.load_model`, the adapter (if any)
+    attached, on ``device``, in eval mode."""
+    from mor.loading import load_model, load_tokenizer
+
+    if merged_routing is not None and adapter is None:
+        raise ValueError("merged_routing needs an adapter")
+    tok = load_tokenizer(tokenizer if tokenizer is not None else pretrained, trust_remote_code=trust_remote_code)
+    model = load_model(pretrained, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        model = attach_adapter(model, adapter, merged_routing=merged_routing)
+    model.to(_resolve_device(device))
+    model.eval()
+    return model, tok
+
+
+def _inner_config(model):
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            return module.config
+    return None
+
+
+class _HFView(torch.nn.Module):
+    """What HFLM reads from a model object (``config``, ``device``, ``tie_weights``), for a
+    wrapper that does not expose them; forward and generate go to the wrapper."""
+
+    def __init__(self, model: torch.nn.Module, config):
+        super().__init__()
+        self.inner = model
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self.inner.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.inner.parameters()).dtype
+
+    def tie_weights(self, *args, **kwargs):  # the wrapped model is already built and tied
+        return None
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.inner.generate(*args, **kwargs)
+
+
+def _hf_like(model):
+    if all(hasattr(model, attr) for attr in ("config", "device", "tie_weights")):
+        return model
+    config = _inner_config(model)
+    if config is None:
+        raise TypeError(f"{type(model).__name__} has no Hugging Face config; lm-eval needs one")
+    return _HFView(model, config)
+
+
+class MoRLM(HFLM):
+    """lm-eval's HFLM around a base model loaded by :mod:`mor.loading` with an optional
+    adapter (MoR, MoE-LoRA, LoRA, DoRA). Registered as lm-eval model type ``"mor"``."""
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        adapter: str | None = None,
+        merged_routing: str | None = None,
+        tokenizer: str | None = None,
+        dtype: Any = "float32",
+        device: str | None = None,
+        trust_remote_code: bool = False,
+        **kwargs,
+    ) -> None:
+        bad = [k for k in _UNSUPPORTED if kwargs.get(k)]
+        if bad:
+            raise ValueError(
+                f"model type 'mor' does not take {', '.join(bad)}; attach adapters with adapter=<folder>"
+            )
+        for key in _UNSUPPORTED:
+            kwargs.pop(key, None)
+        if isinstance(pretrained, torch.nn.Module):  # an object: same as make_lm
+            model, tok = pretrained, tokenizer
+            if tok is None:
+                raise ValueError("pass tokenizer= together with a model object")
+        else:
+            model, tok = load_base_and_adapter(
+                pretrained,
+                adapter=adapter,
+                merged_routing=merged_routing,
+                tokenizer=tokenizer,
+                dtype=dtype,
+                device=device,
+                trust_remote_code=trust_remote_code,
+            )
+        super().__init__(pretrained=_hf_like(model), tokenizer=tok, trust_remote_code=trust_remote_code, **kwargs)
+        self.mor_base = pretrained if isinstance(pretrained, (str, type(None))) else type(pretrained).__name__
+        self.mor_adapter = None if adapter is None else str(adapter)
+        self.mor_merged_routing = None if merged_routing is None else str(merged_routing)
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info.update(
+            mor_base=self.mor_base or "smollm2 (embedded default)",
+            mor_adapter=self.mor_adapter,
+            mor_merged_routing=self.mor_merged_routing,
+        )
+        return info
+
+
+def make_lm(model, tokenizer, batch_size: int | str = 8, **kwargs) -> HFLM:
+    """Hand an already-built model (a transformers model, a peft model or a MoR model) and its
+    tokenizer to lm-eval: returns an ``HFLM`` to pass as ``lm_eval.simple_evaluate(model=...)``.
+
+    The model is evaluated where it is (its device and dtype are kept). ``kwargs`` are HFLM's
+    (``max_length``, ``add_bos_token``, ``truncation``, ...).
+    """
+    if hasattr(model, "eval"):
+        model.eval()
+    return HFLM(pretrained=_hf_like(model), tokenizer=tokenizer, batch_size=batch_size, **kwargs)
+
+
+def register() -> type[MoRLM]:
+    """Register :class:`MoRLM` as lm-eval model type ``"mor"`` (idempotent)."""
+    if MODEL_NAME in model_registry:
+        current = model_registry.get(MODEL_NAME)
+        if current is MoRLM:
+            return MoRLM
+        if getattr(current, "__qualname__", None) == MoRLM.__qualname__ and getattr(
+            current, "__module__", None
+        ) in (__name__, "mor.lm_eval_model", "__main__"):
+            return current  # this module imported twice (python -m): keep the first class
+        raise ValueError(f"lm-eval model type {MODEL_NAME!r} is already taken by {current!r}")
+    register_model(MODEL_NAME)(MoRLM)
+    return MoRLM
+
+
+def main(argv: list[str] | None = None) -> None:
+    """lm-eval's command line with the ``mor`` model type available (``mor-lm-eval``)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    import mor.lm_eval_model as registered  # register under the importable module name
+
+    registered.register()
+    if argv is not None:
+        old_argv = sys.argv
+        sys.argv = [old_argv[0] if old_argv else "mor-lm-eval", *argv]
+        try:
+            cli_evaluate()
+        finally:
+            sys.argv = old_argv
+    else:
+        cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
+else:
+    register()
