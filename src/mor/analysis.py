@@ -514,7 +514,7 @@ def _plot_routing_mean(s: dict, path: PathLike) -> Path:
 
     tasks, n = s["tasks"], s["num_experts"]
     t_count = len(tasks)
-    fig = _figure(max(8.0, 0.55 * n * max(t_count, 2) * 0.5 + 5.0), 4.6)
+    fig = _figure(min(13.0, max(8.0, 0.3 * n * max(t_count, 2) + 4.0)), 4.6)
     ax, ax_jsd = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.6, 1]})
     width = 0.8 / t_count
     x = np.arange(n)
@@ -552,14 +552,24 @@ def _plot_routing_layers(s: dict, path: PathLike) -> Path:
     t_count, l_count = len(tasks), len(layers)
     weights = np.array([s["weights"][t] for t in tasks])  # (T, L, N)
     dev = weights - 1.0 / n
-    span = max(float(np.abs(dev).max()), 1e-9)
+    # a robust colour range (98th percentile of |deviation|): one extreme layer must not wash out the rest
+    full = float(np.abs(dev).max())
+    span = max(float(np.quantile(np.abs(dev), 0.98)), 1e-9)
+    clipped = full > span * 1.05
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span)
     height = max(4.0, 0.13 * l_count + 2.0)
     fig = _figure(1.9 * t_count + 3.4, height)
     axes = fig.subplots(1, t_count + 1, sharey=True, gridspec_kw={"width_ratios": [1] * t_count + [0.8]})
     labels = [short_layer_name(name) for name in layers]
-    step = max(1, math.ceil(l_count / 60))
-    fontsize = 7 if l_count <= 60 else 6
+    blocks = [lab.split(".", 1)[0] for lab in labels]
+    by_block = l_count > 40 and all(b.isdigit() for b in blocks) and len(set(blocks)) < l_count
+    if by_block:  # many layers: one tick per transformer block, at its first module
+        ticks = [i for i in range(l_count) if i == 0 or blocks[i] != blocks[i - 1]]
+        modules = [lab.split(".", 1)[1] for lab in labels[:ticks[1] if len(ticks) > 1 else l_count]]
+        tick_labels, ylabel = [blocks[i] for i in ticks], f"transformer block (rows within a block: {', '.join(modules)})"
+    else:
+        ticks, tick_labels, ylabel = list(range(l_count)), labels, "layer (block.module)"
+    fontsize = 7
     im = None
     for i, task in enumerate(tasks):
         ax = axes[i]
@@ -567,8 +577,12 @@ def _plot_routing_layers(s: dict, path: PathLike) -> Path:
         ax.set_xticks(range(n), [str(e) for e in range(n)], fontsize=7)
         ax.set_xlabel("expert")
         ax.set_title(f"{task}\nH = {s['per_task'][task]['entropy_bits']:.3f} bits", fontsize=9)
-    axes[0].set_yticks(range(0, l_count, step), labels[::step], fontsize=fontsize)
-    axes[0].set_ylabel("layer (block.module)")
+    axes[0].set_yticks(ticks, tick_labels, fontsize=fontsize)
+    axes[0].set_ylabel(ylabel)
+    if by_block:
+        for ax in axes:
+            for t in ticks[1:]:
+                ax.axhline(t - 0.5, color="0.5", lw=0.3, alpha=0.5)
     jsd = np.array(s["jsd_per_layer"])
     ax = axes[-1]
     ax.barh(range(l_count), jsd, color="C3", height=0.8)
@@ -577,8 +591,10 @@ def _plot_routing_layers(s: dict, path: PathLike) -> Path:
     ax.grid(axis="x", alpha=0.3)
     ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
     ax.set_ylim(l_count - 0.5, -0.5)
-    cbar = fig.colorbar(im, ax=list(axes[:-1]), location="bottom", shrink=0.6, aspect=40, pad=0.01)
-    cbar.set_label(f"router weight - 1/N  (1/N = {1 / n:.3g}; red: expert used more, blue: less)")
+    cbar = fig.colorbar(im, ax=list(axes[:-1]), location="bottom", shrink=0.6, aspect=40, pad=0.01,
+                        extend="both" if clipped else "neither")
+    cbar.set_label(f"router weight - 1/N  (1/N = {1 / n:.3g}; red: expert used more, blue: less"
+                   + (f"; colours saturate at +-{span:.2g}, max |dev| {full:.2g})" if clipped else ")"))
     fig.suptitle(f"Mean router weight per layer and expert, by task ({l_count} layers x {n} experts)", fontsize=11)
     return _save(fig, path)
 
@@ -596,7 +612,7 @@ def plot_parameter_scaling(data: dict, path: PathLike) -> Path:
     ax.plot(experts, [v / m for v in data["mor"]], "o-", color="C0", label=f"MoR (shared rank {data['r']})")
     ax.plot(experts, [v / m for v in data["lora"]], "--", color="C2", label=f"LoRA rank {data['r']}")
     for n, v in zip(experts, data["mor"]):
-        ax.annotate(f"{v / m:.3g}{unit}", (n, v / m), textcoords="offset points", xytext=(0, 6), ha="center",
+        ax.annotate(f"{v / m:.3g}{unit}", (n, v / m), textcoords="offset points", xytext=(2, -12), ha="left",
                     fontsize=7, color="C0")
     for n, v in zip(experts, data["moelora"]):
         ax.annotate(f"{v / m:.3g}{unit}", (n, v / m), textcoords="offset points", xytext=(-4, 6), ha="right",
@@ -606,6 +622,7 @@ def plot_parameter_scaling(data: dict, path: PathLike) -> Path:
         ax.plot([own["num_experts"]], [own["parameters"] / m], "*", ms=14, color="gold", mec="k",
                 label=f"this adapter (measured, N={own['num_experts']})")
     ax.set_xticks(experts)
+    ax.set_ylim(0, None)
     ax.set_xlabel("number of experts N")
     ax.set_ylabel(f"trainable parameters ({'millions' if unit == 'M' else 'thousands'})")
     ax.set_title(f"Trainable parameters vs experts ({data['num_layers']} adapted layers, r={data['r']})", fontsize=10)
