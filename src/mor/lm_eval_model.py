@@ -27,8 +27,9 @@ module. Use the wrapper, which takes exactly lm-eval's arguments::
     mor-lm-eval ...        # the same, once installed as a console script
 
 Model arguments of ``mor``: ``pretrained`` (default: the embedded SmolLM2), ``adapter`` (an
-adapter folder with ``adapter_config.json``), ``merged_routing`` (a routing profile JSON,
-passed to ``load_adapter``), ``tokenizer`` (default: the base's), ``dtype`` (default
+adapter folder with ``adapter_config.json``), ``merged_routing`` (a routing profile JSON
+saved by ``RoutingProfile.save``, or ``uniform``: the MoR adapter is merged into the base
+weights with that fixed routing), ``tokenizer`` (default: the base's), ``dtype`` (default
 ``float32``; ``auto`` keeps the checkpoint's), ``device`` (default: CUDA when available,
 else CPU), ``trust_remote_code``; all other HFLM arguments (``batch_size``,
 ``max_length``, ``add_bos_token``, ...) work as for ``hf``.
