@@ -162,7 +162,7 @@ def _load_adapted(model_name: str | None, adapter: str | None):
     from .loading import load_model, load_tokenizer
     from .model import load_adapter
 
-    tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_name)
+    tokenizer = load_tokenizer(model_name)
     model = load_model(model_name)
     if adapter:
         model = load_adapter(model, adapter)
@@ -271,7 +271,8 @@ def cmd_analyze(args) -> int:
     tasks = load_eval_tasks(args.data, args.skip_bad)
     texts = {t.name: _task_prompts(t, tokenizer, args.limit) for t in tasks}
     result = analyze(model, texts, args.output, tokenizer=tokenizer)
-    print(format_report(result))
+    print(format_report(result["analysis"]))
+    print(f"\nFigures written to {Path(args.output)}/: " + ", ".join(p.name for k, p in result.items() if k != "analysis"))
     return 0
 
 

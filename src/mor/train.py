@@ -231,8 +231,9 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         report_to=report_to,
         remove_unused_columns=False,
         label_names=["labels"],
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        dataloader_pin_memory=on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         dataloader_num_workers=0,
         disable_tqdm=False,

@@ -1,0 +1,158 @@
+"""The `mor` command line end to end on a tiny config-built LLaMA and tiny generated tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from mor import train as train_module
+from mor.cli import main
+from mor.methods import AdapterSpec
+from mor.tasks import write_builtin_suite
+from mor.train import TrainConfig, last_complete_checkpoint, run_training
+
+
+@pytest.fixture(scope="module")
+def tiny_tasks(tmp_path_factory) -> list[str]:
+    """Two built-in tasks, 24 train / 8 test records each."""
+    folder = tmp_path_factory.mktemp("tasks")
+    write_builtin_suite(folder, seed=0, train_size=24, eval_size=8, tasks=["parity", "colour"])
+    return [str(folder / "parity"), str(folder / "colour")]
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.mark.parametrize("method", ["mor", "moelora", "lora", "dora"])
+def test_train_eval_merge_analyze_for_each_method(tmp_path, tiny_model_dir, tiny_tasks, method, capsys):
+    out = tmp_path / "run"
+    assert run_cli("train", "--model", tiny_model_dir, "--method", method, "--r", 4, "--num-experts", 3,
+                   "--data", *tiny_tasks, "--output", out, "--max-steps", 3, "--batch-size", 4,
+                   "--save-steps", 2, "--eval-limit", 4) == 0
+    printed = capsys.readouterr().out
+    assert "before acc" in printed and "parity" in printed and "average" in printed
+    adapter = out / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    result = json.loads((out / "result.json").read_text())
+    assert result["global_step"] == 3 and set(result["after"]["tasks"]) == {"parity", "colour"}
+
+    for scoring in ("label", "text"):
+        assert run_cli("eval", "--model", tiny_model_dir, "--adapter", adapter, "--data", *tiny_tasks,
+                       "--limit", 4, "--scoring", scoring, "--output", tmp_path / f"eval-{scoring}.json") == 0
+        assert json.loads((tmp_path / f"eval-{scoring}.json").read_text())["tasks"]["parity"]["n"] == 4
+    if method in ("mor", "moelora"):
+        assert (out / "figures").is_dir() == (method == "mor")
+        assert run_cli("merge", "--model", tiny_model_dir, "--adapter", adapter, "--data", tiny_tasks[0],
+                       "--output", tmp_path / "merged") == 0
+        printed = capsys.readouterr().out
+        diff = float(printed.split("same fixed routing: ")[1].split()[0])
+        assert diff <= 1e-5
+        AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        assert run_cli("eval", "--model", tiny_model_dir, "--adapter", adapter, "--data", *tiny_tasks,
+                       "--limit", 4, "--merged") == 0
+        assert "merged" in capsys.readouterr().out
+        assert run_cli("analyze", "--model", tiny_model_dir, "--adapter", adapter, "--data", *tiny_tasks,
+                       "--limit", 8, "--output", tmp_path / "fig") == 0
+        assert sorted(p.suffix for p in (tmp_path / "fig").iterdir() if p.suffix == ".png")
+
+
+def test_resume_after_a_kill_gives_the_same_adapter(tmp_path, tiny_model_dir, tiny_tasks, monkeypatch):
+    def config(out):
+        return TrainConfig(model=str(tiny_model_dir), adapter=AdapterSpec(r=4, num_experts=3, dropout=0.1),
+                           data=tiny_tasks, output=str(out), max_steps=6, save_steps=3, batch_size=4,
+                           evaluate=False, lr=5e-3)
+
+    run_training(config(tmp_path / "straight"))
+    expected = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+
+    class Killed(Exception):
+        pass
+
+    original = train_module.CompleteCheckpointCallback.on_save
+
+    def kill_after_first_checkpoint(self, args, state, control, **kw):
+        original(self, args, state, control, **kw)
+        raise Killed
+
+    monkeypatch.setattr(train_module.CompleteCheckpointCallback, "on_save", kill_after_first_checkpoint)
+    with pytest.raises(Killed):
+        run_training(config(tmp_path / "killed"))
+    monkeypatch.undo()
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert last_complete_checkpoint(checkpoints).name == "checkpoint-3"
+    # a checkpoint the kill left half-written must be ignored, not resumed from
+    half = checkpoints / "checkpoint-6"
+    shutil.copytree(checkpoints / "checkpoint-3", half)
+    (half / "checkpoint_complete").unlink()
+    (half / "adapter_model.safetensors").write_bytes(b"garbage")
+
+    cfg = config(tmp_path / "killed")
+    cfg.resume = True
+    result = run_training(cfg)
+    assert result.global_step == 6
+    resumed = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=1e-5)
+
+
+def test_malformed_data_stops_with_file_and_line(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q2", "output": ""}\n')
+    assert run_cli("train", "--model", tiny_model_dir, "--data", bad, "--output", tmp_path / "o",
+                   "--max-steps", 1) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2" in err
+    assert run_cli("train", "--model", tiny_model_dir, "--data", tmp_path / "missing.json",
+                   "--output", tmp_path / "o") == 2
+    assert "missing.json" in capsys.readouterr().err
+
+
+def test_unknown_target_module_is_a_clear_error(tmp_path, tiny_model_dir, tiny_tasks, capsys):
+    assert run_cli("train", "--model", tiny_model_dir, "--data", *tiny_tasks, "--target-modules", "c_attn",
+                   "--output", tmp_path / "o", "--max-steps", 1, "--no-eval") == 2
+    assert "matches no module" in capsys.readouterr().err
+
+
+def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_model_dir, tiny_tasks):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "mor.cli", "train", "--model", str(tiny_model_dir), "--data", *tiny_tasks,
+           "--output", str(out), "--max-steps", "2", "--batch-size", "2", "--no-eval"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from mor import load_adapter
+
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
+    assert len(model.mor_layers()) == 6
+
+
+def test_real_smollm2_on_commonsense_records(tmp_path, smollm2_path, commonsense, capsys):
+    """A few ARC-Easy and boolq records through the real model: train 2 steps, eval both scorings."""
+    data = tmp_path / "data"
+    for task in ("ARC-Easy", "boolq"):
+        records = json.loads((commonsense / task / "train.json").read_text())[:8]
+        (data / task).mkdir(parents=True)
+        (data / task / "train.json").write_text(json.dumps(records))
+        (data / task / "test.json").write_text(json.dumps(json.loads((commonsense / task / "test.json").read_text())[:6]))
+    tasks = [data / "ARC-Easy", data / "boolq"]
+    assert run_cli("train", "--model", smollm2_path, "--data", *tasks, "--output", tmp_path / "run",
+                   "--max-steps", 2, "--batch-size", 2, "--target", "text", "--max-length", 128,
+                   "--no-figures") == 0
+    printed = capsys.readouterr().out
+    assert "before acc_norm" in printed
+    assert run_cli("eval", "--model", smollm2_path, "--adapter", tmp_path / "run" / "adapter",
+                   "--data", commonsense / "ARC-Easy", "--limit", 5, "--scoring", "text") == 0
+    assert "ARC-Easy" in capsys.readouterr().out
