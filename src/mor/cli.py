@@ -187,7 +187,8 @@ def cmd_eval(args) -> int:
     items = {t.name: multiple_choice_items(t, scoring=args.scoring, tokenizer=tokenizer, template=args.template)
              for t in tasks}
     if not args.merged:
-        results = evaluate_tasks(model, tokenizer, items, batch_size=args.batch_size, limit=args.limit)
+        results = evaluate_tasks(model, tokenizer, items, batch_size=args.batch_size, limit=args.limit,
+                                 scoring=args.scoring)
     else:
         if not isinstance(model, MoRModel):
             raise SystemExit("--merged needs a MoR or MoE-LoRA adapter (--adapter)")
@@ -198,7 +199,7 @@ def cmd_eval(args) -> int:
             merged = copy.deepcopy(model).merge_and_unload(routing)
             per_task.update(evaluate_tasks(merged, tokenizer, {task.name: items[task.name]},
                                            batch_size=args.batch_size, limit=args.limit)["tasks"])
-        results = _combine(per_task, merged=True)
+        results = _combine(per_task, args.scoring)
     for task in tasks:
         if task.skipped:
             print(f"{task.name}: skipped {len(task.skipped)} bad records (--skip-bad)")
@@ -208,8 +209,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _combine(task_rows: dict, merged: bool) -> dict:
-    """Results dict (as accuracy_table makes) from per-task rows evaluated separately."""
+def _combine(task_rows: dict, scoring: str) -> dict:
+    """Results dict (as accuracy_table makes) from per-task rows of merged models, one per task."""
     import math
 
     average = {"n": sum(r["n"] for r in task_rows.values()), "tasks": len(task_rows)}
@@ -218,10 +219,10 @@ def _combine(task_rows: dict, merged: bool) -> dict:
     for key in ("acc_stderr", "acc_norm_stderr"):
         ses = [r.get(key) for r in task_rows.values()]
         average[key] = math.sqrt(sum(s * s for s in ses)) / len(ses) if None not in ses else None
-    from .evaluate import SCORING
+    from .evaluate import SCORING_NAMES
 
-    return {"scoring": SCORING + (" (merged, fixed routing per task)" if merged else ""), "tasks": task_rows,
-            "average": average}
+    return {"scoring": SCORING_NAMES[scoring] + "; merged with fixed routing, one profile per task",
+            "tasks": task_rows, "average": average}
 
 
 def cmd_merge(args) -> int:

@@ -79,6 +79,11 @@ SCORING = (
     "answer-text log-likelihood, lm-eval multiple_choice "
     "(acc: sum of log-probs; acc_norm: log-prob per character)"
 )
+#: How each scoring of ``mor.data.multiple_choice_items`` is described in result tables.
+SCORING_NAMES = {
+    "text": SCORING,
+    "label": "label log-likelihood, LLM-Adapters format (log P('the correct answer is <label>' | prompt))",
+}
 
 __all__ = [
     "ItemScore",
@@ -530,7 +535,7 @@ def _stderr(values: Sequence[float]) -> float | None:
     return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
 
 
-def accuracy_table(scores: Sequence[ItemScore]) -> dict[str, Any]:
+def accuracy_table(scores: Sequence[ItemScore], scoring: str = SCORING) -> dict[str, Any]:
     """Per-task and average accuracy.
 
     Returns ``{"scoring": SCORING, "tasks": {task: row}, "average": row}`` where a task row is
@@ -559,7 +564,7 @@ def accuracy_table(scores: Sequence[ItemScore]) -> dict[str, Any]:
     for key in ("acc_stderr", "acc_norm_stderr"):
         ses = [t[key] for t in tasks.values()]
         average[key] = math.sqrt(sum(se * se for se in ses)) / len(ses) if ses and None not in ses else None
-    return {"scoring": SCORING, "tasks": tasks, "average": average}
+    return {"scoring": scoring, "tasks": tasks, "average": average}
 
 
 def _fmt(value, stderr=None) -> str:
@@ -617,16 +622,18 @@ def evaluate_tasks(
     batch_size: int = 8,
     limit: int | None = None,
     progress: bool = True,
+    scoring: str = "text",
     **score_kwargs,
 ) -> dict[str, Any]:
     """Score the first ``limit`` items (all when ``None``) of every task and return
-    :func:`accuracy_table`'s results (tasks keep the mapping's order)."""
+    :func:`accuracy_table`'s results (tasks keep the mapping's order); ``scoring`` ("text",
+    "label" or free text) names how the items were built, for the table's heading."""
     items: list[MultipleChoiceItem] = []
     for task, task_items in tasks_items.items():
         chosen = list(task_items)[:limit] if limit is not None else list(task_items)
         items.extend(chosen)
     scores = score_items(model, tokenizer, items, batch_size=batch_size, progress=progress, **score_kwargs)
-    results = accuracy_table(scores)
+    results = accuracy_table(scores, SCORING_NAMES.get(scoring, scoring))
     order = [t for t in tasks_items if t in results["tasks"]]
     results["tasks"] = {t: results["tasks"][t] for t in order + [t for t in results["tasks"] if t not in order]}
     return results

@@ -265,7 +265,7 @@ def evaluate_model(model, tokenizer, tasks: list[Task], scoring: str, batch_size
     from .evaluate import evaluate_tasks
 
     items = {t.name: multiple_choice_items(t, scoring=scoring, tokenizer=tokenizer) for t in tasks}
-    return evaluate_tasks(model, tokenizer, items, batch_size=batch_size, limit=limit)
+    return evaluate_tasks(model, tokenizer, items, batch_size=batch_size, limit=limit, scoring=scoring)
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:

