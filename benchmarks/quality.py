@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-merged", action="store_true", help="skip the merged-with-fixed-routing MoR evaluation")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (bf16 autocast on cuda)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 when the machine's load average already fills its cores -- "
+                        "oversubscribed OpenMP threads spin and run 3-30x slower -- else torch's default)")
     p.add_argument("--out", default="results/quality.json", help="JSON with all numbers; the PNG goes next to it")
     p.add_argument("--runs-dir", default=None, help="one folder per run (default: <out without .json>_runs)")
     p.add_argument("--quick", action="store_true", help="a few minutes: 2 tasks, 16 steps, 30 test, 1 seed, 3 methods")
@@ -471,6 +474,11 @@ def main(argv=None) -> int:
 
     hf_logging.set_verbosity_error()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = args.threads
+    if threads is None and device == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1):
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
