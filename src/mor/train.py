@@ -23,7 +23,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import WEIGHTS_NAME
-from .data import (Task, collate, load_task_records, mix_tasks, multiple_choice_items, split_records,
+from .data import (Task, collate, load_hub_task, load_task_records, mix_tasks, multiple_choice_items, split_records,
                    tokenize_examples, training_examples)
 from .loading import load_model, load_tokenizer
 from .methods import AdapterSpec, apply_adapter
@@ -32,7 +32,7 @@ from .model import MoRModel
 logger = logging.getLogger("mor")
 
 COMPLETE_MARKER = "checkpoint_complete"
-SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name of a Hugging Face dataset
 
 
 @dataclass
@@ -89,8 +89,13 @@ def load_train_and_eval_tasks(cfg: TrainConfig) -> tuple[list[Task], list[Task]]
     paths = [Path(p) for p in cfg.data] or _builtin_paths(cfg)
     train_tasks, eval_tasks = [], []
     for path in paths:
+        if not path.exists() and HUB_ID.fullmatch(str(path)):
+            train, held = _hub_task_splits(str(path), cfg.skip_bad)
+            train_tasks.append(train)
+            eval_tasks.extend(held)
+            continue
         if not path.exists():
-            raise FileNotFoundError(f"--data {path}: no such file or folder")
+            raise FileNotFoundError(f"--data {path}: no such file or folder (nor a Hugging Face dataset id)")
         if path.is_dir() and _has_split(path, "train"):
             train_tasks.append(load_task_records(path, skip_bad=cfg.skip_bad, split="train"))
             if _has_split(path, "test"):
@@ -107,6 +112,19 @@ def load_train_and_eval_tasks(cfg: TrainConfig) -> tuple[list[Task], list[Task]]
         raise ValueError(f"two --data entries have the same task name: {names}; rename one of them")
     eval_tasks.extend(load_eval_tasks(cfg.eval_data, cfg.skip_bad))
     return train_tasks, eval_tasks
+
+
+def _hub_task_splits(dataset_id: str, skip_bad: bool) -> tuple[Task, list[Task]]:
+    """Train split (and test split, when there is one) of a Hugging Face dataset id."""
+    try:
+        train = load_hub_task(dataset_id, split="train", skip_bad=skip_bad)
+    except (OSError, ConnectionError) as err:
+        raise FileNotFoundError(f"--data {dataset_id}: not a local file or folder, and the Hugging Face "
+                                f"dataset could not be loaded ({err})") from err
+    try:
+        return train, [load_hub_task(dataset_id, split="test", skip_bad=skip_bad)]
+    except ValueError:  # the dataset has no "test" split
+        return train, []
 
 
 def _builtin_paths(cfg: TrainConfig) -> list[Path]:
