@@ -96,3 +96,47 @@ def test_quality_benchmark_quick_smoke(tmp_path, capsys, tiny_model_dir):
     assert "reuse lora lr=0.001 seed=0" in logs and "] train lora lr=0.0003 seed=0" in logs
     (row,) = json.loads(out_json.read_text())["rows"]
     assert set(row["val_avg_acc_norm_by_lr"]) == {"0.001", "0.0003"} and row["lr"] in (1e-3, 3e-4)
+
+
+def test_lm_eval_agreement_quick_smoke(tmp_path, capsys, tiny_model_dir):
+    """``benchmarks/lm_eval_agreement.py`` on a tiny LLaMA and four ARC-Easy-shaped records:
+    mor's text scoring and lm-eval's simple_evaluate give identical acc / acc_norm."""
+    agreement = pytest.importorskip("benchmarks.lm_eval_agreement")
+    pytest.importorskip("lm_eval")
+    options = [["red", "blue", "green", "yellow"], ["animal", "plant", "tool"],
+               ["even", "odd", "first", "second"], ["true", "false"]]
+    records = []
+    for i, opts in enumerate(options):
+        gold = i % len(opts)
+        body = " ".join(f"Answer{k + 1}: {o}" for k, o in enumerate(opts))
+        labels = "/".join(f"answer{k + 1}" for k in range(len(opts)))
+        records.append({"instruction": f"Please choose the correct answer to the question: which is {opts[gold]} {i}?"
+                                       f"\n\n{body}\n\nAnswer format: {labels}",
+                        "input": "", "output": f"the correct answer is answer{gold + 1}", "answer": f"answer{gold + 1}"})
+    (tmp_path / "data" / "mini").mkdir(parents=True)
+    (tmp_path / "data" / "mini" / "test.json").write_text(json.dumps(records + records[:1]))  # 5 records
+    out_json = tmp_path / "agree.json"
+    argv = ["--model", str(tiny_model_dir), "--data-root", str(tmp_path / "data"), "--tasks", "mini",
+            "--limit", "4", "--batch-size", "3", "--out", str(out_json)]
+    assert agreement.main(argv) == 0
+    printed = capsys.readouterr().out
+
+    assert "machine:" in printed and "command:" in printed and "lm-eval" in printed and "torch" in printed
+    assert "| mini | 4 |" in printed and "RESULT: all metrics identical" in printed
+    report = json.loads(out_json.read_text())
+    (row,) = report["rows"]
+    assert row["identical"] and row["n"] == 4 and row["lm_eval"]["n"] == 4
+    assert row["mor"]["acc"] == row["lm_eval"]["acc"] and row["mor"]["acc_norm"] == row["lm_eval"]["acc_norm"]
+    detail = row["per_record"]
+    assert detail["same_requests"] and detail["records_acc_differ"] == detail["records_acc_norm_differ"] == 0
+    assert detail["max_abs_loglik_diff"] < 1e-4
+    assert {"cpu", "torch", "transformers", "lm_eval", "date"} <= set(report["machine"])
+
+    # fill-in-the-blank records (winogrande) are refused with a message, not mis-scored
+    (tmp_path / "data" / "blank").mkdir()
+    (tmp_path / "data" / "blank" / "test.json").write_text(json.dumps([{
+        "instruction": "Please choose the correct answer to fill in the blank to complete the given sentence: "
+                       "The cat sat on the _ .\n\nOption1: mat\nOption2: sky\n\nAnswer format: option1/option2",
+        "input": "", "output": "the correct answer is option1", "answer": "option1"}]))
+    with pytest.raises(SystemExit, match="fill-in-the-blank"):
+        agreement.main(argv[:4] + ["--tasks", "blank"])
