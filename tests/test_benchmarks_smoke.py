@@ -13,6 +13,37 @@ if str(ROOT) not in sys.path:  # ``benchmarks`` lives at the repo root, next to 
     sys.path.insert(0, str(ROOT))
 
 
+def test_speed_benchmark_quick_smoke(tmp_path, capsys):
+    """``benchmarks.speed --quick --skip-e2e``: the layer table, targets and JSON keys (no real model)."""
+    speed = pytest.importorskip("benchmarks.speed")
+    out_json = tmp_path / "speed.json"
+    speed.main(["--quick", "--skip-e2e", "--repeats", "1", "--no-progress", "--json", str(out_json)])
+    printed = capsys.readouterr().out
+
+    assert "MoR speed benchmark" in printed and "torch " in printed  # machine / date header
+    assert "Layer forward+backward" in printed and "Targets" in printed
+    for method in ("base", "lora", "mor", "moelora", "naive"):
+        assert f" {method} " in printed
+
+    report = json.loads(out_json.read_text())
+    assert {"machine", "args", "layer", "targets", "wall_s"} <= set(report)
+    assert {"cpu", "torch", "threads", "date"} <= set(report["machine"])
+    layer = report["layer"]
+    assert {"tokens", "num_experts", "ranks", "results", "ratios", "naive_max_abs_diff"} <= set(layer)
+    row_keys = {"shape", "part", "method", "r", "gflop", "min_s", "median_s", "times_s"}
+    assert all(row_keys <= set(row) for row in layer["results"])
+    methods = {(row["part"], row["method"]) for row in layer["results"]}
+    assert methods == {("full", "base"), ("full", "lora"), ("full", "mor"), ("full", "moelora"),
+                       ("adapter", "lora"), ("adapter", "mor"), ("adapter", "moelora"), ("adapter", "naive")}
+    for ratios in layer["ratios"].values():
+        assert {"mor_vs_lora_full", "mor_vs_moelora_full", "mor_vs_moelora_adapter", "naive_vs_mor_adapter"} <= set(ratios)
+        assert all(v > 0 for v in ratios.values())
+    # the naive loop computes the same thing as the vectorised layer
+    assert all(d < 1e-4 for d in layer["naive_max_abs_diff"].values())
+    assert report["targets"] and all(t["status"] in ("PASS", "MISS") for t in report["targets"])
+    assert "e2e" not in report
+
+
 def _tiny_commonsense(root: Path) -> Path:
     """A few records in the commonsense format: one task with train/test splits (4 options),
     one with only test.json (2 solutions), like ARC-Easy and piqa."""
