@@ -307,7 +307,7 @@ def bench_layers(args, device, dtype, log) -> dict:
         x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
         grad_out = torch.randn(tokens, d_out, device=device, dtype=dtype)
         small = 2 * tokens * d_in * d_out < 20e9  # cheap shapes get more rounds
-        rounds = args.repeats * (5 if small else 1)
+        rounds = args.repeats * (5 if small and not args.quick else 1)
         # warm-up on a few tokens (code paths, allocator), then the timed rounds at full size
         xw = torch.randn(min(tokens, 64), d_in, device=device, dtype=dtype, requires_grad=True)
         gw = torch.randn(min(tokens, 64), d_out, device=device, dtype=dtype)
@@ -708,7 +708,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed rounds per layer shape (default 3; 1 in --quick); shapes under 20 GFLOP get 5x")
+                   help="timed rounds per layer shape (default 3; 1 in --quick); shapes under 20 GFLOP get 5x (not in --quick)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per layer call (default 2048; 128 in --quick)")
     p.add_argument("--ranks", type=int, nargs="+", default=list(RANKS), help="shared ranks r of the layer part")
     p.add_argument("--json", dest="json_path", default=None, help="write every number to this JSON file")
