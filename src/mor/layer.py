@@ -89,19 +89,29 @@ class MixtureLinear(nn.Module):
         """Router weights G(x): (..., d_in) -> (..., N), non-negative, summing to 1."""
         return self.router(x)
 
-    def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """sum_i G_i(x) D_i x for inputs (..., d_in) -> (..., d_out)."""
+    def mixed_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """z = concat_i( G_i(x) * code_i(x) ): (..., d_in) -> (..., N*r)."""
         dtype = self.adapter_dtype
         gates = self.route(x).to(dtype)  # (..., N)
         codes = self.expert_inputs(self.dropout(x.to(dtype)))  # (..., N, r)
-        z = (gates.unsqueeze(-1) * codes).flatten(-2)  # (..., N*r)
-        return self.scaling * (z @ self.stacked_up().T)  # (..., d_out)
+        return (gates.unsqueeze(-1) * codes).flatten(-2)  # (..., N*r)
+
+    def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """sum_i G_i(x) D_i x = (alpha/r) B~ z for inputs (..., d_in) -> (..., d_out)."""
+        return self.scaling * (self.mixed_codes(x) @ self.stacked_up().T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
+        result = self.base_layer(x)  # W x: (..., d_out)
         if self.disabled:
             return result
-        return result + self.adapter_delta(x).to(result.dtype)
+        z = self.mixed_codes(x)  # (..., N*r)
+        if result.dtype != z.dtype:
+            return result + (self.scaling * (z @ self.stacked_up().T)).to(result.dtype)
+        # W x + (alpha/r) B~ z with the scale and the residual add fused into one addmm: fewer
+        # passes over the (tokens, d_out) output, and backward scales only the small (T, N*r) grad.
+        out = torch.addmm(result.reshape(-1, self.out_features), z.reshape(-1, z.shape[-1]), self.stacked_up().T,
+                          alpha=self.scaling)
+        return out.view(result.shape)
 
     def expert_deltas(self) -> torch.Tensor:
         """The experts' update matrices D_i (alpha/r included): (N, d_out, d_in)."""
@@ -122,7 +132,7 @@ class MixtureLinear(nn.Module):
 
     @property
     def adapter_dtype(self) -> torch.dtype:
-        return next(p for n, p in self.named_parameters() if not n.startswith("base_layer.")).dtype
+        return self.lora_A.dtype  # an attribute, not a parameter walk: this runs per layer per decoded token
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
