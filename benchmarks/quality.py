@@ -399,7 +399,8 @@ def verdicts(rows: list[dict]) -> tuple[dict, list[str]]:
             diff = a["avg_acc_norm"] - b["avg_acc_norm"]
             thr, spread, se = threshold(a, b)
             word = "TIE" if abs(diff) < thr else ("MoR better" if diff > 0 else "MoR worse")
-            lines.append(f"MoR vs {b['label']}: {diff:+.3f} avg acc_norm; seed spread {spread:.3f}, "
+            spread_text = f"{spread:.3f}" if len(a["seeds"]) > 1 or len(b["seeds"]) > 1 else "n/a (1 seed)"
+            lines.append(f"MoR vs {b['label']}: {diff:+.3f} avg acc_norm; seed spread {spread_text}, "
                          f"2 x s.e. of the difference {2 * se:.3f} -> {word}")
     return out, lines
 
@@ -562,8 +563,9 @@ def main(argv=None) -> int:
         "Training: answer-text targets; scoring: answer-text log-likelihood (acc, acc_norm = per-character), "
         "lm-eval style" + ("; label scoring as a secondary column" if args.label_scoring else "") + ".",
         f"Steps {args.steps} x batch {args.batch_size}, max {args.max_length} tokens, cosine, warm-up "
-        f"{args.warmup_ratio:g}; AdamW; lr chosen per method from {args.lr_grid} on validation "
-        f"({args.val_per_task}/task) with seed {args.seeds[0]}.",
+        f"{args.warmup_ratio:g}; AdamW; " + (f"lr chosen per method from {args.lr_grid} on validation "
+        f"({args.val_per_task}/task) with seed {args.seeds[0]}." if len(args.lr_grid) > 1 else
+        f"one fixed lr {args.lr_grid[0]:g} (no grid search)."),
         f"Matched budget: {budget}.",
         "Ties: a gap to the best smaller than the seed s.d. or 2 s.e. of the test mean is a tie.",
         "Data: " + "; ".join(f"{t}: {p}" for t, p in data["provenance"].items()),
