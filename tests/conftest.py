@@ -7,17 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 COMMONSENSE = SHARED / "data" / "commonsense"
 
 
-def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
+def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 32, layers: int = 2,
+                    max_position_embeddings: int = 128) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                         max_position_embeddings=max_position_embeddings, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2)
     return LlamaForCausalLM(config).eval()
 
 
@@ -82,3 +85,38 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+# A byte-level BPE (GPT-2 / SmolLM2 style) with <s>/</s>, for the scorers' tests.
+CORPUS = [
+    "Question: what colour is the sky?\nAnswer: blue",
+    "the cat sat on the mat",
+    "a quick brown fox jumps over the lazy dog",
+    "Which is larger, 3 or 7? Answer: 7",
+    "plants need sunlight, water and air to grow",
+    "Answer: yes no maybe true false",
+] * 5
+
+
+def make_bpe_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 / SmolLM2 style) trained in-process; ``bos=True`` adds ``<s>``
+    in front of every encoding, like Llama-2's tokenizer."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )

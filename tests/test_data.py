@@ -598,7 +598,7 @@ def test_mix_uniform_balances_tasks():
 
 
 def test_split_records_is_seeded_and_disjoint():
-    task = task_of(*[dict(ARC, answer="answer2", output=f"the correct answer is answer2", id=k) for k in range(20)])
+    task = task_of(*[dict(ARC, answer="answer2", output="the correct answer is answer2", id=k) for k in range(20)])
     train, evals = split_records(task, eval_fraction=0.25, seed=7)
     assert len(train) == 15 and len(evals) == 5
     assert train.name == evals.name == task.name

@@ -11,8 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers
 
+from conftest import make_bpe_tokenizer as build_bpe_tokenizer
+from conftest import make_tiny_llama
 from mor.data import MultipleChoiceItem
 from mor.evaluate import (
     accuracy_table,
@@ -28,55 +30,8 @@ from mor.evaluate import (
 # ---------------------------------------------------------------------------------------------
 # Tiny offline models
 
-CORPUS = [
-    "Question: what colour is the sky?\nAnswer: blue",
-    "the cat sat on the mat",
-    "a quick brown fox jumps over the lazy dog",
-    "Which is larger, 3 or 7? Answer: 7",
-    "plants need sunlight, water and air to grow",
-    "Answer: yes no maybe true false",
-] * 5
-
-
-def build_bpe_tokenizer(bos: bool = False) -> transformers.PreTrainedTokenizerFast:
-    """A byte-level BPE (GPT-2 / SmolLM2 style) trained in-process; ``bos=True`` adds ``<s>``
-    in front of every encoding, like Llama-2's tokenizer."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-        )
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-
-
 def build_llama(vocab_size: int, seed: int = 0, max_position_embeddings: int = 2048):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return make_tiny_llama(seed, vocab_size, hidden=64, max_position_embeddings=max_position_embeddings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ import transformers
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks import TaskManager  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
 import mor.lm_eval_model as mle  # noqa: E402  (registers "mor")
+from conftest import make_bpe_tokenizer, make_tiny_llama  # noqa: E402
 from mor.data import MultipleChoiceItem  # noqa: E402
 from mor.evaluate import score_items  # noqa: E402
 
@@ -36,39 +36,8 @@ RECORDS = [
     {"question": "which is larger, 3 or 7? " * 8, "choices": ["3", "7", "blue"], "label": 1},  # > MAX_POS tokens
 ]
 
-CORPUS = [
-    "Question: what colour is the sky?\nAnswer: blue",
-    "the cat sat on the mat",
-    "a quick brown fox jumps over the lazy dog",
-    "Which is larger, 3 or 7? Answer: 7",
-    "plants need sunlight, water and air to grow",
-    "Answer: yes no maybe true false",
-] * 5
-
-
-def build_tokenizer():
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
 def build_llama(vocab_size: int, seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return make_tiny_llama(seed, vocab_size, hidden=64, max_position_embeddings=MAX_POS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +47,7 @@ def build_llama(vocab_size: int, seed: int = 0):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_llama")
-    tok = build_tokenizer()
+    tok = make_bpe_tokenizer()
     build_llama(len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)

@@ -684,7 +684,7 @@ def plot_rank_spectrum(data: dict, path: PathLike) -> Path:
         ax.set_xlabel("singular value index k")
         ax.set_ylabel("sigma_k")
         ax.set_title(f"{short_layer_name(name)} ({d['d_out']}x{d['d_in']}, r={r}, N={n})", fontsize=9)
-        ranks = [f"numeric rank / erank:", f"mixed dW(g): {d['mixed']['numeric_rank']} / {d['mixed']['effective_rank']:.1f}"]
+        ranks = ["numeric rank / erank:", f"mixed dW(g): {d['mixed']['numeric_rank']} / {d['mixed']['effective_rank']:.1f}"]
         if d["shared"] is not None:
             ranks.append(f"shared BA: {d['shared']['numeric_rank']} / {d['shared']['effective_rank']:.1f}")
         if d["lora"] is not None:
