@@ -14,6 +14,13 @@ from .data import DEFAULT_TEMPLATE, DataError
 
 logger = logging.getLogger("mor")
 
+# The default run (`mor train` alone) must finish in under 10 minutes on a 2-core CPU:
+# SmolLM2 takes about 2.7 s per step of 8 examples there, and each evaluation pass over
+# 5 tasks x 40 records about 35 s.
+BUILTIN_STEPS = 140
+BUILTIN_EVAL_SIZE = 40
+FIGURE_PROMPTS = 40  # prompts per task for the routing figures after training
+
 
 # -- shared flags -------------------------------------------------------------------------------
 
@@ -65,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output: the record's answer; text: the correct option's text (matches --scoring text)")
     t.add_argument("--mix", choices=["proportional", "uniform"], default="proportional")
     t.add_argument("--output", default="runs/mor")
-    t.add_argument("--max-steps", type=int, default=None, help="default: 150 on the built-in suite, else epochs")
+    t.add_argument("--max-steps", type=int, default=None, help=f"default: {BUILTIN_STEPS} on the built-in suite, else --epochs")
     t.add_argument("--epochs", type=float, default=1.0)
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--grad-accum", type=int, default=1)
@@ -116,14 +123,15 @@ def cmd_train(args) -> int:
     spec = AdapterSpec(method=args.method, r=args.r, num_experts=args.num_experts, alpha=args.alpha,
                        dropout=args.dropout, router=args.router, top_k=args.top_k, balance_coef=args.balance_coef,
                        target_modules=args.target_modules)
-    max_steps = args.max_steps if args.max_steps is not None else (150 if builtin else -1)
+    max_steps = args.max_steps if args.max_steps is not None else (BUILTIN_STEPS if builtin else -1)
     cfg = TrainConfig(model=args.model, adapter=spec, data=args.data, eval_data=args.eval_data,
                       holdout=args.holdout, target=args.target, mix=args.mix, output=args.output,
                       max_steps=max_steps, epochs=args.epochs, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr if args.lr is not None else 1e-3,
                       max_length=args.max_length, seed=args.seed, resume=args.resume, skip_bad=args.skip_bad,
                       save_steps=args.save_steps, gradient_checkpointing=args.gradient_checkpointing,
-                      evaluate=not args.no_eval, eval_limit=args.eval_limit)
+                      evaluate=not args.no_eval, eval_limit=args.eval_limit,
+                      builtin_eval_size=BUILTIN_EVAL_SIZE if builtin else None)
     if builtin:
         print(f"No --data given: training on the built-in multi-task suite (written to {Path(args.output) / 'data'}).")
     start = time.perf_counter()
@@ -286,7 +294,7 @@ def _figures_after_training(cfg, result) -> Path:
     tokenizer = load_tokenizer(cfg.model)
     model = load_adapter(load_model(cfg.model), result.adapter_dir)
     _, eval_tasks = load_train_and_eval_tasks(cfg)
-    texts = {t.name: _task_prompts(t, tokenizer, 100) for t in eval_tasks}
+    texts = {t.name: _task_prompts(t, tokenizer, FIGURE_PROMPTS) for t in eval_tasks}
     folder = Path(cfg.output) / "figures"
     analyze(model, texts, folder, tokenizer=tokenizer)
     return folder
