@@ -51,6 +51,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from mor.system import cpu_model  # noqa: E402
+
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
 DEFAULT_TASKS = ("ARC-Easy", "piqa", "social_i_qa")
 DOC_TO_TEXT = "Question: {{question}}\\nAnswer:"  # as written into the YAML (a YAML "\n" escape)
@@ -84,17 +86,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- machine / header -------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def machine_info() -> dict:
     import lm_eval

@@ -146,14 +146,9 @@ def _f(value, digits=3):
 def machine_line(device: str) -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from mor.system import cpu_model
+
+    cpu = cpu_model()
     text = f"{platform.node()} | {platform.system()} {platform.release()} | {cpu} x{os.cpu_count()} | torch {torch.__version__}"
     text += f" ({torch.get_num_threads()} threads) | device {device}"
     if device == "cuda":

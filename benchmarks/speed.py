@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from mor import MoELoRALinear, MoRLinear
+from mor.system import cpu_model
 
 N_EXPERTS = 8
 RANKS = (8, 32)
@@ -89,17 +90,6 @@ TARGETS = {
 
 
 # -- small utilities ---------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def machine_info(device: torch.device) -> dict:
     info = {
