@@ -157,6 +157,14 @@ def _draw_unique(
     return out
 
 
+def _disjoint_splits(rng: random.Random, labels: tuple[str, ...], train_size: int, eval_size: int,
+                     draw: Callable[[random.Random, str], tuple[object, str]]) -> dict[str, list[dict]]:
+    """Eval records first, then train records whose inputs (keys) never repeat an eval one."""
+    used: set = set()
+    return {name: [_record(q, labels, a) for _, q, a in _draw_unique(rng, labels, size, draw, used)]
+            for name, size in (("eval", eval_size), ("train", train_size))}
+
+
 # ---------------------------------------------------------------- the generators
 # Each returns {"train": [...], "eval": [...]}; eval is drawn first, train never reuses a key.
 
@@ -171,11 +179,7 @@ def _parity(rng: random.Random, train_size: int, eval_size: int) -> dict[str, li
             n += 1 if n + 1 < 10**digits else -1
         return n, f"Please answer with even or odd: is the number {n} even or odd?"
 
-    used: set = set()
-    split = {}
-    for name, size in (("eval", eval_size), ("train", train_size)):
-        split[name] = [_record(q, labels, a) for _, q, a in _draw_unique(rng, labels, size, draw, used)]
-    return split
+    return _disjoint_splits(rng, labels, train_size, eval_size, draw)
 
 
 def _compare(rng: random.Random, train_size: int, eval_size: int) -> dict[str, list[dict]]:
@@ -189,11 +193,7 @@ def _compare(rng: random.Random, train_size: int, eval_size: int) -> dict[str, l
         first, second = (hi, lo) if label == "first" else (lo, hi)
         return (lo, hi), f"Which number is larger, the first or the second: {first} or {second}?"
 
-    used: set = set()
-    split = {}
-    for name, size in (("eval", eval_size), ("train", train_size)):
-        split[name] = [_record(q, labels, a) for _, q, a in _draw_unique(rng, labels, size, draw, used)]
-    return split
+    return _disjoint_splits(rng, labels, train_size, eval_size, draw)
 
 
 def _kind(rng: random.Random, train_size: int, eval_size: int) -> dict[str, list[dict]]:
@@ -234,11 +234,7 @@ def _colour(rng: random.Random, train_size: int, eval_size: int) -> dict[str, li
         q = r.choice(_COLOUR_TEMPLATES).format(name=r.choice(_NAMES), obj=r.choice(by_label[label]), place=r.choice(_PLACES))
         return q, q
 
-    used: set = set()
-    split = {}
-    for name, size in (("eval", eval_size), ("train", train_size)):
-        split[name] = [_record(q, labels, a) for _, q, a in _draw_unique(rng, labels, size, draw, used)]
-    return split
+    return _disjoint_splits(rng, labels, train_size, eval_size, draw)
 
 
 def _sentiment(rng: random.Random, train_size: int, eval_size: int) -> dict[str, list[dict]]:
@@ -250,11 +246,7 @@ def _sentiment(rng: random.Random, train_size: int, eval_size: int) -> dict[str,
         q = r.choice(_REVIEW_TEMPLATES).format(noun=r.choice(_REVIEW_NOUNS), adv=r.choice(_INTENSIFIERS), adj=r.choice(by_label[label]))
         return q, q
 
-    used: set = set()
-    split = {}
-    for name, size in (("eval", eval_size), ("train", train_size)):
-        split[name] = [_record(q, labels, a) for _, q, a in _draw_unique(rng, labels, size, draw, used)]
-    return split
+    return _disjoint_splits(rng, labels, train_size, eval_size, draw)
 
 
 _GENERATORS = {
