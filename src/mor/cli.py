@@ -44,8 +44,12 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _targets(value: str):
-    return value if value in ("ffn", "attention", "attention+ffn", "all-linear") or "," not in value and any(
-        c in value for c in "*.[](|") else [v.strip() for v in value.split(",") if v.strip()]
+    """--target-modules: a preset or a regex stays a string; otherwise comma-separated names."""
+    if value in ("ffn", "attention", "attention+ffn", "all-linear"):
+        return value
+    if "," not in value and any(c in value for c in "*.[](|"):
+        return value  # a regular expression over full module names
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:

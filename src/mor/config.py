@@ -131,16 +131,22 @@ class MoRConfig:
 
     @classmethod
     def load(cls, folder: Union[str, Path]) -> "MoRConfig":
-        path = Path(folder) / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: is this a folder written by save_pretrained?")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); re-save the adapter.") from err
+        data = read_adapter_config(folder)
         if data.get("adapter_type") != "mor":
-            raise ValueError(f"{path} is not a MoR/MoE-LoRA adapter config (adapter_type={data.get('adapter_type')!r}).")
+            raise ValueError(f"{Path(folder) / CONFIG_NAME} is not a MoR/MoE-LoRA adapter config "
+                             f"(adapter_type={data.get('adapter_type')!r}).")
         return cls.from_dict(data)
+
+
+def read_adapter_config(folder: Union[str, Path]) -> dict:
+    """The parsed adapter_config.json of an adapter folder (ours or peft's), with clear errors."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: pass a folder written by save_pretrained.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); re-save the adapter.") from err
 
 
 def MoELoRAConfig(**kwargs) -> MoRConfig:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .baselines.moelora import MoELoRALinear
-from .config import ALL_LINEAR, CONFIG_NAME, WEIGHTS_NAME, MoRConfig
+from .config import ALL_LINEAR, CONFIG_NAME, WEIGHTS_NAME, MoRConfig, read_adapter_config
 from .layer import Conv1D, MixtureLinear, MoRLinear
 
 ROUTING_NAME = "routing_profile.json"
@@ -368,17 +368,11 @@ def get_mor_model(model: nn.Module, config: MoRConfig) -> MoRModel:
 def load_adapter(model: nn.Module, adapter_dir: Union[str, Path], is_trainable: bool = False) -> nn.Module:
     """Attach any adapter this project writes: MoR / MoE-LoRA (our format) or LoRA / DoRA (peft)."""
     adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {adapter_dir}: pass the folder written by save_pretrained")
-    try:
-        data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err})") from err
+    data = read_adapter_config(adapter_dir)
     if data.get("adapter_type") == "mor":
         return MoRModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
     if "peft_type" in data:
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
-    raise ValueError(f"{config_path} is neither a MoR/MoE-LoRA nor a peft adapter config")
+    raise ValueError(f"{adapter_dir / CONFIG_NAME} is neither a MoR/MoE-LoRA nor a peft adapter config")
