@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny_tokenizer
 
 from mor.data import (
     DEFAULT_TEMPLATE,
@@ -35,10 +36,6 @@ from mor.data import (
 SHARED = Path(__file__).parents[2] / "shared" / "data" / "commonsense"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is absent")
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 ARC = {
     "instruction": "Please choose the correct answer to the question: Which gas do plants take in?\n\n"
@@ -94,38 +91,14 @@ def task_of(*records, name="t") -> Task:
     return Task(name, [Record(r, "mem.json", k + 1, validate_record(r)) for k, r in enumerate(records)])
 
 
-def build_tokenizer(chat: bool = True):
-    """A tiny byte-level BPE tokenizer trained on a few strings (offline, ~0.1 s)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = [
-        "Question: Which gas do plants take in?\nAnswer: carbon dioxide",
-        "the correct answer is answer2 true false solution1 option1",
-        "Sarah was a better surgeon than Maria so Sarah always got the harder cases.",
-        "Please choose the correct answer to the question: Twist the lid.",
-    ] * 5
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(corpus, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<pad>")
-    tok.chat_template = CHAT_TEMPLATE if chat else None
-    return tok
-
-
 @pytest.fixture(scope="module")
 def chat_tok():
-    return build_tokenizer(chat=True)
+    return make_tiny_tokenizer(chat=True)
 
 
 @pytest.fixture(scope="module")
 def plain_tok():
-    return build_tokenizer(chat=False)
+    return make_tiny_tokenizer(chat=False)
 
 
 def ids(tok, text):
