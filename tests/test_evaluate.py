@@ -142,6 +142,21 @@ def test_prefix_is_encoded_once_per_context():
     assert model.calls == [(1, 3), (1, 1)]
 
 
+def test_auto_reuse_skips_contexts_whose_continuations_dominate():
+    # one shared 3-token context, two 6-token continuations: a prefix pass would save
+    # 3 of 16 tokens, so "auto" scores both as full sequences in one forward
+    long_item = MultipleChoiceItem("g", ["Q: sky?\nAnswer:"] * 2, [" a a a a a a", " bb bb bb bb bb bb"], 0)
+    reference = None
+    for reuse, calls in (("auto", [(2, 8)]), (True, [(1, 3), (2, 5)]), (False, [(2, 8)])):
+        model = BigramLM(with_cache=True)
+        scores = score_items(model, word_tokenizer(), [long_item], batch_size=8, progress=False, reuse_prefix=reuse)
+        assert model.calls == calls, reuse
+        reference = reference or scores[0].logprobs
+        assert scores[0].logprobs == pytest.approx(reference, abs=1e-5)
+    with pytest.raises(ValueError, match="reuse_prefix must be True, False or 'auto'"):
+        score_items(BigramLM(True), word_tokenizer(), [long_item], progress=False, reuse_prefix="yes")
+
+
 def test_ties_go_to_the_first_choice_like_numpy_argmax():
     items = [MultipleChoiceItem("t", ["Q:"] * 2, [" bb", " a"], gold=1)]  # ln .5 each
     (s,) = score_items(BigramLM(True), word_tokenizer(), items, progress=False)
@@ -267,6 +282,8 @@ def test_batching_and_prefix_reuse_match_naive_scoring(bos):
         {"batch_size": 7},
         {"batch_size": 64},
         {"batch_size": 7, "reuse_prefix": False},
+        {"batch_size": 3, "reuse_prefix": True},
+        {"batch_size": 64, "reuse_prefix": True},
     ):
         scores = score_items(model, tok, items, progress=False, **kwargs)
         for s, ref in zip(scores, reference):

@@ -50,7 +50,15 @@ before; detected from the model's forward signature) and ``position_ids``, which
 Hugging Face causal LM does and peft / MoR wrappers pass through. If a model does not
 return a cache (or rejects those arguments), or a pair has to be truncated, that pair is
 scored on the plain path: full sequences ``(context + continuation)[:-1]``, right-padded,
-``batch_size`` per forward. ``reuse_prefix=False`` forces the plain path.
+longest first, ``batch_size`` per forward.
+
+Prefix reuse pays only where a context is long next to its continuations: it saves
+``(k - 1) · len(context)`` of the ``k · len(context) + Σ len(continuation)`` tokens of a
+context's ``k`` candidates, but costs a second forward, a cache copy and padding between
+continuations of unequal length. With ``reuse_prefix="auto"`` (the default) a context takes
+the cached path only when it saves at least :data:`PREFIX_REUSE_MIN_SAVING` of those tokens
+(ARC / SIQA / BoolQ: short answers after a long question — cached; PIQA: two long solutions
+after a short goal — plain); ``True`` caches every context that fits, ``False`` none.
 """
 
 from __future__ import annotations
@@ -75,6 +83,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048  # lm_eval.models.utils.DEFAULT_MAX_LENGTH
 TOKENIZER_INFINITY = 1000000000000000019884624838656  # "unset" model_max_length
+#: Fraction of a context group's tokens the cached path must save to be taken ("auto").
+PREFIX_REUSE_MIN_SAVING = 0.5
 SCORING = (
     "answer-text log-likelihood, lm-eval multiple_choice "
     "(acc: sum of log-probs; acc_norm: log-prob per character)"
@@ -346,6 +356,13 @@ def _score_rows(logprobs: torch.Tensor, start: int, targets: Sequence[int]) -> t
     return float(picked.sum()), greedy
 
 
+def _prefix_saving(group: Sequence[_Request]) -> float:
+    """Fraction of the plain path's tokens that one shared prefix pass saves for ``group``."""
+    ctx = len(group[0].ctx)
+    full = sum(ctx + len(r.cont) - 1 for r in group)
+    return (len(group) - 1) * ctx / max(full, 1)
+
+
 def _score_full(model, requests: list[_Request], batch_size: int, max_length: int, device, pbar) -> None:
     """Plain path: each pair as one full sequence, like HFLM._loglikelihood_tokens."""
     order = sorted(requests, key=lambda r: -(len(r.ctx) + len(r.cont)))
@@ -435,7 +452,7 @@ def score_items(
     max_length: int | None = None,
     add_bos_token: bool | None = None,
     prefix_token_id: int | None = None,
-    reuse_prefix: bool = True,
+    reuse_prefix: bool | str = "auto",
 ) -> list[ItemScore]:
     """Score every choice of every item by log-likelihood, as lm-eval's HFLM does.
 
@@ -445,9 +462,13 @@ def score_items(
     ``torch.no_grad()`` on the device of its input embeddings. ``batch_size`` is the most
     sequences per forward pass. ``max_length`` defaults to HFLM's (:func:`resolve_max_length`);
     ``add_bos_token`` / ``prefix_token_id`` are HFLM's model arguments of the same names.
+    ``reuse_prefix`` is ``"auto"``, ``True`` or ``False`` (see the module docstring); the
+    scores are the same either way.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if reuse_prefix not in (True, False, "auto"):
+        raise ValueError(f"reuse_prefix must be True, False or 'auto', got {reuse_prefix!r}")
     items = list(items)
     if max_length is None:
         max_length = resolve_max_length(model, tokenizer)
@@ -475,7 +496,12 @@ def score_items(
         for r in requests:
             if len(r.ctx) + len(r.cont) <= max_length + 1:
                 groups_by_ctx.setdefault(tuple(r.ctx), []).append(r)
-    groups = list(groups_by_ctx.values())
+    groups = []
+    for group in groups_by_ctx.values():
+        if reuse_prefix == "auto" and _prefix_saving(group) < PREFIX_REUSE_MIN_SAVING:
+            plain.extend(group)
+        else:
+            groups.append(group)
 
     pbar = None
     if progress:
