@@ -698,7 +698,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed rounds per layer shape (default 3; 1 in --quick); shapes under 20 GFLOP get 5x (not in --quick)")
+                   help="timed rounds per layer shape (default 5; 1 in --quick); shapes under 20 GFLOP get 5x (not in --quick)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per layer call (default 2048; 128 in --quick)")
     p.add_argument("--ranks", type=int, nargs="+", default=list(RANKS), help="shared ranks r of the layer part")
     p.add_argument("--json", dest="json_path", default=None, help="write every number to this JSON file")
@@ -719,7 +719,7 @@ def parse_args(argv=None):
     p.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
-    defaults = dict(repeats=1 if quick else 3, tokens=128 if quick else 2048, model="tiny" if quick else "smollm2",
+    defaults = dict(repeats=1 if quick else 5, tokens=128 if quick else 2048, model="tiny" if quick else "smollm2",
                     e2e_batch=2 if quick else 2, e2e_seq=16 if quick else 128, e2e_steps=2 if quick else 3,
                     prompt_len=16 if quick else 256, gen_tokens=4 if quick else 16, infer_repeats=2 if quick else 15)
     for k, v in defaults.items():
