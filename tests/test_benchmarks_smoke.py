@@ -44,6 +44,26 @@ def test_speed_benchmark_quick_smoke(tmp_path, capsys):
     assert "e2e" not in report
 
 
+def test_speed_benchmark_quick_end_to_end_smoke(tmp_path, capsys):
+    """``benchmarks.speed --quick --skip-layer``: training, memory and inference on a tiny LLaMA,
+    with the base-model copy that gives the timing noise floor next to the merged model."""
+    speed = pytest.importorskip("benchmarks.speed")
+    out_json = tmp_path / "speed.json"
+    speed.main(["--quick", "--skip-layer", "--no-progress", "--json", str(out_json)])
+    printed = capsys.readouterr().out
+    assert "End-to-end training" in printed and "Inference, batch 1" in printed
+
+    e2e = json.loads(out_json.read_text())["e2e"]
+    assert set(e2e["train"]["methods"]) == {"lora", "mor", "moelora"}
+    assert all(m["tokens_per_s"] > 0 for m in e2e["train"]["methods"].values())
+    assert all(e2e["memory"][m]["peak_bytes"] > 0 for m in ("lora", "mor", "moelora"))
+    models = e2e["inference"]["models"]
+    assert set(models) == {"base", "base_copy", "mor_dynamic", "mor_merged"}
+    assert models["base"]["prefill_vs_base"] == 1.0
+    targets = {t["target"]: t for t in json.loads(out_json.read_text())["targets"]}
+    assert targets["merged MoR / base, prefill"]["note"].startswith("noise floor: base copy / base = ")
+
+
 def _tiny_commonsense(root: Path) -> Path:
     """A few records in the commonsense format: one task with train/test splits (4 options),
     one with only test.json (2 solutions), like ARC-Easy and piqa."""
