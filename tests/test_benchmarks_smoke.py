@@ -53,14 +53,15 @@ def test_speed_benchmark_quick_end_to_end_smoke(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "End-to-end training" in printed and "Inference, batch 1" in printed
 
-    e2e = json.loads(out_json.read_text())["e2e"]
+    report = json.loads(out_json.read_text())
+    e2e = report["e2e"]
     assert set(e2e["train"]["methods"]) == {"lora", "mor", "moelora"}
     assert all(m["tokens_per_s"] > 0 for m in e2e["train"]["methods"].values())
     assert all(e2e["memory"][m]["peak_bytes"] > 0 for m in ("lora", "mor", "moelora"))
     models = e2e["inference"]["models"]
     assert set(models) == {"base", "base_copy", "mor_dynamic", "mor_merged"}
     assert models["base"]["prefill_vs_base"] == 1.0
-    targets = {t["target"]: t for t in json.loads(out_json.read_text())["targets"]}
+    targets = {t["target"]: t for t in report["targets"]}
     assert targets["merged MoR / base, prefill"]["note"].startswith("noise floor: base copy / base = ")
 
 
