@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -282,7 +281,7 @@ def run_one(args, ev: Evaluator, data_dir: Path, runs: Path, method: str, lr: fl
     result = _read_json(result_path)
     if result is None:
         log(f"train {method} lr={lr:g} seed={seed} -> {folder}")
-        cfg = TrainConfig(model=args.model, adapter=dataclasses.replace(spec), data=[str(data_dir / t) for t in args.tasks],
+        cfg = TrainConfig(model=args.model, adapter=copy.deepcopy(spec), data=[str(data_dir / t) for t in args.tasks],
                           target="text", output=str(folder), max_steps=args.steps, batch_size=args.batch_size,
                           lr=lr, warmup_ratio=args.warmup_ratio, scheduler="cosine", max_length=args.max_length,
                           seed=seed, save_steps=max(10, args.steps // 2), logging_steps=max(1, args.steps // 4),

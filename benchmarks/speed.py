@@ -9,7 +9,7 @@ included), at the FFN shapes of LLaMA-2-7B (4096->11008, 11008->4096) and SmolLM
 
     base      the frozen nn.Linear alone
     lora      peft's ``lora.Linear`` of rank r (what users compare to)
-    mor       ``MoRLinear`` with N experts and shared rank r (the expanded-rank single GEMM)
+    mor       ``MoRAdapter`` in its tuner layer with N experts and shared rank r (the expanded-rank single GEMM)
     moelora   ``MoELoRALinear``, N independent rank-r experts
     naive     MoR computed expert by expert (A x once, then for each expert a rank-r product,
               a d_out-wide rescale and a gated accumulate -- the loop a person writes)
@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mor import MoELoRALinear, MoRLinear
+from mor import MixtureLayer, MoELoRAAdapter, MoRAdapter
 from mor.system import cpu_model
 
 N_EXPERTS = 8
@@ -162,13 +162,13 @@ class NaiveMoRLoop(nn.Module):
     out = W x + (alpha/r) sum_i G_i(x) * Omega_B[i] * (B (Omega_A[i] * (A x)))
     """
 
-    def __init__(self, mor: MoRLinear):
+    def __init__(self, layer: MixtureLayer):
         super().__init__()
-        self.mor = mor
+        self.layer = layer
 
     def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mor
-        gates = m.route(x)  # (..., N)
+        m = self.layer.mor["default"]
+        gates = m.router(x)  # (..., N)
         h = x @ m.lora_A.T  # (..., r), once
         out = None
         for i in range(m.num_experts):
@@ -178,7 +178,7 @@ class NaiveMoRLoop(nn.Module):
         return m.scaling * out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mor.base_layer(x) + self.adapter_delta(x)
+        return self.layer.base_layer(x) + self.adapter_delta(x)
 
 
 def make_peft_lora(base: nn.Linear, r: int, alpha: float) -> nn.Module:
@@ -247,8 +247,9 @@ def build_cases(shape, d_in, d_out, ranks, n, device, dtype, seed=0):
     cases.append(Case(shape, d_in, d_out, "full", "base", 0, base, []))
     for r in ranks:
         lora = nonzero_b(make_peft_lora(base_linear(), r, 2 * r))
-        mor = nonzero_b(MoRLinear(base_linear(), r=r, num_experts=n, alpha=2 * r, dropout=0.0))
-        moe = nonzero_b(MoELoRALinear(base_linear(), r=r, num_experts=n, alpha=2 * r, dropout=0.0))
+        adapter = dict(r=r, num_experts=n, alpha=2 * r, dropout=0.0, device=device, dtype=dtype)
+        mor = nonzero_b(MixtureLayer(base_linear(), "default", MoRAdapter(d_in, d_out, **adapter)))
+        moe = nonzero_b(MixtureLayer(base_linear(), "default", MoELoRAAdapter(d_in, d_out, **adapter)))
         naive = NaiveMoRLoop(mor)
         trainable = {m: [p for p in m.parameters() if p.requires_grad] for m in (lora, mor, moe)}
         cases += [
@@ -256,8 +257,8 @@ def build_cases(shape, d_in, d_out, ranks, n, device, dtype, seed=0):
             Case(shape, d_in, d_out, "full", "mor", r, mor, trainable[mor]),
             Case(shape, d_in, d_out, "full", "moelora", r, moe, trainable[moe]),
             Case(shape, d_in, d_out, "adapter", "lora", r, lora_adapter_path(lora), trainable[lora]),
-            Case(shape, d_in, d_out, "adapter", "mor", r, mor.adapter_delta, trainable[mor]),
-            Case(shape, d_in, d_out, "adapter", "moelora", r, moe.adapter_delta, trainable[moe]),
+            Case(shape, d_in, d_out, "adapter", "mor", r, mor.mor["default"], trainable[mor]),
+            Case(shape, d_in, d_out, "adapter", "moelora", r, moe.mor["default"], trainable[moe]),
             Case(shape, d_in, d_out, "adapter", "naive", r, naive.adapter_delta, trainable[mor]),
         ]
     return cases
@@ -604,7 +605,7 @@ def bench_inference(args, device, dtype, log) -> dict:
     merged = merged_src.merge_and_unload(profile).eval()
     # base_copy is the base model again: its ratio to base is the noise floor of these timings
     # (the merged model is structurally the base model too, plain nn.Linear layers)
-    models = {"base": base, "base_copy": copy.deepcopy(base), "mor_dynamic": dynamic.base_model, "mor_merged": merged}
+    models = {"base": base, "base_copy": copy.deepcopy(base), "mor_dynamic": dynamic.get_base_model(), "mor_merged": merged}
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(3, base.config.vocab_size, (1, args.prompt_len), generator=g).to(device)
     for m in models.values():  # warm-up

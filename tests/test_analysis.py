@@ -31,9 +31,9 @@ def _batches(low: int, high: int, count: int = 2, seed: int = 0) -> list[dict]:
 def _randomise(model, distinct_out: bool = True) -> None:
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for layer in model.mor_layers().values():
+        for layer in model.mor_adapters().values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))  # B = 0 at init: dW would be 0
-            if distinct_out and isinstance(layer, mor.MoRLinear):
+            if distinct_out and isinstance(layer, mor.MoRAdapter):
                 # Omega_B rows clearly distinct, so the experts' output spaces differ
                 layer.expert_scales_out.copy_(1 + torch.randn(layer.expert_scales_out.shape, generator=g))
 
@@ -56,7 +56,7 @@ def test_profiles_cover_every_layer_and_sum_to_one(mor_model, tasks):
     profiles = A.task_routing_profiles(mor_model, tasks)
     assert list(profiles) == ["low", "high"]
     for profile in profiles.values():
-        assert set(profile.weights) == set(mor_model.mor_layers())
+        assert set(profile.weights) == set(mor_model.mor_adapters())
         for g in profile.weights.values():
             assert g.shape == (N,) and (g >= 0).all()
             assert float(g.sum()) == pytest.approx(1.0, abs=1e-5)
@@ -70,7 +70,7 @@ def test_jsd_is_zero_for_identical_task_data_and_positive_otherwise(mor_model, t
     assert diff["jsd_mean"] > 1e-6
     assert diff["jsd_pairwise"][0][1] == pytest.approx(diff["jsd_pairwise"][1][0])
     assert diff["jsd_pairwise"][0][1] > 1e-6
-    assert len(diff["jsd_per_layer"]) == len(mor_model.mor_layers())
+    assert len(diff["jsd_per_layer"]) == len(mor_model.mor_adapters())
     for task in diff["tasks"]:
         assert 0 < diff["per_task"][task]["entropy_bits"] <= math.log2(N) + 1e-9
     table = A.routing_table(diff)
@@ -133,7 +133,7 @@ def test_mixed_mor_update_has_rank_r_while_the_experts_span_n_times_r(mor_model)
         assert d["output_span"]["numeric_rank"] == min(N * R, d["d_out"]) > R
         assert R - 1 < d["mixed"]["effective_rank"] <= R + 1e-6
         assert d["mixed"]["energy_top_r"] == pytest.approx(1.0)
-        layer = mor_model.mor_layers()[name]
+        layer = mor_model.mor_adapters()[name]
         dense = torch.linalg.svdvals(layer.double().merged_delta(torch.full((N,), 1 / N, dtype=torch.float64)))
         torch.testing.assert_close(torch.tensor(d["mixed"]["singular_values"][:R], dtype=torch.float64),
                                    dense[:R].detach(), rtol=1e-9, atol=1e-12)
@@ -158,7 +158,7 @@ def test_rank_spectrum_profile_layers_and_a_lora_model(mor_model, tasks):
             if "lora_B" in name:
                 p.normal_()
     profile = A.task_routing_profiles(mor_model, {"low": tasks["low"]})["low"]
-    names = list(mor_model.mor_layers())
+    names = list(mor_model.mor_adapters())
     data = A.rank_spectrum(mor_model, profile, lora_model=lora)
     chosen = list(data["layers"])  # by default: first, middle, last
     assert len(chosen) == 3 and chosen[0] == names[0] and chosen[-1] == names[-1]

@@ -135,7 +135,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_model_dir, tiny_task
     from mor import load_adapter
 
     model = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
-    assert len(model.mor_layers()) == 6
+    assert len(model.mor_adapters()) == 6
 
 
 def test_real_smollm2_on_commonsense_records(tmp_path, smollm2_path, commonsense, capsys):

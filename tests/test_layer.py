@@ -8,7 +8,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from mor import MoELoRALinear, MoRLinear, layer_parameter_count
+from mor import MixtureLayer, MoELoRAAdapter, MoRAdapter, layer_parameter_count
+from mor.layer import linear_shape
 from mor.routing import load_balancing_loss
 
 D_IN, D_OUT, R, N = 24, 20, 4, 5
@@ -18,9 +19,10 @@ ATOL = 1e-5  # fp32, values of order 1
 def naive_output(layer, x):
     """W x + sum_i G_i(x) D_i x, one expert at a time (the paper's equation, no tricks)."""
     out = layer.base_layer(x)
-    gates = layer.route(x)  # (..., N)
-    deltas = layer.expert_deltas()  # (N, d_out, d_in)
-    for i in range(layer.num_experts):
+    adapter = layer.mor["default"]
+    gates = adapter.router(x)  # (..., N)
+    deltas = adapter.expert_deltas()  # (N, d_out, d_in)
+    for i in range(adapter.num_experts):
         out = out + gates[..., i : i + 1] * (x @ deltas[i].T)
     return out
 
@@ -40,9 +42,15 @@ def randomise(layer, seed=0):
     return layer
 
 
+def wrap(kind, base, **kw):
+    """The peft tuner layer around ``base`` with one adapter, "default"."""
+    cls = MoRAdapter if kind == "mor" else MoELoRAAdapter
+    kw = {"r": R, "num_experts": N, "alpha": 8.0, **kw}
+    return MixtureLayer(base, "default", cls(*linear_shape(base), **kw))
+
+
 def make(kind, base, router="softmax", **kw):
-    cls = MoRLinear if kind == "mor" else MoELoRALinear
-    return randomise(cls(base, r=R, num_experts=N, alpha=8.0, router=router, **kw))
+    return randomise(wrap(kind, base, router=router, **kw))
 
 
 @pytest.mark.parametrize("kind", ["mor", "moelora"])
@@ -59,7 +67,7 @@ def test_efficient_forward_equals_naive_per_expert_formula(kind, base_kind, rout
 
 
 def test_expert_deltas_are_the_papers_rescaled_lora():
-    layer = make("mor", nn.Linear(D_IN, D_OUT))
+    layer = make("mor", nn.Linear(D_IN, D_OUT)).mor["default"]
     deltas = layer.expert_deltas()
     assert deltas.shape == (N, D_OUT, D_IN)
     for i in range(N):
@@ -68,30 +76,29 @@ def test_expert_deltas_are_the_papers_rescaled_lora():
 
 def test_topk_router_keeps_k_experts_and_renormalises():
     layer = make("mor", nn.Linear(D_IN, D_OUT), router="topk", top_k=2)
-    gates = layer.route(torch.randn(50, D_IN))
+    gates = layer.mor["default"].router(torch.randn(50, D_IN))
     assert ((gates > 0).sum(-1) == 2).all()
     torch.testing.assert_close(gates.sum(-1), torch.ones(50))
 
 
 def test_router_weights_are_a_distribution_and_depend_on_input():
     layer = make("mor", nn.Linear(D_IN, D_OUT))
-    gates = layer.route(torch.randn(4, 9, D_IN))
+    gates = layer.mor["default"].router(torch.randn(4, 9, D_IN))
     assert gates.shape == (4, 9, N) and (gates >= 0).all()
     torch.testing.assert_close(gates.sum(-1), torch.ones(4, 9))
     assert gates.reshape(-1, N).std(dim=0).max() > 1e-3
 
 
 def test_mean_router_is_uniform_and_has_no_parameters():
-    layer = MoRLinear(nn.Linear(D_IN, D_OUT), r=R, num_experts=N, router="mean")
-    assert layer.router.weight is None
-    torch.testing.assert_close(layer.route(torch.randn(3, D_IN)), torch.full((3, N), 1.0 / N))
+    adapter = MoRAdapter(D_IN, D_OUT, r=R, num_experts=N, alpha=8.0, router="mean")
+    assert adapter.router.weight is None
+    torch.testing.assert_close(adapter.router(torch.randn(3, D_IN)), torch.full((3, N), 1.0 / N))
 
 
 @pytest.mark.parametrize("kind", ["mor", "moelora"])
 def test_new_layer_equals_base_layer_exactly(kind):
     base = nn.Linear(D_IN, D_OUT)
-    cls = MoRLinear if kind == "mor" else MoELoRALinear
-    layer = cls(base, r=R, num_experts=N).eval()
+    layer = wrap(kind, base).eval()
     x = torch.randn(5, D_IN)
     assert torch.equal(layer(x), base(x))
 
@@ -104,11 +111,14 @@ def test_single_expert_mor_with_unit_scales_is_lora_with_same_factors():
     lora_layer = lora_model.base_model.model[0]
     with torch.no_grad():
         lora_layer.lora_B["default"].weight.normal_()
-    mor = MoRLinear(lora_layer.base_layer, r=R, num_experts=1, alpha=8.0, init="ones").eval()
+    mor = MixtureLayer(lora_layer.base_layer, "default",
+                       MoRAdapter(D_IN, D_OUT, r=R, num_experts=1, alpha=8.0, init="ones")).eval()
+    adapter = mor.mor["default"]
     with torch.no_grad():
-        mor.lora_A.copy_(lora_layer.lora_A["default"].weight)
-        mor.lora_B.copy_(lora_layer.lora_B["default"].weight)
-    assert torch.equal(mor.expert_scales_in, torch.ones(1, R)) and torch.equal(mor.expert_scales_out, torch.ones(1, D_OUT))
+        adapter.lora_A.copy_(lora_layer.lora_A["default"].weight)
+        adapter.lora_B.copy_(lora_layer.lora_B["default"].weight)
+    assert torch.equal(adapter.expert_scales_in, torch.ones(1, R))
+    assert torch.equal(adapter.expert_scales_out, torch.ones(1, D_OUT))
     x = torch.randn(6, D_IN)
     torch.testing.assert_close(mor(x), lora_model(x), atol=ATOL, rtol=1e-5)
 
@@ -130,7 +140,7 @@ def test_gradients_match_naive_formula(kind):
 def test_forward_runs_in_low_precision_close_to_fp32(dtype):
     torch.manual_seed(0)
     ref = make("mor", nn.Linear(D_IN, D_OUT)).eval()
-    low = MoRLinear(nn.Linear(D_IN, D_OUT), r=R, num_experts=N, alpha=8.0).to(dtype).eval()
+    low = wrap("mor", nn.Linear(D_IN, D_OUT)).to(dtype).eval()
     low.load_state_dict({k: v.to(dtype) for k, v in ref.state_dict().items()})
     x = torch.randn(2, 5, D_IN)
     out = low(x.to(dtype))
@@ -166,17 +176,22 @@ def test_merge_folds_fixed_routing_exactly():
         layer = make("mor", base).eval()
         g = torch.softmax(torch.randn(N), 0)
         x = torch.randn(8, D_IN)
-        layer.router.fixed = g
+        layer.mor["default"].router.fixed = g
         expected = layer(x)
-        layer.router.fixed = None
-        merged = layer.merge(g)
-        torch.testing.assert_close(merged(x), expected, atol=ATOL, rtol=1e-5)
+        layer.merge()
+        torch.testing.assert_close(layer.base_layer(x), expected, atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(layer(x), expected, atol=ATOL, rtol=1e-5)  # merged: the adapter is skipped
+
+
+def test_merge_of_a_learned_router_without_fixed_routing_is_refused():
+    with pytest.raises(ValueError, match="needs a fixed routing"):
+        make("mor", nn.Linear(D_IN, D_OUT)).merge()
 
 
 def test_parameter_count_closed_form_matches_layers():
-    for kind, cls in (("mor", MoRLinear), ("moelora", MoELoRALinear)):
+    for kind in ("mor", "moelora"):
         for router in ("softmax", "mean"):
-            layer = cls(nn.Linear(D_IN, D_OUT), r=R, num_experts=N, router=router)
+            layer = wrap(kind, nn.Linear(D_IN, D_OUT), router=router)
             actual = sum(p.numel() for p in layer.parameters() if p.requires_grad)
             assert actual == layer_parameter_count(kind, D_IN, D_OUT, R, N, router)
 

@@ -1,20 +1,24 @@
-"""MoR: Mixture of Ranks adapters for Hugging Face models (arXiv 2410.13408).
+"""MoR: Mixture of Ranks adapters for Hugging Face models (arXiv 2410.13408), as a peft method.
 
-    import mor
-    model = mor.get_mor_model(base_model, mor.MoRConfig(r=8, num_experts=8))
+    import mor, peft
+    model = peft.get_peft_model(base_model, mor.MoRConfig(r=8, num_experts=8))
 """
 
-from .baselines.moelora import MoELoRALinear
-from .config import MoELoRAConfig, MoRConfig
-from .layer import MixtureLinear, MoRLinear
-from .model import MoRModel, RoutingProfile, find_target_modules, get_mor_model, load_adapter
-from .params import count_trainable_parameters, layer_parameter_count, parameter_count
-from .routing import Router, load_balancing_loss
+from .model import register as _register
 
-__version__ = "0.1.0"
+_register()  # MoR becomes a peft method: get_peft_model, PeftModel.from_pretrained, TRL's peft_config
+
+from .baselines.moelora import MoELoRAAdapter  # noqa: E402
+from .config import MoELoRAConfig, MoRConfig  # noqa: E402
+from .layer import MixtureLayer, MoRAdapter  # noqa: E402
+from .model import MoRModel, RoutingProfile, get_mor_model, is_mor_model, load_adapter  # noqa: E402
+from .params import count_trainable_parameters, layer_parameter_count, parameter_count  # noqa: E402
+from .routing import Router, load_balancing_loss  # noqa: E402
+
+__version__ = "0.2.0"
 
 __all__ = [
-    "MoRConfig", "MoELoRAConfig", "MoRLinear", "MoELoRALinear", "MixtureLinear", "MoRModel", "RoutingProfile",
-    "Router", "get_mor_model", "load_adapter", "find_target_modules", "parameter_count", "layer_parameter_count",
+    "MoRConfig", "MoELoRAConfig", "MoRAdapter", "MoELoRAAdapter", "MixtureLayer", "MoRModel", "RoutingProfile",
+    "Router", "get_mor_model", "is_mor_model", "load_adapter", "parameter_count", "layer_parameter_count",
     "count_trainable_parameters", "load_balancing_loss",
 ]

@@ -53,10 +53,9 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from .config import ALL_LINEAR, MoRConfig
-from .layer import Conv1D, MixtureLinear, MoRLinear, linear_shape
+from .layer import MoRAdapter
 from .model import RoutingProfile
-from .params import layer_parameter_count, parameter_count, target_shapes
+from .params import layer_parameter_count, target_shapes
 
 DEFAULT_EXPERTS = (1, 2, 4, 8, 12, 16)
 #: Numeric rank: singular values above RANK_RTOL * sigma_max count.
@@ -234,38 +233,13 @@ def short_layer_name(name: str) -> str:
 # 2. Parameter scaling
 # ==================================================================================================
 
-def _selected(name: str, targets) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def adapted_shapes(model: nn.Module, target_modules="ffn") -> list[tuple[int, int]]:
-    """(d_in, d_out) of the modules ``target_modules`` selects, for a plain model (via
-    ``mor.params.target_shapes``) or a wrapped MoRModel (its mixture layers count as the
-    linear layers they wrap). ``target_modules=None`` on a MoRModel: its own adapted layers."""
-    if not hasattr(model, "mor_layers"):
-        return target_shapes(model, "ffn" if target_modules is None else target_modules)
-    if target_modules is None:
-        return [(m.in_features, m.out_features) for m in model.mor_layers().values()]
-    targets = MoRConfig(target_modules=target_modules).target_names
-    base = model.base_model
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    inner = {id(m) for layer in model.mor_layers().values() for m in layer.modules() if m is not layer}
-    shapes = []
-    for name, module in base.named_modules():
-        if id(module) in inner:
-            continue
-        is_linear = isinstance(module, (MixtureLinear, nn.Linear)) or (bool(Conv1D) and isinstance(module, Conv1D))
-        if not is_linear:
-            continue
-        chosen = module is not head if targets == ALL_LINEAR else _selected(name, targets)
-        if chosen:
-            shapes.append((module.in_features, module.out_features) if isinstance(module, MixtureLinear)
-                          else linear_shape(module))
-    if not shapes:
-        raise ValueError(f"target_modules={target_modules!r} selects no linear layer of this model")
-    return shapes
+    """(d_in, d_out) of the modules ``target_modules`` selects, for a plain or a MoR-wrapped model
+    (its mixture layers count as the linear layers they wrap). ``target_modules=None`` on a
+    MoR model: its own adapted layers."""
+    if target_modules is None and hasattr(model, "mor_adapters"):
+        return [(m.in_features, m.out_features) for m in model.mor_adapters().values()]
+    return target_shapes(model, "ffn" if target_modules is None else target_modules)
 
 
 def parameter_scaling(model: nn.Module, r: int, experts: Sequence[int] = DEFAULT_EXPERTS, target_modules="ffn",
@@ -283,8 +257,6 @@ def parameter_scaling(model: nn.Module, r: int, experts: Sequence[int] = DEFAULT
     shapes = adapted_shapes(model, target_modules)
 
     def count(method: str, rank: int, n: int) -> int:
-        if not hasattr(model, "mor_layers") and target_modules is not None:
-            return parameter_count(model, method, rank, n, target_modules, router)
         return sum(layer_parameter_count(method, d_in, d_out, rank, n, router) for d_in, d_out in shapes)
 
     mor = [count("mor", r, n) for n in experts]
@@ -297,11 +269,12 @@ def parameter_scaling(model: nn.Module, r: int, experts: Sequence[int] = DEFAULT
         "mor_vs_moelora": [a / b for a, b in zip(mor, moelora)],
         "this_adapter": None,
     }
-    if hasattr(model, "mor_layers") and hasattr(model, "adapter_state_dict"):
+    if hasattr(model, "mor_adapters"):
         cfg = model.mor_config
         data["this_adapter"] = {"method": cfg.method, "r": cfg.r, "num_experts": cfg.num_experts,
                                 "router": cfg.router,
-                                "parameters": sum(v.numel() for v in model.adapter_state_dict().values())}
+                                "parameters": sum(p.numel() for a in model.mor_adapters().values()
+                                                  for p in a.parameters())}
     return data
 
 
@@ -386,10 +359,10 @@ def _resolve_layers(layer_names: list[str], layers, max_layers: int) -> list[str
 
 
 @torch.no_grad()
-def layer_spectrum(layer: MixtureLinear, g: torch.Tensor, lora: tuple | None = None, rtol: float = RANK_RTOL) -> dict:
+def layer_spectrum(layer: nn.Module, g: torch.Tensor, lora: tuple | None = None, rtol: float = RANK_RTOL) -> dict:
     """Spectra of one mixture layer for routing g (N,); see the module docstring."""
     n, r, s = layer.num_experts, layer.r, layer.scaling
-    if isinstance(layer, MoRLinear):  # rebuild the factors in float64: an fp32 diag(Omega_A[i]) A rounds each
+    if isinstance(layer, MoRAdapter):  # rebuild the factors in float64: an fp32 diag(Omega_A[i]) A rounds each
         a, b = layer.lora_A.detach().double().cpu(), layer.lora_B.detach().double().cpu()  # entry and leaves A's
         down = layer.expert_scales_in.detach().double().cpu().unsqueeze(-1) * a  # row space by ~1e-8
         up = layer.expert_scales_out.detach().double().cpu().unsqueeze(-1) * b
@@ -408,7 +381,7 @@ def layer_spectrum(layer: MixtureLinear, g: torch.Tensor, lora: tuple | None = N
     in_span = torch.linalg.svdvals(torch.cat([s * s_up[i] @ down[i] for i in range(n)], dim=0))
     data = {
         "d_in": layer.in_features, "d_out": layer.out_features, "r": r, "num_experts": n, "scaling": s,
-        "method": "mor" if isinstance(layer, MoRLinear) else type(layer).__name__.replace("Linear", "").lower(),
+        "method": "mor" if isinstance(layer, MoRAdapter) else type(layer).__name__.replace("Adapter", "").lower(),
         "routing": g.reshape(-1).tolist(),
         "mixed": spectrum_stats(mixed, r, rtol),
         "experts": [spectrum_stats(e, r, rtol) for e in experts],
@@ -417,7 +390,7 @@ def layer_spectrum(layer: MixtureLinear, g: torch.Tensor, lora: tuple | None = N
         "shared": None,
         "lora": None,
     }
-    if isinstance(layer, MoRLinear):
+    if isinstance(layer, MoRAdapter):
         data["shared"] = spectrum_stats(lowrank_singular_values(s * layer.lora_B, layer.lora_A.T), r, rtol)
     if lora is not None:
         scale, b, a = lora
@@ -432,12 +405,12 @@ def rank_spectrum(model, profile=None, layers=None, lora_model: nn.Module | None
 
     ``profile``: the routing g per layer: a RoutingProfile, one (N,) tensor, a mapping, a saved
     profile's path, or None / "uniform" (1/N). ``layers``: names, indices into
-    ``model.mor_layers()``, "all", or None (``max_layers`` evenly spaced: first, middle, last).
+    ``model.mor_adapters()``, "all", or None (``max_layers`` evenly spaced: first, middle, last).
     ``lora_model``: optional peft LoRA model on the same base; its (alpha/r) B A on the same
     module is added as "lora" (a trained LoRA of rank r is the real comparison; without it the
     MoR layer's own shared (alpha/r) B A, "shared", is the structural one).
     """
-    all_layers = model.mor_layers()
+    all_layers = model.mor_adapters()
     if not all_layers:
         raise ValueError("the model has no mixture layers")
     routing = model.resolve_routing("uniform" if profile is None else profile)

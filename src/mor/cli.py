@@ -52,6 +52,22 @@ def _targets(value: str):
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
+def _add_adapter_fields(p: argparse.ArgumentParser) -> None:
+    """One flag per adapter field of MoRConfig, with its default and help text (one source)."""
+    from .config import INITS, ROUTERS
+    from .methods import config_field_help
+
+    kinds = {"r": int, "num_experts": int, "top_k": int, "init_seed": int, "alpha": float, "dropout": float,
+             "balance_coef": float, "init_scale_std": float, "target_modules": _targets}
+    choices = {"router": ROUTERS, "init": INITS}
+    for name, (default, help_text) in config_field_help().items():
+        if name == "init_seed":
+            continue  # --seed seeds the adapter too
+        shown = "" if default is None else f" (default: {default})"
+        p.add_argument("--" + name.replace("_", "-"), type=kinds.get(name, str), default=default,
+                       choices=choices.get(name), help=help_text + shown)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mor", description="Mixture-of-Ranks adapters: train, eval, merge, analyze")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -60,15 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an adapter (default: MoR on the built-in suite)")
     _add_model(t)
     t.add_argument("--method", choices=["mor", "lora", "dora", "moelora"], default="mor")
-    t.add_argument("--r", type=int, default=8, help="shared rank (MoR) / rank per expert (MoE-LoRA) / rank")
-    t.add_argument("--num-experts", type=int, default=8)
-    t.add_argument("--alpha", type=float, default=None, help="scale alpha/r (default alpha = 2r)")
-    t.add_argument("--dropout", type=float, default=0.05)
-    t.add_argument("--router", choices=["softmax", "mean", "balanced", "topk"], default="softmax")
-    t.add_argument("--top-k", type=int, default=2)
-    t.add_argument("--balance-coef", type=float, default=0.01)
-    t.add_argument("--target-modules", type=_targets, default="ffn",
-                   help="comma-separated names, a preset (ffn, attention, attention+ffn), all-linear, or a regex")
+    _add_adapter_fields(t)
     _add_data(t, required=False)
     t.add_argument("--eval-data", nargs="+", default=[], help="extra eval tasks (default: the test splits of --data)")
     t.add_argument("--holdout", type=int, default=0, help="carve this many eval records out of tasks with no test split")
@@ -120,13 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
 # -- commands ---------------------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
-    from .methods import AdapterSpec
+    from .methods import ADAPTER_FIELDS, AdapterSpec
     from .train import TrainConfig, run_training
 
     builtin = not args.data
-    spec = AdapterSpec(method=args.method, r=args.r, num_experts=args.num_experts, alpha=args.alpha,
-                       dropout=args.dropout, router=args.router, top_k=args.top_k, balance_coef=args.balance_coef,
-                       target_modules=args.target_modules)
+    spec = AdapterSpec(method=args.method, **{name: getattr(args, name) for name in ADAPTER_FIELDS
+                                              if name != "init_seed"})
     max_steps = args.max_steps if args.max_steps is not None else (BUILTIN_STEPS if builtin else -1)
     cfg = TrainConfig(model=args.model, adapter=spec, data=args.data, eval_data=args.eval_data,
                       holdout=args.holdout, target=args.target, mix=args.mix, output=args.output,
@@ -190,7 +197,7 @@ def _task_prompts(task, tokenizer, limit: int | None) -> list[str]:
 def cmd_eval(args) -> int:
     from .data import multiple_choice_items
     from .evaluate import evaluate_tasks, format_table, write_results_json
-    from .model import MoRModel, RoutingProfile
+    from .model import RoutingProfile, is_mor_model
     from .train import load_eval_tasks
 
     tasks = load_eval_tasks(args.data, args.skip_bad)
@@ -201,7 +208,7 @@ def cmd_eval(args) -> int:
         results = evaluate_tasks(model, tokenizer, items, batch_size=args.batch_size, limit=args.limit,
                                  scoring=args.scoring)
     else:
-        if not isinstance(model, MoRModel):
+        if not is_mor_model(model):
             raise SystemExit("--merged needs a MoR or MoE-LoRA adapter (--adapter)")
         per_task = {}
         for task in tasks:
@@ -239,11 +246,11 @@ def _combine(task_rows: dict, scoring: str) -> dict:
 def cmd_merge(args) -> int:
     import torch
 
-    from .model import MoRModel, RoutingProfile
+    from .model import RoutingProfile, is_mor_model
     from .train import load_eval_tasks
 
     model, tokenizer = _load_adapted(args.model, args.adapter)
-    if not isinstance(model, MoRModel):
+    if not is_mor_model(model):
         raise SystemExit(f"{args.adapter} is not a MoR/MoE-LoRA adapter; LoRA/DoRA merge with peft's merge_and_unload")
     if args.routing:
         routing = RoutingProfile.load(args.routing)
@@ -274,11 +281,11 @@ def cmd_merge(args) -> int:
 
 def cmd_analyze(args) -> int:
     from .analysis import analyze, format_report
-    from .model import MoRModel
+    from .model import is_mor_model
     from .train import load_eval_tasks
 
     model, tokenizer = _load_adapted(args.model, args.adapter)
-    if not isinstance(model, MoRModel):
+    if not is_mor_model(model):
         raise SystemExit(f"{args.adapter} is not a MoR/MoE-LoRA adapter: routing analysis needs a router")
     tasks = load_eval_tasks(args.data, args.skip_bad)
     texts = {t.name: _task_prompts(t, tokenizer, args.limit) for t in tasks}

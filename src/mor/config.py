@@ -1,14 +1,18 @@
-"""``MoRConfig``: every setting of a MoR (or MoE-LoRA) adapter, documented and validated."""
+"""``MoRConfig``: every setting of a MoR (or MoE-LoRA) adapter — a peft config, the single place
+where each field's default and meaning live (the ``mor train`` flags are generated from it)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
+
+from peft import PeftConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_TYPE = "MOR"
 
 METHODS = ("mor", "moelora")
 ROUTERS = ("softmax", "mean", "balanced", "topk")
@@ -24,53 +28,50 @@ ALL_LINEAR = "all-linear"
 
 
 @dataclass
-class MoRConfig:
-    """Configuration of a Mixture-of-Ranks adapter (``method="mor"``) or of the MoE-LoRA
-    baseline (``method="moelora"``: N independent LoRA experts with the same router).
-
-    Per adapted layer ``W: d_in -> d_out`` MoR learns a shared pair ``A (r x d_in)``,
-    ``B (d_out x r)``, expert scales ``Omega_A (N x r)``, ``Omega_B (N x d_out)`` and a router
-    ``W_g (N x d_in)``; see ``mor.layer`` for the equation.
+class MoRConfig(PeftConfig):
+    """Configuration of a Mixture-of-Ranks adapter (``method="mor"``) or of the MoE-LoRA baseline
+    (``method="moelora"``). Per adapted layer W: d_in -> d_out MoR learns A (r x d_in),
+    B (d_out x r), expert scales Omega_A (N x r), Omega_B (N x d_out) and a router W_g (N x d_in);
+    see ``mor.layer`` for the equation. Use it like any peft config: ``get_peft_model(model, MoRConfig())``.
     """
 
-    #: "mor" (shared A, B + per-expert scaling vectors) or "moelora" (N independent LoRA pairs).
-    method: str = "mor"
-    #: Rank r of the shared pair (MoR) or of each expert (MoE-LoRA). Must be >= 1.
-    r: int = 8
-    #: Number of experts N. Must be >= 1.
-    num_experts: int = 8
-    #: LoRA-style scale: the update is multiplied by alpha / r.
-    alpha: float = 16.0
-    #: Dropout on the adapter's input (not on the frozen base path). 0 disables it.
-    dropout: float = 0.05
-    #: Which modules to adapt: a list of module-name suffixes (e.g. ["gate_proj", "up_proj"]),
-    #: a preset name ("ffn", "attention", "attention+ffn"), "all-linear" (every Linear/Conv1D
-    #: but the output head), or any other string, read as a regular expression that must match
-    #: the module's full dotted name.
-    target_modules: Union[list[str], str] = field(default_factory=lambda: list(TARGET_PRESETS["ffn"]))
-    #: Router strategy: "softmax" (learned, the paper's best), "mean" (uniform 1/N weights, no
-    #: router parameters), "balanced" (softmax + load-balancing auxiliary loss), "topk" (softmax
-    #: kept on the top_k experts and renormalised).
-    router: str = "softmax"
-    #: Experts kept per token with router="topk".
-    top_k: int = 2
-    #: Coefficient of the load-balancing auxiliary loss with router="balanced".
-    balance_coef: float = 0.01
-    #: Initialisation of the expert scales: "ones_noise" (1 + N(0, init_scale_std^2), so the
-    #: experts differ from the start) or "ones" (all experts identical; only the router breaks
-    #: the symmetry). B starts at zero either way, so the adapted model equals the base model.
-    init: str = "ones_noise"
-    #: Standard deviation of the noise of init="ones_noise".
-    init_scale_std: float = 0.1
-    #: Seed for the adapter's initialisation (None: use torch's current generator).
-    init_seed: Union[int, None] = None
-    #: Name or path of the base model, recorded when saving (informational).
-    base_model_name_or_path: Union[str, None] = None
+    method: str = field(default="mor", metadata={"help": "mor: shared A, B + per-expert scaling vectors; "
+                                                         "moelora: N independent LoRA pairs (the baseline)"})
+    r: int = field(default=8, metadata={"help": "rank of the shared pair (mor) or of each expert (moelora)"})
+    num_experts: int = field(default=8, metadata={"help": "number of experts N"})
+    alpha: Optional[float] = field(default=None, metadata={
+        "help": "the update is scaled by alpha / r; default 2*r (a scale of 2 at every rank)"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter's input (0 disables it)"})
+    target_modules: Optional[Union[list[str], str]] = field(default="ffn", metadata={
+        "help": "modules to adapt: comma-separated names, a preset (ffn, attention, attention+ffn), "
+                "all-linear (every linear layer but the output head), or a regex over full module names"})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={
+        "help": "modules not to adapt (names or a regex), as in peft"})
+    router: str = field(default="softmax", metadata={
+        "help": "softmax (learned, the paper's), mean (uniform 1/N, no parameters), balanced (softmax + "
+                "load-balancing loss), topk (softmax kept on the top_k experts)"})
+    top_k: int = field(default=2, metadata={"help": "experts kept per token with router=topk"})
+    balance_coef: float = field(default=0.01, metadata={"help": "weight of the load-balancing loss (router=balanced)"})
+    init: str = field(default="ones_noise", metadata={
+        "help": "expert scales at init: ones_noise (1 + N(0, init_scale_std^2): experts differ from the start) "
+                "or ones (identical experts; B = 0 either way, so the model starts as the base model)"})
+    init_scale_std: float = field(default=0.1, metadata={"help": "std of the noise of init=ones_noise"})
+    init_seed: Optional[int] = field(default=None, metadata={"help": "seed of the adapter's initialisation"})
+    base_model_fingerprint: Optional[dict] = field(default=None, metadata={
+        "help": "shapes and a hash of a few base weights, recorded at save and checked at load"})
+    task_type: Optional[str] = field(default="CAUSAL_LM", metadata={"help": "peft task type"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if isinstance(self.target_modules, str) and self.target_modules in TARGET_PRESETS:
+            self.target_modules = list(TARGET_PRESETS[self.target_modules])
+        elif isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = list(self.target_modules)
+        if self.alpha is None and _is_int(self.r):
+            self.alpha = 2.0 * self.r
         self.validate()
 
-    # -- validation -------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and what is allowed."""
 
@@ -85,57 +86,39 @@ class MoRConfig:
         check(_is_int(self.top_k) and self.top_k >= 1, "top_k", "must be an integer >= 1")
         if self.router == "topk":
             check(self.top_k <= self.num_experts, "top_k", f"must be <= num_experts={self.num_experts}")
-        check(self.alpha > 0, "alpha", "must be > 0")
+        check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", "must be > 0")
         check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         check(self.balance_coef >= 0, "balance_coef", "must be >= 0")
         check(self.init in INITS, "init", f"choose one of {INITS}")
         check(self.init_scale_std >= 0, "init_scale_std", "must be >= 0")
         targets = self.target_modules
-        check(
-            (isinstance(targets, str) and targets != "")
-            or (isinstance(targets, (list, tuple)) and len(targets) > 0 and all(isinstance(t, str) and t for t in targets)),
-            "target_modules",
-            "give a non-empty list of module names, a preset (ffn, attention, attention+ffn), 'all-linear' or a regex",
-        )
-        if isinstance(targets, tuple):
-            self.target_modules = list(targets)
+        check((isinstance(targets, str) and targets != "")
+              or (isinstance(targets, list) and len(targets) > 0 and all(isinstance(t, str) and t for t in targets)),
+              "target_modules",
+              "give a non-empty list of module names, a preset (ffn, attention, attention+ffn), 'all-linear' or a regex")
 
     @property
     def scaling(self) -> float:
         """The factor alpha / r applied to every expert's update."""
         return self.alpha / self.r
 
-    @property
-    def target_names(self) -> Union[list[str], str]:
-        """target_modules with presets expanded (a list of suffixes, "all-linear" or a regex)."""
-        if isinstance(self.target_modules, str) and self.target_modules in TARGET_PRESETS:
-            return list(TARGET_PRESETS[self.target_modules])
-        return self.target_modules
-
-    # -- (de)serialisation ------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return {"adapter_type": "mor", **asdict(self)}
-
-    def save(self, folder: Union[str, Path]) -> Path:
-        path = Path(folder) / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+    @classmethod
+    def load(cls, folder: Union[str, Path]) -> "MoRConfig":
+        """The config of a saved MoR adapter folder (current or legacy format), with clear errors."""
+        data = read_adapter_config(folder)
+        if data.get("peft_type") != PEFT_TYPE and data.get("adapter_type") != "mor":
+            raise ValueError(f"{Path(folder) / CONFIG_NAME} is not a MoR/MoE-LoRA adapter config "
+                             f"(peft_type={data.get('peft_type')!r}).")
+        return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: dict) -> "MoRConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"adapter_type", "mor_version"})
+        known = set(cls.__dataclass_fields__)
+        legacy = {"adapter_type", "mor_version"}
+        unknown = sorted(set(data) - known - legacy)
         if unknown:
             raise ValueError(f"Unknown MoRConfig fields {unknown}; known fields are {sorted(known)}.")
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    @classmethod
-    def load(cls, folder: Union[str, Path]) -> "MoRConfig":
-        data = read_adapter_config(folder)
-        if data.get("adapter_type") != "mor":
-            raise ValueError(f"{Path(folder) / CONFIG_NAME} is not a MoR/MoE-LoRA adapter config "
-                             f"(adapter_type={data.get('adapter_type')!r}).")
-        return cls.from_dict(data)
+        return cls(**{k: v for k, v in data.items() if k in known and k != "peft_type"})
 
 
 def read_adapter_config(folder: Union[str, Path]) -> dict:

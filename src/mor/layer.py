@@ -2,25 +2,18 @@
 
 For a frozen weight W (d_out x d_in), MoR learns one shared low-rank pair A (r x d_in),
 B (d_out x r), per-expert scales Omega_A (N x r), Omega_B (N x d_out), and a router G. Expert
-i is the rescaled LoRA
+i is the rescaled LoRA D_i = (alpha/r) diag(Omega_B[i]) B diag(Omega_A[i]) A, and the layer
+computes o = W x + sum_i G_i(x) D_i x as ONE product of expanded rank N*r:
 
-    D_i = (alpha / r) * diag(Omega_B[i]) @ B @ diag(Omega_A[i]) @ A          (d_out x d_in)
+    h  = A x                                              (..., r)
+    G  = route(x)                                         (..., N)
+    z  = concat_i( G_i * Omega_A[i] * h )                 (..., N*r)
+    B~ = [diag(Omega_B[1]) B, ..., diag(Omega_B[N]) B]    (d_out, N*r), independent of the tokens
+    o  = W x + (alpha/r) B~ z
 
-and the layer computes
-
-    o = W x + sum_i G_i(x) * D_i x
-
-It is computed as ONE product with an expanded rank of N*r (no tokens x N x d_out tensor):
-
-    h = A x                                          (..., r)       r*d_in per token
-    z = concat_i( G_i(x) * Omega_A[i] * h )          (..., N*r)
-    B~ = [diag(Omega_B[1]) B, ..., diag(Omega_B[N]) B]   (d_out, N*r)   once per forward
-    o = W x + (alpha / r) * B~ z                                      N*r*d_out per token
-
-``MixtureLinear`` holds what every mixture-of-low-rank-experts layer shares (the base layer,
-router, dropout, the expanded-rank forward, merge); ``MoRLinear`` only says how the expert
-inputs and the stacked up-projection are formed. The MoE-LoRA baseline
-(``mor.baselines.moelora``) is the same forward with N independent pairs.
+``MoRAdapter`` is that maths for one adapter; ``MixtureLayer`` is the peft tuner layer that
+wraps a frozen ``nn.Linear`` / ``Conv1D`` / quantised linear and holds one adapter per name.
+The MoE-LoRA baseline (``mor.baselines.moelora.MoELoRAAdapter``) plugs into the same layer.
 """
 
 from __future__ import annotations
@@ -28,90 +21,73 @@ from __future__ import annotations
 import math
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .routing import Router
 
-try:  # GPT-2 style layers store W as (d_in, d_out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = ()
 
+class MoRAdapter(nn.Module):
+    """One MoR adapter of a d_in -> d_out layer: ``forward(x)`` is sum_i G_i(x) D_i x."""
 
-def linear_shape(layer: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of an ``nn.Linear`` or transformers ``Conv1D``; TypeError otherwise."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    if Conv1D and isinstance(layer, Conv1D):
-        d_in, d_out = layer.weight.shape
-        return d_in, d_out
-    raise TypeError(
-        f"cannot adapt a {type(layer).__name__}: MoR adapts torch.nn.Linear and transformers' Conv1D layers"
-    )
-
-
-class MixtureLinear(nn.Module):
-    """A frozen linear layer plus a router-weighted mixture of N rank-r experts.
-
-    Subclasses define ``expert_inputs(x) -> (..., N, r)`` (each expert's rank-r code of x) and
-    ``stacked_up() -> (d_out, N*r)`` (the experts' up-projections side by side); the output is
-    ``base(x) + scaling * B~ @ concat_i(G_i(x) * code_i)``.
-    """
-
-    def __init__(self, base_layer: nn.Module, r: int, num_experts: int, alpha: float, dropout: float,
-                 router: str = "softmax", top_k: int = 2):
+    def __init__(self, in_features: int, out_features: int, r: int, num_experts: int, alpha: float,
+                 dropout: float = 0.0, router: str = "softmax", top_k: int = 2, init: str = "ones_noise",
+                 init_scale_std: float = 0.1, generator: torch.Generator | None = None, **factory):
         super().__init__()
-        self.in_features, self.out_features = linear_shape(base_layer)
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D keeps W transposed
-        self.base_layer = base_layer
-        self.r = r
-        self.num_experts = num_experts
-        self.scaling = alpha / r
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.num_experts, self.scaling = r, num_experts, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.router = Router(self.in_features, num_experts, router, top_k)
-        self.disabled = False
-        for p in self.base_layer.parameters():
-            p.requires_grad_(False)
+        self.router = Router(in_features, num_experts, router, top_k, **factory)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))  # A: (r, d_in)
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))  # B: (d_out, r)
+        self.expert_scales_in = nn.Parameter(torch.empty(num_experts, r, **factory))  # Omega_A: (N, r)
+        self.expert_scales_out = nn.Parameter(torch.empty(num_experts, out_features, **factory))  # Omega_B
+        self._up_cache: tuple[tuple, torch.Tensor] | None = None
+        self.reset_parameters(init, init_scale_std, generator)
 
-    # -- what a subclass defines -------------------------------------------------------------
-    def expert_inputs(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., N, r)
-        raise NotImplementedError
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "ones_noise", init_scale_std: float = 0.1,
+                         generator: torch.Generator | None = None) -> None:
+        """A: LoRA's Kaiming-uniform; B = 0 (the layer starts as the base layer); Omega: ones, plus
+        N(0, std^2) noise for init="ones_noise" so that experts differ from step one."""
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)), as LoRA does
+        self.lora_A.copy_(torch.empty(self.lora_A.shape).uniform_(-bound, bound, generator=generator))
+        self.lora_B.zero_()
+        std = init_scale_std if init == "ones_noise" else 0.0
+        for scales in (self.expert_scales_in, self.expert_scales_out):
+            scales.copy_(1.0 + torch.randn(scales.shape, generator=generator) * std)
+        self.router.reset_parameters(generator)
 
-    def stacked_up(self) -> torch.Tensor:  # (d_out, N*r)
-        raise NotImplementedError
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self.router(x)  # G(x): (..., N)
+        h = self.dropout(x) @ self.lora_A.T  # A x: (..., r)
+        z = (gates.unsqueeze(-1) * self.expert_scales_in * h.unsqueeze(-2)).flatten(-2)  # (..., N*r)
+        return self.scaling * (z @ self.stacked_up().T)  # (alpha/r) B~ z: (..., d_out)
+
+    def stacked_up(self) -> torch.Tensor:
+        """B~ = [diag(Omega_B[i]) B]_i: (d_out, N*r).
+
+        When no gradient is needed (generation, evaluation) it is built once and reused until B or
+        Omega_B change: at one decoded token, rebuilding it costs more than the adapter's product.
+        """
+        params = (self.lora_B, self.expert_scales_out)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._build_stacked_up()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._up_cache is None or self._up_cache[0] != key:
+            self._up_cache = (key, self._build_stacked_up().detach())
+        return self._up_cache[1]
+
+    def _build_stacked_up(self) -> torch.Tensor:
+        up = self.expert_scales_out.unsqueeze(-1) * self.lora_B  # (N, d_out, r): diag(Omega_B[i]) B
+        return up.permute(1, 0, 2).reshape(self.out_features, self.num_experts * self.r)
 
     def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(down (N, r, d_in), up (N, d_out, r)) with D_i = scaling * up[i] @ down[i]."""
-        raise NotImplementedError
-
-    # -- the shared maths ------------------------------------------------------------------
-    def route(self, x: torch.Tensor) -> torch.Tensor:
-        """Router weights G(x): (..., d_in) -> (..., N), non-negative, summing to 1."""
-        return self.router(x)
-
-    def mixed_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """z = concat_i( G_i(x) * code_i(x) ): (..., d_in) -> (..., N*r)."""
-        dtype = self.adapter_dtype
-        gates = self.route(x).to(dtype)  # (..., N)
-        codes = self.expert_inputs(self.dropout(x.to(dtype)))  # (..., N, r)
-        return (gates.unsqueeze(-1) * codes).flatten(-2)  # (..., N*r)
-
-    def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """sum_i G_i(x) D_i x = (alpha/r) B~ z for inputs (..., d_in) -> (..., d_out)."""
-        return self.scaling * (self.mixed_codes(x) @ self.stacked_up().T)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)  # W x: (..., d_out)
-        if self.disabled:
-            return result
-        z = self.mixed_codes(x)  # (..., N*r)
-        if result.dtype != z.dtype:
-            return result + (self.scaling * (z @ self.stacked_up().T)).to(result.dtype)
-        # W x + (alpha/r) B~ z with the scale and the residual add fused into one addmm: fewer
-        # passes over the (tokens, d_out) output, and backward scales only the small (T, N*r) grad.
-        out = torch.addmm(result.reshape(-1, self.out_features), z.reshape(-1, z.shape[-1]), self.stacked_up().T,
-                          alpha=self.scaling)
-        return out.view(result.shape)
+        down = self.expert_scales_in.unsqueeze(-1) * self.lora_A  # diag(Omega_A[i]) A
+        up = self.expert_scales_out.unsqueeze(-1) * self.lora_B  # diag(Omega_B[i]) B
+        return down, up
 
     def expert_deltas(self) -> torch.Tensor:
         """The experts' update matrices D_i (alpha/r included): (N, d_out, d_in)."""
@@ -119,63 +95,138 @@ class MixtureLinear(nn.Module):
         return self.scaling * up @ down
 
     def merged_delta(self, routing: torch.Tensor) -> torch.Tensor:
-        """sum_i g_i D_i for a fixed weight vector g (N,): (d_out, d_in)."""
-        g = routing.to(self.adapter_dtype).reshape(self.num_experts, 1, 1)
+        """sum_i g_i D_i for a fixed weight vector g (N,): (d_out, d_in), a rank-r matrix for MoR."""
+        g = routing.to(self.lora_A.dtype).reshape(self.num_experts, 1, 1)
         return (g * self.expert_deltas()).sum(dim=0)
 
-    @torch.no_grad()
-    def merge(self, routing: torch.Tensor) -> nn.Module:
-        """Fold sum_i g_i D_i into the base weight and return the plain base layer."""
-        delta = self.merged_delta(routing).to(self.base_layer.weight.dtype)
-        self.base_layer.weight += delta.T if self.fan_in_fan_out else delta
-        return self.base_layer
-
     @property
-    def adapter_dtype(self) -> torch.dtype:
-        return self.lora_A.dtype  # an attribute, not a parameter walk: this runs per layer per decoded token
+    def dtype(self) -> torch.dtype:
+        return self.lora_A.dtype
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"num_experts={self.num_experts}, router={self.router.strategy!r}, scaling={self.scaling:g}")
+                f"num_experts={self.num_experts}, scaling={self.scaling:g}")
 
 
-class MoRLinear(MixtureLinear):
-    """Mixture of Ranks: shared A, B; expert i rescales A's outputs and B's outputs."""
+# -- the peft tuner layer --------------------------------------------------------------------------
 
-    def __init__(self, base_layer: nn.Module, r: int, num_experts: int, alpha: float = 16.0,
-                 dropout: float = 0.0, router: str = "softmax", top_k: int = 2,
-                 init: str = "ones_noise", init_scale_std: float = 0.1, generator: torch.Generator | None = None):
-        super().__init__(base_layer, r, num_experts, alpha, dropout, router, top_k)
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))  # A: (r, d_in)
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))  # B: (d_out, r)
-        self.expert_scales_in = nn.Parameter(torch.empty(num_experts, r, **factory))  # Omega_A: (N, r)
-        self.expert_scales_out = nn.Parameter(torch.empty(num_experts, self.out_features, **factory))  # Omega_B
-        self.router.to(**factory)
-        self.reset_parameters(init, init_scale_std, generator)
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a linear layer (nn.Linear and its quantised subclasses, or Conv1D)."""
+    if isinstance(layer, Conv1D):
+        d_in, d_out = layer.weight.shape
+        return d_in, d_out
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    raise TypeError(f"cannot adapt a {type(layer).__name__}: MoR adapts torch.nn.Linear (including "
+                    "bitsandbytes / torchao quantised linears) and transformers' Conv1D layers")
 
-    @torch.no_grad()
-    def reset_parameters(self, init: str = "ones_noise", init_scale_std: float = 0.1,
-                         generator: torch.Generator | None = None) -> None:
-        """A: LoRA's Kaiming-uniform; B = 0 (so the layer starts as the base layer); Omega: ones,
-        plus N(0, std^2) noise for init="ones_noise" so that experts differ from step one."""
-        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)), as LoRA does
-        self.lora_A.copy_(torch.empty(self.lora_A.shape).uniform_(-bound, bound, generator=generator))
-        self.lora_B.zero_()
-        for scales in (self.expert_scales_in, self.expert_scales_out):
-            noise = torch.randn(scales.shape, generator=generator) * (init_scale_std if init == "ones_noise" else 0.0)
-            scales.copy_(1.0 + noise)
-        self.router.reset_parameters(generator)
 
-    def expert_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        h = x @ self.lora_A.T  # (..., r): A x, computed once for all experts
-        return h.unsqueeze(-2) * self.expert_scales_in  # (..., N, r): Omega_A[i] * A x
+def compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a linear layer computes in: its weight's, or a quantised layer's compute dtype."""
+    dtype = getattr(layer, "compute_dtype", None)  # bitsandbytes Linear4bit
+    if dtype is not None:
+        return dtype
+    weight = layer.weight
+    if weight.dtype.is_floating_point and type(weight) in (torch.Tensor, nn.Parameter):
+        return weight.dtype
+    return torch.float32 if not weight.dtype.is_floating_point else weight.dtype
 
-    def stacked_up(self) -> torch.Tensor:
-        up = self.expert_scales_out.unsqueeze(-1) * self.lora_B  # (N, d_out, r): diag(Omega_B[i]) B
-        return up.permute(1, 0, 2).reshape(self.out_features, self.num_experts * self.r)  # (d_out, N*r)
 
-    def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        down = self.expert_scales_in.unsqueeze(-1) * self.lora_A  # (N, r, d_in)
-        up = self.expert_scales_out.unsqueeze(-1) * self.lora_B  # (N, d_out, r)
-        return down, up
+def is_quantized(layer: nn.Module) -> bool:
+    """True for layers whose weight is not a plain float tensor (bitsandbytes, torchao, ...)."""
+    return type(layer.weight) not in (torch.Tensor, nn.Parameter) or not layer.weight.dtype.is_floating_point
+
+
+@torch.no_grad()
+def dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """W (d_out, d_in) as the layer really applies it: for quantised layers it is read off the
+    layer's own output on the identity (dequantising by hand can disagree with the kernel the
+    layer runs), so a merge built on it is exact to the un-merged model."""
+    if not is_quantized(layer):
+        weight = layer.weight.to(dtype)
+        return weight.T if isinstance(layer, Conv1D) else weight
+    d_in, _ = linear_shape(layer)
+    device = layer.weight.device
+    rows = []
+    for start in range(0, d_in, 1024):
+        eye = torch.eye(d_in, dtype=compute_dtype(layer), device=device)[start:start + 1024]
+        out = layer(eye)
+        if getattr(layer, "bias", None) is not None:
+            out = out - layer.bias.to(out.dtype)
+        rows.append(out.to(dtype))
+    return torch.cat(rows).T  # (d_out, d_in)
+
+
+class MixtureLayer(nn.Module, BaseTunerLayer):
+    """A frozen linear layer plus router-weighted mixtures of low-rank experts, one per adapter name:
+    ``forward(x) = base_layer(x) + sum over active adapters of mor[name](x)``."""
+
+    adapter_layer_names = ("mor",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, adapter: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer.requires_grad_(False)  # frozen: only adapters train
+        self.in_features, self.out_features = linear_shape(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # Conv1D keeps W transposed
+        self.mor = nn.ModuleDict()
+        self.merged_adapters = []
+        self._disable_adapters = False
+        self.update_layer(adapter_name, adapter)
+
+    def update_layer(self, adapter_name: str, adapter: nn.Module) -> None:
+        """Add ``adapter`` (a MoRAdapter or MoELoRAAdapter) under ``adapter_name`` and make it active."""
+        device = self.base_layer.weight.device
+        self.mor[adapter_name] = adapter.to(device=device if device.type != "meta" else None)
+        self.set_adapter(self.active_adapters + [adapter_name] if adapter_name not in self.active_adapters
+                         else self.active_adapters)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)  # W x: (..., d_out)
+        if self.disable_adapters or self.merged:
+            return result
+        for name in self.active_adapters:
+            if name in self.mor:
+                adapter = self.mor[name]
+                result = result + adapter(x.to(adapter.dtype)).to(result.dtype)
+        return result
+
+    # -- merging with fixed routing -----------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold sum_i g_i D_i into W for each adapter whose router is pinned (``fixed_routing``)
+        or uniform (router="mean"). A quantised base becomes a plain linear layer in its compute
+        dtype (dequantised exactly as the layer computes, then the update added)."""
+        names = check_adapters_to_merge(self, adapter_names)
+        if not names:
+            return
+        base = self.base_layer
+        dtype = compute_dtype(base)
+        weight = dense_weight(base, torch.float32)
+        for name in names:
+            adapter = self.mor[name]
+            weight = weight + adapter.merged_delta(adapter.router.merge_routing()).float()
+            if safe_merge and not torch.isfinite(weight).all():
+                raise ValueError(f"merging adapter {name!r} would give non-finite weights; it is broken")
+        if is_quantized(base):
+            self.base_layer = plain_linear(base, weight.to(dtype))
+        else:
+            base.weight.data = (weight.T if self.fan_in_fan_out else weight).to(base.weight.dtype).contiguous()
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        raise RuntimeError("a merged MoR layer cannot be unmerged: merge a copy (copy.deepcopy) to keep both")
+
+    def __repr__(self) -> str:
+        return "mor." + super().__repr__()
+
+
+def plain_linear(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """An ``nn.Linear`` with ``weight`` (d_out, d_in) and the bias of ``layer``."""
+    d_out, d_in = weight.shape
+    bias = getattr(layer, "bias", None)
+    linear = nn.Linear(d_in, d_out, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias.to(weight.dtype))
+    return linear

@@ -3,8 +3,7 @@
 Importing this module registers the lm-eval model type ``"mor"`` (a subclass of lm-eval's
 ``HFLM``), which loads the base model with :func:`mor.loading.load_model` (a hub id, a local
 folder, a ``.gguf`` file, or nothing for the embedded SmolLM2) and attaches an adapter
-with :func:`mor.model.load_adapter` (MoR / MoE-LoRA through our ``MoRModel``, LoRA / DoRA
-through peft). Everything else -- tokenisation, batching, metrics -- is lm-eval's own HFLM.
+with :func:`mor.model.load_adapter` (MoR / MoE-LoRA / LoRA / DoRA, all through peft). Everything else -- tokenisation, batching, metrics -- is lm-eval's own HFLM.
 
 Python::
 
@@ -44,7 +43,6 @@ with :func:`make_lm`::
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import sys
@@ -67,33 +65,20 @@ _UNSUPPORTED = ("parallelize", "tp_plan", "peft", "delta", "autogptq", "gptqmode
 
 def attach_adapter(model, adapter_dir: str | Path, merged_routing: str | Path | None = None):
     """The base ``model`` with the adapter in ``adapter_dir`` attached by
-    :func:`mor.model.load_adapter` (imported lazily): a ``MoRModel`` for MoR / MoE-LoRA, a
-    peft ``PeftModel`` for LoRA / DoRA.
+    :func:`mor.model.load_adapter` (imported lazily): a peft ``PeftModel`` for every method.
 
     ``merged_routing`` (a routing profile JSON written by ``RoutingProfile.save``, or
     ``"uniform"``) folds a MoR adapter into the base weights with that fixed routing
-    (``MoRModel.merge_and_unload(routing=...)``, an exact merge) and returns the plain model.
+    (``merge_and_unload(routing=...)``, an exact merge) and returns the plain model.
     """
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: give the folder an adapter was saved to")
-    try:
-        from mor.model import load_adapter
-    except ImportError as exc:
-        if exc.name != "mor.model":  # a real import error inside mor.model: do not hide it
-            raise
-        load_adapter = None
-    if load_adapter is None:  # only while mor.model is not installed: peft adapters still load
-        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-        if "peft_type" in config and merged_routing is None:
-            from peft import PeftModel
+    from mor.model import is_mor_model, load_adapter
 
-            return PeftModel.from_pretrained(model, str(adapter_dir))
-        raise ImportError(f"mor.model.load_adapter is needed to load {adapter_dir} but is not available")
     model = load_adapter(model, str(adapter_dir))
     if merged_routing is not None:
-        merge = getattr(type(model), "merge_and_unload", None)
-        if merge is None or "routing" not in inspect.signature(merge).parameters:
+        if not is_mor_model(model):
             raise ValueError(
                 f"merged_routing applies to MoR / MoE-LoRA adapters; {adapter_dir} loads as {type(model).__name__}"
             )

@@ -1,83 +1,36 @@
-"""Wiring a MoR (or MoE-LoRA) adapter into a Hugging Face model: find the target modules, swap
-them for mixture layers, and save / load / disable / merge — PEFT's verbs, without peft.
+"""Wiring MoR into a Hugging Face model as a registered peft method.
 
-peft 0.21's ``register_peft_method`` only accepts names already in its ``PeftType`` enum, so
-MoR cannot be registered there without patching peft; ``MoRModel`` mirrors ``PeftModel``'s
-interface instead (``get_mor_model``, ``print_trainable_parameters``, ``save_pretrained``,
-``from_pretrained``, ``disable_adapter``, ``merge_and_unload``).
+After ``import mor``, ``peft.get_peft_model(model, MoRConfig())``, ``PeftModel.from_pretrained``,
+``AutoPeftModelForCausalLM`` and TRL's ``SFTTrainer(peft_config=MoRConfig())`` take MoR like
+LoRA. peft does the target matching, module swapping, save/load and disabling; ``MoRModel`` (the
+tuner, as ``LoraModel`` is LoRA's) adds what is MoR's own: routing profiles, running with fixed
+routing, the exact merge with fixed routing, and the router's load-balancing loss. The peft model
+reaches them by attribute: ``peft_model.measure_routing(...)``, ``peft_model.merge_and_unload(routing)``.
+
+peft has no public registry for methods outside its ``PeftType`` enum, so ``register()`` writes
+MoR into peft.mapping's dictionaries; it refuses a peft version outside the tested range.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
-from .baselines.moelora import MoELoRALinear
-from .config import ALL_LINEAR, CONFIG_NAME, WEIGHTS_NAME, MoRConfig, read_adapter_config
-from .layer import Conv1D, MixtureLinear, MoRLinear
+from .baselines.moelora import MoELoRAAdapter
+from .config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, MoRConfig, read_adapter_config
+from .layer import MixtureLayer, MoRAdapter, compute_dtype, linear_shape
+from .routing import load_balancing_loss
 
 ROUTING_NAME = "routing_profile.json"
-
-
-# -- finding and swapping target modules ---------------------------------------------------
-
-def _is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
-
-
-def find_target_modules(model: nn.Module, config: MoRConfig) -> list[str]:
-    """Dotted names of the modules ``config.target_modules`` selects; ValueError if none, or if
-    a selected module is not a Linear/Conv1D."""
-    targets = config.target_names
-    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = []
-    for name, module in model.named_modules():
-        if not name or isinstance(module, MixtureLinear) or name.endswith(".base_layer"):
-            continue
-        if targets == ALL_LINEAR:
-            selected = _is_adaptable(module) and module is not output_head
-        elif isinstance(targets, str):
-            selected = re.fullmatch(targets, name) is not None
-        else:
-            selected = any(name == t or name.endswith("." + t) for t in targets)
-        if not selected:
-            continue
-        if not _is_adaptable(module):
-            raise ValueError(
-                f"MoRConfig.target_modules selects {name!r}, a {type(module).__name__}; MoR adapts only "
-                "torch.nn.Linear and transformers' Conv1D layers: name the linear projections instead"
-            )
-        names.append(name)
-    if not names:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_adaptable(m)})
-        raise ValueError(
-            f"MoRConfig.target_modules={config.target_modules!r} matches no module of "
-            f"{type(model).__name__}; its linear layers are named {leaves}"
-        )
-    return names
-
-
-def make_layer(base_layer: nn.Module, config: MoRConfig, generator: torch.Generator | None = None) -> MixtureLinear:
-    """The mixture layer of ``config.method`` around ``base_layer``."""
-    common = dict(r=config.r, num_experts=config.num_experts, alpha=config.alpha, dropout=config.dropout,
-                  router=config.router, top_k=config.top_k, generator=generator)
-    if config.method == "moelora":
-        return MoELoRALinear(base_layer, **common)
-    return MoRLinear(base_layer, init=config.init, init_scale_std=config.init_scale_std, **common)
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+PEFT_SUPPORTED = ((0, 21), (0, 22))  # [min, max): the versions the tests cover
 
 
 # -- routing profiles ------------------------------------------------------------------------
@@ -86,8 +39,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 class RoutingProfile:
     """Fixed routing for every mixture layer: layer name -> expert weights g (N,), summing to 1.
 
-    Measured as the mean router output over a task's tokens (``MoRModel.measure_routing``);
-    with it, W' = W + sum_i g_i D_i is an exact merge.
+    Measured as the mean router output over a task's tokens (``measure_routing``); with it,
+    W' = W + sum_i g_i D_i is an exact merge. Layer names are relative to the transformers model.
     """
 
     weights: dict[str, torch.Tensor]
@@ -116,171 +69,169 @@ class RoutingProfile:
 Routing = Union[RoutingProfile, torch.Tensor, Mapping[str, torch.Tensor], str, None]
 
 
-# -- the model wrapper ------------------------------------------------------------------------
+# -- the tuner -------------------------------------------------------------------------------------
 
-class MoRModel(nn.Module):
-    """A Hugging Face model whose target modules carry MoR (or MoE-LoRA) adapters.
+def make_adapter(config: MoRConfig, base_layer: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """The MoR (or MoE-LoRA) adapter of ``config`` for ``base_layer``, in the layer's compute dtype."""
+    d_in, d_out = linear_shape(base_layer)
+    common = dict(r=config.r, num_experts=config.num_experts, alpha=config.alpha, dropout=config.dropout,
+                  router=config.router, top_k=config.top_k, generator=generator,
+                  dtype=compute_dtype(base_layer), device=base_layer.weight.device)
+    if config.method == "moelora":
+        return MoELoRAAdapter(d_in, d_out, **common)
+    return MoRAdapter(d_in, d_out, init=config.init, init_scale_std=config.init_scale_std, **common)
 
-    It forwards like the wrapped model (attributes it does not have are looked up there, so
-    ``generate``, ``config`` and gradient checkpointing work) and adds the router's
-    load-balancing loss to ``loss`` when ``router="balanced"`` and the model is training.
-    """
 
-    def __init__(self, model: nn.Module, config: MoRConfig):
-        super().__init__()
-        self.mor_config = config
-        self.base_model = model
-        self.last_router_aux_loss: float | None = None
-        for p in model.parameters():
-            p.requires_grad_(False)
-        generator = torch.Generator().manual_seed(config.init_seed) if config.init_seed is not None else None
-        for name in find_target_modules(model, config):
-            _set_submodule(model, name, make_layer(model.get_submodule(name), config, generator))
+class MoRModel(BaseTuner):
+    """The peft tuner of MoR / MoE-LoRA (``peft_model.base_model`` is one)."""
 
-    def __getattr__(self, name: str):
+    prefix = "mor"
+    tuner_layer_cls = MixtureLayer
+    target_module_mapping: dict = {}
+
+    # -- injection (called by peft) --------------------------------------------------------------
+    def _pre_injection_hook(self, model: nn.Module, config: MoRConfig, adapter_name: str) -> None:
+        seed = config.init_seed
+        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        fingerprint = base_fingerprint(model)
+        if config.base_model_fingerprint is None:
+            config.base_model_fingerprint = fingerprint
+        elif not fingerprints_match(config.base_model_fingerprint, fingerprint):
+            warnings.warn(
+                f"adapter {adapter_name!r} was trained on a different base model "
+                f"({config.base_model_name_or_path!r}; recorded shapes/weights differ from this model's): "
+                "its outputs will not be what was trained. Load it onto the base it was trained on.",
+                stacklevel=2,
+            )
+
+    def _post_injection_hook(self, model: nn.Module, config: MoRConfig, adapter_name: str) -> None:
+        self._install_balance_loss(model)
+
+    @staticmethod
+    def _check_target_module_exists(config: MoRConfig, key: str):
+        return check_target_module_exists(config, key)
+
+    def _create_and_replace(self, config: MoRConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, **_kwargs) -> None:
+        base = target.base_layer if isinstance(target, MixtureLayer) else target
         try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
+            adapter = make_adapter(config, base, self._generator)
+        except TypeError as err:
+            raise ValueError(f"MoRConfig.target_modules selects {current_key!r}: {err}; name the linear "
+                             "projections instead") from err
+        if isinstance(target, MixtureLayer):
+            target.update_layer(adapter_name, adapter)
+            return
+        layer = MixtureLayer(target, adapter_name, adapter)
+        if adapter_name not in self.active_adapters:
+            layer.requires_grad_(False)
+        self._replace_module(parent, target_name, layer, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except ValueError as err:
+            if "not found in the base model" not in str(err):
                 raise
-            return getattr(self.base_model, name)
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        output = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        aux = self.router_aux_loss()
-        if aux is not None:
-            self.last_router_aux_loss = float(aux.detach())
-            if getattr(output, "loss", None) is not None:
-                output.loss = output.loss + self.mor_config.balance_coef * aux
-            output["router_aux_loss"] = aux.detach()
-        return output
-
-    def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
-
-    # -- introspection ------------------------------------------------------------------------
-    def mor_layers(self) -> dict[str, MixtureLinear]:
-        """Every mixture layer, by its dotted name in the base model."""
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, MixtureLinear)}
-
-    def router_aux_loss(self) -> torch.Tensor | None:
-        """Mean load-balancing loss over layers from the last training forward (router="balanced")."""
-        if self.mor_config.router != "balanced" or not self.training:
-            return None
-        losses = []
-        for layer in self.mor_layers().values():
-            if layer.router.aux_loss is not None:
-                losses.append(layer.router.aux_loss)
-                layer.router.aux_loss = None
-        return torch.stack(losses).mean() if losses else None
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the adapter's tensors, keyed by '<layer name>.<parameter>'."""
-        state = {}
-        for name, layer in self.mor_layers().items():
-            for pname, param in layer.named_parameters():
-                if not pname.startswith("base_layer."):
-                    state[f"{name}.{pname}"] = param.detach()
-        return state
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
-
-    # -- save / load ---------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: Union[str, Path], **_ignored) -> None:
-        """Write adapter_config.json and adapter_model.safetensors (adapter weights only)."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.mor_config.base_model_name_or_path is None:
-            self.mor_config.base_model_name_or_path = getattr(self.base_model.config, "_name_or_path", None)
-        self.mor_config.save(folder)
-        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "adapter_type": "mor",
-                                                                 "method": self.mor_config.method})
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(f"MoRConfig.target_modules={self.peft_config[adapter_name].target_modules!r} matches "
+                             f"no module of {type(model).__name__}; its linear layers are named {leaves}") from err
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, adapter_dir: Union[str, Path], is_trainable: bool = False) -> "MoRModel":
-        """Wrap ``model`` with the adapter saved in ``adapter_dir``; every tensor must match."""
-        config = MoRConfig.load(adapter_dir)
-        wrapped = cls(model, config)
-        wrapped.load_adapter_weights(Path(adapter_dir) / WEIGHTS_NAME)
-        if not is_trainable:
-            wrapped.eval()
-            for p in wrapped.parameters():
-                p.requires_grad_(False)
-        return wrapped
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # "<layer>.mor.<adapter>.router.weight" -> "<layer>.mor.router.weight" (peft's default only
+        # removes the adapter name when it is the second-to-last part of the key)
+        return key.replace(f".{cls.prefix}.{adapter_name}.", f".{cls.prefix}.")
 
-    def load_adapter_weights(self, path: Union[str, Path]) -> None:
-        """Load adapter tensors strictly: a missing, extra or mis-shaped tensor is an error."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"adapter weights not found: {path}")
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{path} is corrupted or not a safetensors file ({err}); re-save the adapter") from err
-        own = self.adapter_state_dict()
-        missing = sorted(set(own) - set(tensors))
-        unexpected = sorted(set(tensors) - set(own))
-        wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in sorted(set(own) & set(tensors)) if tensors[k].shape != own[k].shape]
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"{path} does not match this model and config: "
-                + "; ".join(part for part in (
-                    f"{len(missing)} missing tensors (e.g. {missing[:3]})" if missing else "",
-                    f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})" if unexpected else "",
-                    f"shape mismatches {wrong[:3]}" if wrong else "") if part)
-                + ". Load it onto the same base model it was trained on, with its own adapter_config.json."
-            )
-        with torch.no_grad():
-            for key, value in tensors.items():
-                own[key].copy_(value)
+    # -- the router's load-balancing loss ---------------------------------------------------------
+    def _install_balance_loss(self, model: nn.Module) -> None:
+        """For router="balanced": add balance_coef x mean over layers of N sum_i f_i P_i to the loss
+        (training only), reported as output["router_aux_loss"] — with forward hooks, so it works
+        whichever wrapper (PeftModel, Trainer, TRL) calls the model."""
+        if getattr(self, "_balance_hooks", None):
+            for handle in self._balance_hooks:
+                handle.remove()
+        self._balance_hooks, self._aux_losses = [], []
+        self.last_router_aux_loss = None
+        balanced = {name for name, cfg in self.peft_config.items() if cfg.router == "balanced"}
+        if not balanced:
+            return
 
-    # -- adapter on / off, fixed routing ----------------------------------------------------------
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Inside this block the model is exactly the base model."""
-        layers = list(self.mor_layers().values())
-        previous = [layer.disabled for layer in layers]
-        for layer in layers:
-            layer.disabled = True
-        try:
-            yield
-        finally:
-            for layer, state in zip(layers, previous):
-                layer.disabled = state
+        def collect(router, _inputs, gates):
+            if router.training and router.fixed is None:
+                self._aux_losses.append(load_balancing_loss(gates.reshape(-1, gates.shape[-1]).float()))
+
+        def clear(_module, _args):
+            self._aux_losses.clear()
+
+        def add_to_loss(_module, _args, output):
+            if not self._aux_losses:
+                return output
+            aux = torch.stack(self._aux_losses).mean()
+            self._aux_losses.clear()
+            coef = max(self.peft_config[name].balance_coef for name in balanced)
+            self.last_router_aux_loss = float(aux.detach())
+            if getattr(output, "loss", None) is not None:
+                output.loss = output.loss + coef * aux
+            if isinstance(output, dict):
+                output["router_aux_loss"] = aux.detach()
+            return output
+
+        for layer in self.mor_layers().values():
+            for name in balanced & set(layer.mor):
+                self._balance_hooks.append(layer.mor[name].router.register_forward_hook(collect))
+        self._balance_hooks.append(model.register_forward_pre_hook(clear))
+        self._balance_hooks.append(model.register_forward_hook(add_to_loss))
+
+    # -- MoR's own verbs ------------------------------------------------------------------------------
+    def mor_layers(self) -> dict[str, MixtureLayer]:
+        """Every mixture layer, by its dotted name in the transformers model."""
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, MixtureLayer)}
+
+    def mor_adapters(self) -> dict[str, nn.Module]:
+        """The active adapter's MoRAdapter / MoELoRAAdapter of every layer, by layer name."""
+        name = self._active_adapter_name()
+        return {layer_name: layer.mor[name] for layer_name, layer in self.mor_layers().items() if name in layer.mor}
+
+    @property
+    def mor_config(self) -> MoRConfig:
+        """The active adapter's config."""
+        return self.peft_config[self._active_adapter_name()]
+
+    def _active_adapter_name(self) -> str:
+        active = self.active_adapters
+        if len(active) != 1:
+            raise ValueError(f"routing verbs act on one adapter; active adapters are {active}: call set_adapter")
+        return active[0]
+
+    def _routers(self) -> dict[str, nn.Module]:
+        return {layer_name: adapter.router for layer_name, adapter in self.mor_adapters().items()}
 
     def resolve_routing(self, routing: Routing) -> dict[str, torch.Tensor]:
-        """Per-layer fixed weights (N,) from a profile, a single vector, a mapping or "uniform"."""
-        layers = self.mor_layers()
-        n = self.mor_config.num_experts
+        """Per-layer fixed weights (N,) from a profile, a single vector, a mapping, a path or "uniform"."""
+        config = self.peft_config[self._active_adapter_name()]
+        routers = self._routers()
+        n = config.num_experts
         if routing is None:
-            if self.mor_config.router != "mean":
+            if config.router != "mean":
                 raise ValueError(
                     "merging a learned router needs a fixed routing: pass routing=model.measure_routing(...) "
-                    "(a RoutingProfile), a weight vector of length num_experts, or 'uniform'"
-                )
+                    "(a RoutingProfile), a weight vector of length num_experts, a saved profile's path, or 'uniform'")
             routing = "uniform"
-        if isinstance(routing, str):
+        if isinstance(routing, (str, Path)):
             if routing != "uniform":
                 return self.resolve_routing(RoutingProfile.load(routing))
-            return {name: torch.full((n,), 1.0 / n) for name in layers}
+            return {name: torch.full((n,), 1.0 / n) for name in routers}
         if isinstance(routing, RoutingProfile):
             routing = routing.weights
         if isinstance(routing, torch.Tensor):
-            routing = {name: routing for name in layers}
-        missing = sorted(set(layers) - set(routing))
+            routing = {name: routing for name in routers}
+        missing = sorted(set(routers) - set(routing))
         if missing:
             raise ValueError(f"the routing profile has no weights for {len(missing)} layers, e.g. {missing[:3]}; "
                              "measure it on this adapter")
         resolved = {}
-        for name in layers:
+        for name in routers:
             g = torch.as_tensor(routing[name], dtype=torch.float32).reshape(-1)
             if g.numel() != n:
                 raise ValueError(f"routing for {name} has {g.numel()} weights; this adapter has num_experts={n}")
@@ -290,66 +241,103 @@ class MoRModel(nn.Module):
     @contextlib.contextmanager
     def fixed_routing(self, routing: Routing) -> Iterator[None]:
         """Run with every router pinned to fixed weights (the un-merged twin of a merge)."""
-        layers = self.mor_layers()
+        routers = self._routers()
         weights = self.resolve_routing(routing)
         try:
-            for name, layer in layers.items():
-                layer.router.fixed = weights[name].to(layer.lora_A.device)
+            for name, router in routers.items():
+                router.fixed = weights[name]
             yield
         finally:
-            for layer in layers.values():
-                layer.router.fixed = None
+            for router in routers.values():
+                router.fixed = None
 
     @torch.no_grad()
     def measure_routing(self, batches: Iterable, tokenizer=None, batch_size: int = 8, max_length: int = 512,
                         progress: bool = False) -> RoutingProfile:
-        """Mean router weights of every layer over the real (non-padding) tokens of ``batches``.
-
-        ``batches`` is an iterable of dicts with ``input_ids`` and ``attention_mask`` (e.g. a
-        DataLoader), or a list of strings together with ``tokenizer``.
-        """
+        """Mean router weights of every layer over the real (non-padding) tokens of ``batches``:
+        dicts with ``input_ids`` and ``attention_mask`` (e.g. a DataLoader), or strings with ``tokenizer``."""
         if tokenizer is not None:
             batches = _tokenized_batches(list(batches), tokenizer, batch_size, max_length)
         if progress:
             from tqdm.auto import tqdm
             batches = tqdm(batches, desc="measuring routing", unit="batch")
-        layers = self.mor_layers()
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        for layer in layers.values():
-            layer.router.start_profile()
+        routers = self._routers()
+        sums = {name: 0.0 for name in routers}
+        count, mask = 0, None
+
+        def accumulate(name):
+            def hook(_router, _inputs, gates):
+                flat = gates.float().reshape(-1, gates.shape[-1])  # (T, N)
+                weights = mask.reshape(-1, 1).to(flat)
+                if weights.shape[0] != flat.shape[0]:
+                    raise ValueError(f"routing profile: the attention mask covers {weights.shape[0]} tokens but "
+                                     f"layer {name} saw {flat.shape[0]}")
+                sums[name] = sums[name] + (flat * weights).sum(dim=0)
+            return hook
+
+        handles = [router.register_forward_hook(accumulate(name)) for name, router in routers.items()]
+        was_training = self.model.training
+        self.model.eval()
+        device = next(p for p in self.model.parameters()).device
         try:
             for batch in batches:
                 input_ids = batch["input_ids"].to(device)
                 mask = batch.get("attention_mask")
                 mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-                for layer in layers.values():
-                    layer.router._token_mask = mask
-                self.base_model(input_ids=input_ids, attention_mask=mask)
-            return RoutingProfile({name: layer.router.profile() for name, layer in layers.items()})
+                self.model(input_ids=input_ids, attention_mask=mask)
+                count += int(mask.sum())
         finally:
-            for layer in layers.values():
-                layer.router._token_mask = None
-            self.train(was_training)
+            for handle in handles:
+                handle.remove()
+            self.model.train(was_training)
+        if not count:
+            raise RuntimeError("no tokens were routed while measuring; give at least one non-empty input")
+        return RoutingProfile({name: (total / count).cpu() for name, total in sums.items()})
 
-    # -- merge / unload ---------------------------------------------------------------------------
-    def merge_and_unload(self, routing: Routing = None) -> nn.Module:
+    def merge_and_unload(self, routing: Routing = None, progressbar: bool = False, safe_merge: bool = True,
+                         adapter_names: list[str] | None = None) -> nn.Module:
         """Fold sum_i g_i D_i into each base weight and return the plain transformers model.
 
-        ``routing``: a RoutingProfile (per layer), one weight vector (N,) for all layers, a path
-        to a saved profile, or "uniform"; it may be omitted only for router="mean".
+        ``routing``: a RoutingProfile (per layer), one weight vector (N,) for all layers, a path to a
+        saved profile, or "uniform"; it may be omitted only for router="mean" (or inside
+        ``fixed_routing``). A 4-bit base comes back in its compute dtype (see ``MixtureLayer.merge``).
         """
-        weights = self.resolve_routing(routing)
-        for name, layer in self.mor_layers().items():
-            _set_submodule(self.base_model, name, layer.merge(weights[name]))
-        return self.base_model
+        pinned = all(router.fixed is not None for router in self._routers().values())
+        context = contextlib.nullcontext() if routing is None and pinned else self.fixed_routing(routing)
+        with context:
+            model = self._unload_and_optionally_merge(merge=True, progressbar=progressbar, safe_merge=safe_merge,
+                                                      adapter_names=adapter_names)
+        self._install_balance_loss(model)
+        dequantize_model(model)
+        return model
 
     def unload(self) -> nn.Module:
-        """Remove the adapters without merging; return the plain base model."""
-        for name, layer in self.mor_layers().items():
-            _set_submodule(self.base_model, name, layer.base_layer)
-        return self.base_model
+        model = super().unload()
+        self._install_balance_loss(model)
+        return model
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantised linear layer (bitsandbytes, torchao) by a plain ``nn.Linear`` in its
+    compute dtype, its weight read off the layer's own output (see ``layer.dense_weight``), and
+    drop the quantisation config: a merged model is then a plain model that saves and reloads."""
+    from .layer import dense_weight, is_quantized, plain_linear
+
+    quantized = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and is_quantized(m)]
+    for name in quantized:
+        layer = model.get_submodule(name)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                plain_linear(layer, dense_weight(layer, compute_dtype(layer))))
+    if quantized or getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+            if getattr(model, attr, False):
+                setattr(model, attr, False)
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+    return model
 
 
 def _tokenized_batches(texts: list[str], tokenizer, batch_size: int, max_length: int) -> Iterator[dict]:
@@ -358,21 +346,188 @@ def _tokenized_batches(texts: list[str], tokenizer, batch_size: int, max_length:
                         max_length=max_length)
 
 
+# -- the base model's fingerprint --------------------------------------------------------------------
+
+def base_fingerprint(model: nn.Module) -> dict:
+    """Cheap identity of a base model: its architecture sizes and 16 values of its input embeddings
+    (embeddings stay in float under 4-bit quantisation, so a quantised copy still matches)."""
+    config = getattr(model, "config", None)
+    sizes = {k: getattr(config, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")}
+    samples = []
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None and weight.dtype.is_floating_point and weight.device.type != "meta":
+        flat = weight.detach().reshape(-1)
+        index = (torch.arange(16) * ((flat.numel() - 1) // 15)).to(flat.device)
+        samples = [round(float(v), 6) for v in flat[index].float().cpu()]
+    return {"sizes": sizes, "embedding_samples": samples}
+
+
+def fingerprints_match(recorded: dict, current: dict) -> bool:
+    if recorded.get("sizes") != current.get("sizes"):
+        return False
+    a, b = recorded.get("embedding_samples") or [], current.get("embedding_samples") or []
+    if not a or not b:
+        return True
+    return len(a) == len(b) and torch.allclose(torch.tensor(a), torch.tensor(b), rtol=2e-2, atol=1e-3)
+
+
+# -- registration with peft -----------------------------------------------------------------------
+
+def register() -> None:
+    """Make MoR a peft method (idempotent); refuse a peft outside the tested version range."""
+    import peft
+    from peft import mapping
+
+    version = tuple(int(p) for p in peft.__version__.split(".")[:2] if p.isdigit())
+    low, high = PEFT_SUPPORTED
+    if not (low <= version < high) or not all(hasattr(mapping, name) for name in _MAPPINGS):
+        raise ImportError(
+            f"mor supports peft >={low[0]}.{low[1]},<{high[0]}.{high[1]} (it registers MoR in peft.mapping, which "
+            f"is not a public API); peft {peft.__version__} is installed. "
+            f"Install a supported one: pip install 'peft>={low[0]}.{low[1]},<{high[0]}.{high[1]}'"
+        )
+    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = MoRConfig
+    mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = MoRModel
+    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = MoRModel.prefix
+
+
+_MAPPINGS = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
+
+
 # -- entry points ----------------------------------------------------------------------------------
 
-def get_mor_model(model: nn.Module, config: MoRConfig) -> MoRModel:
-    """Freeze ``model``, put MoR (or MoE-LoRA) adapters on ``config.target_modules``, wrap it."""
-    return MoRModel(model, config)
+def is_mor_model(model: nn.Module) -> bool:
+    """True for a peft model (or tuner) carrying MoR / MoE-LoRA adapters."""
+    tuner = getattr(model, "base_model", model)
+    return isinstance(tuner, MoRModel) or isinstance(model, MoRModel)
+
+
+def get_mor_model(model: nn.Module, config: MoRConfig, adapter_name: str = "default"):
+    """``peft.get_peft_model(model, config)``: freeze ``model``, put MoR adapters on its targets."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 def load_adapter(model: nn.Module, adapter_dir: Union[str, Path], is_trainable: bool = False) -> nn.Module:
-    """Attach any adapter this project writes: MoR / MoE-LoRA (our format) or LoRA / DoRA (peft)."""
+    """Attach any adapter this project writes or reads: MoR / MoE-LoRA, LoRA / DoRA (all peft
+    folders), or a MoR folder in the pre-peft format of mor 0.1 (converted in memory, with a warning)."""
+    from peft import PeftModel
+
     adapter_dir = Path(adapter_dir)
     data = read_adapter_config(adapter_dir)
-    if data.get("adapter_type") == "mor":
-        return MoRModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
-    if "peft_type" in data:
-        from peft import PeftModel
+    legacy = data.get("adapter_type") == "mor" and "peft_type" not in data
+    if legacy or data.get("peft_type") == PEFT_TYPE:
+        # built from the config, then loaded strictly: a missing, extra or mis-shaped tensor is an
+        # error that names it (peft's own loader only warns about missing ones)
+        if legacy:
+            warnings.warn(f"{adapter_dir} is a MoR adapter in the pre-peft format of mor 0.1; loading it by "
+                          f"conversion. Convert it once with: mor convert-adapter {adapter_dir} NEW_FOLDER",
+                          stacklevel=2)
+        config = MoRConfig.from_dict(data)
+        config.inference_mode = not is_trainable
+        tensors = legacy_state_dict(adapter_dir) if legacy else _read_weights(adapter_dir, _load_peft_weights)
+        peft_model = get_mor_model(model, config)
+        load_state_strict(peft_model, tensors, adapter_dir / WEIGHTS_NAME)
+    elif "peft_type" in data:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    else:
+        raise ValueError(f"{adapter_dir / CONFIG_NAME} is neither a MoR/MoE-LoRA nor a peft adapter config")
+    if not is_trainable:
+        peft_model.eval()
+        for p in peft_model.parameters():
+            p.requires_grad_(False)
+    return peft_model
 
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
-    raise ValueError(f"{adapter_dir / CONFIG_NAME} is neither a MoR/MoE-LoRA nor a peft adapter config")
+
+def _load_peft_weights(folder: str) -> dict[str, torch.Tensor]:
+    from peft.utils import load_peft_weights
+
+    return load_peft_weights(folder, device="cpu")
+
+
+def _read_weights(adapter_dir: Path, reader) -> dict[str, torch.Tensor]:
+    path = adapter_dir / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter weights not found: {path}")
+    try:
+        return reader(str(adapter_dir))
+    except Exception as err:  # safetensors raises its own error types for truncated / corrupt files
+        raise ValueError(f"{path} is corrupted or not a safetensors file ({err}); re-save the adapter") from err
+
+
+def load_state_strict(peft_model: nn.Module, tensors: dict[str, torch.Tensor], path: Path,
+                      adapter_name: str = "default") -> None:
+    """Load saved adapter tensors (peft's key format) so that a missing, extra or mis-shaped tensor
+    is an error naming it, never a silent partial load."""
+    own = {MoRModel._remove_adapter_name_from_key(k, adapter_name): v
+           for k, v in peft_model.state_dict().items() if f".{MoRModel.prefix}.{adapter_name}." in k}
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in sorted(set(own) & set(tensors)) if tensors[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path} does not match this model and config: "
+            + "; ".join(part for part in (
+                f"{len(missing)} missing tensors (e.g. {missing[:3]})" if missing else "",
+                f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})" if unexpected else "",
+                f"shape mismatches {wrong[:3]}" if wrong else "") if part)
+            + ". Load it onto the same base model it was trained on, with its own adapter_config.json.")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            own[key].copy_(value)
+
+
+def legacy_state_dict(adapter_dir: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """The tensors of a mor 0.1 adapter folder under peft's key names:
+    ``<layer>.lora_A`` -> ``base_model.model.<layer>.mor.lora_A``."""
+    from safetensors.torch import load_file
+
+    tensors = _read_weights(Path(adapter_dir), lambda folder: load_file(str(Path(folder) / WEIGHTS_NAME)))
+    params = ("lora_A", "lora_B", "expert_scales_in", "expert_scales_out", "router.weight")
+    converted = {}
+    for key, value in tensors.items():
+        param = next((p for p in params if key.endswith("." + p)), None)
+        if param is None:
+            raise ValueError(f"{adapter_dir}: unexpected tensor {key!r} in a mor 0.1 adapter")
+        layer = key[: -len(param) - 1]
+        converted[f"base_model.model.{layer}.{MoRModel.prefix}.{param}"] = value
+    return converted
+
+
+def convert_legacy_adapter(adapter_dir: Union[str, Path], output_dir: Union[str, Path], model: nn.Module) -> Path:
+    """Rewrite a mor 0.1 adapter folder as a peft MoR folder (``model``: its base model)."""
+    peft_model = load_adapter(model, adapter_dir)
+    peft_model.save_pretrained(str(output_dir))
+    return Path(output_dir)
+
+
+def find_target_modules(model: nn.Module, config: MoRConfig) -> list[str]:
+    """Dotted names of the modules ``config.target_modules`` selects in a plain model, by peft's own
+    matching rules (so LoRA/DoRA baselines adapt exactly the same modules); ValueError if none."""
+    from peft.tuners.tuners_utils import _ExcludedModule, _maybe_include_all_linear_layers
+
+    import copy
+
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = _maybe_include_all_linear_layers(copy.deepcopy(config), model)
+    adapted = [name + "." for name, module in model.named_modules() if isinstance(module, MixtureLayer)]
+    names = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in adapted):
+            continue  # a mixture layer counts as the linear layer it wraps
+        found = check_target_module_exists(config, name)
+        if found and not isinstance(found, _ExcludedModule):
+            try:
+                linear_shape(getattr(module, "base_layer", module))
+            except TypeError as err:
+                raise ValueError(f"MoRConfig.target_modules selects {name!r}: {err}; name the linear "
+                                 "projections instead") from err
+            names.append(name)
+    if not names:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"MoRConfig.target_modules={config.target_modules!r} matches no module of "
+                         f"{type(model).__name__}; its linear layers are named {leaves}")
+    return names

@@ -37,8 +37,9 @@ def target_shapes(model: nn.Module, target_modules="ffn") -> list[tuple[int, int
     from .layer import linear_shape
     from .model import find_target_modules
 
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = find_target_modules(model, MoRConfig(target_modules=target_modules))
-    return [linear_shape(model.get_submodule(name)) for name in names]
+    return [linear_shape(getattr(module, "base_layer", module)) for module in map(model.get_submodule, names)]
 
 
 def parameter_count(model: nn.Module, method: str, r: int, num_experts: int = 1, target_modules="ffn",

@@ -22,12 +22,10 @@ from typing import Any, Union
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .config import WEIGHTS_NAME
 from .data import (Task, collate, load_hub_task, load_task_records, mix_tasks, multiple_choice_items, split_records,
                    tokenize_examples, training_examples)
 from .loading import load_model, load_tokenizer
 from .methods import AdapterSpec, apply_adapter
-from .model import MoRModel
 
 logger = logging.getLogger("mor")
 
@@ -160,26 +158,11 @@ def build_train_dataset(tasks: list[Task], tokenizer, cfg: TrainConfig) -> tuple
 # -- trainer ---------------------------------------------------------------------------------------
 
 class AdapterTrainer(Trainer):
-    """Trainer that checkpoints only the adapter (MoR/MoE-LoRA in our format; peft's own for
-    LoRA/DoRA) and logs the router's load-balancing loss."""
+    """transformers' Trainer (which checkpoints and resumes peft adapters, MoR's included) that also
+    logs the router's load-balancing loss."""
 
     def _adapter_model(self):
         return self.accelerator.unwrap_model(self.model)
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        model = self._adapter_model()
-        if not isinstance(model, MoRModel):
-            return super()._save(output_dir, state_dict)
-        output_dir = output_dir or self.args.output_dir
-        model.save_pretrained(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        model = model or self._adapter_model()
-        if not isinstance(model, MoRModel):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        model.load_adapter_weights(Path(resume_from_checkpoint) / WEIGHTS_NAME)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         aux = getattr(self._adapter_model(), "last_router_aux_loss", None)

@@ -1,5 +1,5 @@
 """Comparison adapters that peft does not provide (LoRA and DoRA come from peft itself)."""
 
-from .moelora import MoELoRALinear
+from .moelora import MoELoRAAdapter
 
-__all__ = ["MoELoRALinear"]
+__all__ = ["MoELoRAAdapter"]

@@ -2,8 +2,8 @@
 
     o = W x + (alpha / r) * sum_i G_i(x) * B_i A_i x
 
-computed, like MoR, as one expanded-rank product: codes = [A_1; ...; A_N] x  (..., N, r) and
-B~ = [B_1, ..., B_N]  (d_out, N*r). It has N*r*(d_in + d_out) adapter parameters per layer
+computed, like MoR, as one expanded-rank product: codes = [A_1; ...; A_N] x (..., N, r) and
+B~ = [B_1, ..., B_N] (d_out, N*r). It has N*r*(d_in + d_out) adapter parameters per layer
 against MoR's r*(d_in + d_out) + N*(r + d_out), plus the router's d_in*N for both.
 """
 
@@ -14,20 +14,22 @@ import math
 import torch
 from torch import nn
 
-from ..layer import MixtureLinear
+from ..routing import Router
 
 
-class MoELoRALinear(MixtureLinear):
-    """N independent rank-r LoRA experts with a softmax (or mean / balanced / top-k) router."""
+class MoELoRAAdapter(nn.Module):
+    """N independent rank-r LoRA experts with a router: ``forward(x)`` is sum_i G_i(x) B_i A_i x."""
 
-    def __init__(self, base_layer: nn.Module, r: int, num_experts: int, alpha: float = 16.0,
+    def __init__(self, in_features: int, out_features: int, r: int, num_experts: int, alpha: float,
                  dropout: float = 0.0, router: str = "softmax", top_k: int = 2,
-                 generator: torch.Generator | None = None, **_unused):
-        super().__init__(base_layer, r, num_experts, alpha, dropout, router, top_k)
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(num_experts, r, self.in_features, **factory))  # A_i: (N, r, d_in)
-        self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, r, **factory))  # B_i: (N, d_out, r)
-        self.router.to(**factory)
+                 generator: torch.Generator | None = None, **factory):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.num_experts, self.scaling = r, num_experts, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.router = Router(in_features, num_experts, router, top_k, **factory)
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, in_features, **factory))  # A_i: (N, r, d_in)
+        self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, r, **factory))  # B_i: (N, d_out, r)
         self.reset_parameters(generator)
 
     @torch.no_grad()
@@ -38,12 +40,24 @@ class MoELoRALinear(MixtureLinear):
         self.lora_B.zero_()
         self.router.reset_parameters(generator)
 
-    def expert_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        down = self.lora_A.reshape(self.num_experts * self.r, self.in_features)  # (N*r, d_in)
-        return (x @ down.T).unflatten(-1, (self.num_experts, self.r))  # (..., N, r)
-
-    def stacked_up(self) -> torch.Tensor:
-        return self.lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_experts * self.r)  # (d_out, N*r)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self.router(x)  # (..., N)
+        codes = self.dropout(x) @ self.lora_A.flatten(0, 1).T  # [A_i x]_i: (..., N*r)
+        z = (gates.repeat_interleave(self.r, dim=-1) * codes)  # (..., N*r)
+        up = self.lora_B.permute(1, 0, 2).flatten(1)  # B~ = [B_1, ..., B_N]: (d_out, N*r)
+        return self.scaling * (z @ up.T)
 
     def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down (N, r, d_in), up (N, d_out, r)) with D_i = scaling * up[i] @ down[i]."""
         return self.lora_A, self.lora_B
+
+    def expert_deltas(self) -> torch.Tensor:
+        return self.scaling * self.lora_B @ self.lora_A
+
+    def merged_delta(self, routing: torch.Tensor) -> torch.Tensor:
+        g = routing.to(self.lora_A.dtype).reshape(self.num_experts, 1, 1)
+        return (g * self.expert_deltas()).sum(dim=0)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lora_A.dtype
