@@ -1,0 +1,181 @@
+"""Export a MoR (or MoE-LoRA) adapter under a fixed routing as a standard peft LoRA folder.
+
+With one fixed routing vector g (N,) per layer, the adapter's update is a constant matrix.
+For MoR it is exactly a rank-r LoRA (MOR_METHOD.md section 3):
+
+    sum_i g_i D_i = (alpha/r) * M(g) @ A,   M(g) = sum_i g_i diag(Omega_B[i]) B diag(Omega_A[i])
+
+so lora_A = A (r, d_in) and lora_B = M(g) (d_out, r). An N-expert MoE-LoRA has no shared A and
+exports at rank N*r: lora_A = [A_1; ...; A_N] (N*r, d_in), lora_B = [g_1 B_1, ..., g_N B_N]
+(d_out, N*r).
+
+The scale is kept out of the weights: lora_alpha = scaling * R for the exported rank R, so
+peft's scaling lora_alpha / R equals the layer's alpha / r and lora_B is M(g) itself.
+
+The folder (adapter_config.json written by peft's LoraConfig, adapter_model.safetensors with
+peft's keys ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``) loads with
+``PeftModel.from_pretrained`` and with anything that serves peft LoRAs (vLLM, TGI).
+
+This module only relies on the mixture layers themselves (``MixtureLinear``: ``expert_factors()``,
+``scaling``, ``r``, ``num_experts``, ``in_features``, ``out_features``, ``fan_in_fan_out``; for MoR
+also its shared ``lora_A`` and ``expert_scales_in``), not on the wrapper around the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Union
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .layer import MixtureLinear, MoRLinear
+
+ROUTING_NAME = "routing_profile.json"  # written next to the exported LoRA: which routing made it
+
+RoutingLike = Union["RoutingProfile", torch.Tensor, Mapping[str, torch.Tensor], str]  # noqa: F821
+
+
+# -- finding the layers -------------------------------------------------------------------------
+
+def _transformers_root_prefix(model: nn.Module) -> str:
+    """Dotted name of the outermost transformers ``PreTrainedModel`` inside ``model`` ("" if it
+    is ``model`` itself or none is found): module names are made relative to it."""
+    from transformers import PreTrainedModel
+
+    for name, module in model.named_modules():  # pre-order: the outermost comes first
+        if isinstance(module, PreTrainedModel):
+            return name
+    return ""
+
+
+def mixture_layers(model: nn.Module) -> dict[str, MixtureLinear]:
+    """Every mixture layer of ``model``, keyed by its name relative to the transformers model
+    (wrapper prefixes such as ``base_model.`` / ``base_model.model.`` stripped)."""
+    prefix = _transformers_root_prefix(model)
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MixtureLinear):
+            layers[name[len(prefix) + 1:] if prefix else name] = module
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoR / MoE-LoRA layers to export; "
+                         "load a MoR or MoE-LoRA adapter onto the model first")
+    return layers
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside any wrapper (``model`` itself if it is one)."""
+    prefix = _transformers_root_prefix(model)
+    return model.get_submodule(prefix) if prefix else model
+
+
+# -- routing --------------------------------------------------------------------------------------
+
+def resolve_routing(layers: Mapping[str, MixtureLinear], routing: RoutingLike) -> dict[str, torch.Tensor]:
+    """Per-layer routing weights g (N,) in fp32 for every layer of ``layers``.
+
+    ``routing``: a ``RoutingProfile`` (anything with a ``weights`` mapping), a mapping
+    {layer name: weights}, one vector (N,) for every layer, "uniform", or a path to a saved
+    ``routing_profile.json``. A key may carry a wrapper prefix (``base_model.model.``): it
+    matches the layer whose name it ends with.
+    """
+    if isinstance(routing, (str, Path)):
+        if str(routing) == "uniform":
+            return {name: torch.full((layer.num_experts,), 1.0 / layer.num_experts) for name, layer in layers.items()}
+        path = Path(routing)
+        if not path.is_file():
+            raise FileNotFoundError(f"routing profile not found: {path} (give a routing_profile.json or 'uniform')")
+        try:
+            routing = {k: torch.tensor(v, dtype=torch.float32) for k, v in json.loads(path.read_text()).items()}
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
+            raise ValueError(f"{path} is not a routing profile ({err})") from err
+    if hasattr(routing, "weights"):  # a RoutingProfile
+        routing = routing.weights
+    if isinstance(routing, torch.Tensor):
+        routing = {name: routing for name in layers}
+    resolved, missing = {}, []
+    for name, layer in layers.items():
+        key = name if name in routing else next((k for k in routing if k.endswith("." + name)), None)
+        if key is None:
+            missing.append(name)
+            continue
+        g = torch.as_tensor(routing[key], dtype=torch.float32).reshape(-1)
+        if g.numel() != layer.num_experts:
+            raise ValueError(f"routing for {name} has {g.numel()} weights; the layer has "
+                             f"num_experts={layer.num_experts}")
+        resolved[name] = g
+    if missing:
+        raise ValueError(f"the routing profile has no weights for {len(missing)} layers, e.g. {missing[:3]}; "
+                         "measure it on this adapter (mor merge/export-lora --data) or pass 'uniform'")
+    return resolved
+
+
+# -- the maths ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def lora_factors(layer: MixtureLinear, routing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(lora_A (R, d_in), lora_B (d_out, R), lora_alpha) with (lora_alpha / R) * lora_B @ lora_A
+    equal to sum_i g_i D_i for the fixed weights g = ``routing`` (N,).
+
+    MoR: R = r, lora_A = A, lora_B = M(g). Any other mixture (MoE-LoRA): R = N*r, the experts'
+    factors side by side. Computed in float64, returned in the adapter's dtype.
+    """
+    n, r = layer.num_experts, layer.r
+    g = torch.as_tensor(routing).reshape(n).to(torch.float64)
+    down, up = layer.expert_factors()  # (N, r, d_in), (N, d_out, r); D_i = scaling * up[i] @ down[i]
+    dtype = up.dtype
+    if isinstance(layer, MoRLinear):
+        # up[i] = diag(Omega_B[i]) B, so M(g) = sum_i g_i up[i] diag(Omega_A[i])
+        scales_in = layer.expert_scales_in.detach().to(torch.float64)  # Omega_A: (N, r)
+        lora_B = torch.einsum("n,nor,nr->or", g, up.detach().to(torch.float64), scales_in)  # (d_out, r)
+        lora_A = layer.lora_A.detach()  # A: (r, d_in)
+    else:
+        lora_A = down.detach().reshape(n * r, layer.in_features)  # [A_1; ...; A_N]: (N*r, d_in)
+        gated = g.reshape(n, 1, 1) * up.detach().to(torch.float64)  # g_i B_i: (N, d_out, r)
+        lora_B = gated.permute(1, 0, 2).reshape(layer.out_features, n * r)  # (d_out, N*r)
+    rank = lora_A.shape[0]
+    return lora_A.to(dtype).contiguous(), lora_B.to(dtype).contiguous(), layer.scaling * rank
+
+
+# -- writing the folder -------------------------------------------------------------------------
+
+@torch.no_grad()
+def export_lora(model: nn.Module, routing: RoutingLike, output_dir: Union[str, Path],
+                base_model_name_or_path: Union[str, None] = None) -> Path:
+    """Write the adapter of ``model`` under fixed ``routing`` as a standard peft LoRA folder.
+
+    ``model``: a model carrying MoR / MoE-LoRA layers (a ``MoRModel`` or the bare transformers
+    model after injection). ``routing``: see ``resolve_routing``. The folder holds
+    adapter_config.json (peft ``LoraConfig``: rank r for MoR, N*r for MoE-LoRA; ``lora_alpha``
+    such that lora_alpha / rank is the layer's alpha / r; no dropout), adapter_model.safetensors
+    and the routing it was made with (routing_profile.json, ignored by peft). Returns the folder.
+    """
+    from peft import LoraConfig
+
+    layers = mixture_layers(model)
+    weights = resolve_routing(layers, routing)
+    tensors, ranks, alphas, conv1d = {}, set(), set(), set()
+    for name, layer in layers.items():
+        lora_A, lora_B, alpha = lora_factors(layer, weights[name])
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.cpu()
+        ranks.add(lora_A.shape[0])
+        alphas.add(alpha)
+        conv1d.add(bool(layer.fan_in_fan_out))
+    if len(ranks) > 1 or len(alphas) > 1 or len(conv1d) > 1:
+        raise ValueError(f"the mixture layers differ in rank {sorted(ranks)}, alpha {sorted(alphas)} or layer type "
+                         "(Linear vs Conv1D); one LoRA folder needs them alike")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(transformers_model(model), "config", None), "_name_or_path", None)
+    alpha = alphas.pop()
+    config = LoraConfig(r=ranks.pop(), lora_alpha=int(alpha) if float(alpha).is_integer() else alpha, lora_dropout=0.0, target_modules=sorted(layers),
+                        fan_in_fan_out=conv1d.pop(), bias="none", task_type="CAUSAL_LM",
+                        base_model_name_or_path=base_model_name_or_path or None)
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / ROUTING_NAME).write_text(json.dumps({k: v.tolist() for k, v in weights.items()}, indent=1) + "\n")
+    return folder
