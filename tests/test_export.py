@@ -92,6 +92,20 @@ def test_exported_lora_equals_fixed_routing_and_merged_model_through_peft(tmp_pa
     assert (got - logits(base)).abs().max() > 1e-2  # the adapter does change the model
 
 
+def test_target_modules_are_leaf_names_when_they_select_exactly_the_adapted_layers(tmp_path):
+    model = adapted("mor")
+    config = json.loads((export_lora(model, "uniform", tmp_path / "all") / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                                "v_proj"]
+    base = make_tiny_llama()
+    only_first_block = MoRConfig(r=R, num_experts=N, alpha=ALPHA, target_modules=r"model\.layers\.0\.mlp\.up_proj")
+    model = randomized(get_mor_model(copy.deepcopy(base), only_first_block))
+    folder = export_lora(model, "uniform", tmp_path / "one")
+    assert json.loads((folder / "adapter_config.json").read_text())["target_modules"] == ["model.layers.0.mlp.up_proj"]
+    lora = PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+    assert (logits(lora) - logits(model, "uniform")).abs().max() <= 1e-5
+
+
 def test_one_lora_per_routing_profile(tmp_path):
     base = make_tiny_llama()
     model = adapted("mor", copy.deepcopy(base))
@@ -106,6 +120,28 @@ def test_one_lora_per_routing_profile(tmp_path):
     assert (logits(a) - logits(b)).abs().max() > 1e-2
     saved = json.loads((tmp_path / "second" / "routing_profile.json").read_text())
     assert set(saved) == set(names) and saved[names[0]] == pytest.approx(second.tolist())
+
+
+def test_task_loras_served_side_by_side_by_peft(tmp_path):
+    """The README's recipe: several task LoRAs over one base, switched with set_adapter or mixed
+    in one batch with adapter_names."""
+    base = make_tiny_llama()
+    model = adapted("mor", copy.deepcopy(base))
+    profiles = {"first": torch.tensor([0.7, 0.1, 0.1, 0.1]), "second": torch.tensor([0.0, 0.0, 0.2, 0.8])}
+    for name, g in profiles.items():
+        export_lora(model, g, tmp_path / name)
+    served = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "first"), adapter_name="first")
+    served.load_adapter(str(tmp_path / "second"), adapter_name="second")
+    served.eval()
+    for name, g in profiles.items():
+        served.set_adapter(name)
+        assert (logits(served) - logits(model, g)).abs().max() <= 1e-5
+    names = ["second", "__base__", "first"]  # one adapter per row of the batch
+    with torch.no_grad():
+        mixed = served(input_ids=INPUTS, adapter_names=names).logits
+    assert (mixed[0] - logits(model, profiles["second"])[0]).abs().max() <= 1e-5
+    assert (mixed[1] - logits(base)[1]).abs().max() <= 1e-5
+    assert (mixed[2] - logits(model, profiles["first"])[2]).abs().max() <= 1e-5
 
 
 def test_layer_names_are_relative_to_the_transformers_model_inside_any_wrapper():

@@ -141,6 +141,15 @@ def lora_factors(layer: MixtureLinear, routing: torch.Tensor) -> tuple[torch.Ten
 
 # -- writing the folder -------------------------------------------------------------------------
 
+def _target_modules(model: nn.Module, layers: Mapping[str, MixtureLinear]) -> list[str]:
+    """LoraConfig.target_modules: the leaf names (``["down_proj", "q_proj", ...]``, the form serving
+    stacks expect) when they select exactly the exported layers, else every full module name."""
+    leaves = {name.rsplit(".", 1)[-1] for name in layers}
+    selected = {name for name, _ in transformers_model(model).named_modules()
+                if name.rsplit(".", 1)[-1] in leaves and ".base_layer" not in name}
+    return sorted(leaves) if selected == set(layers) else sorted(layers)
+
+
 @torch.no_grad()
 def export_lora(model: nn.Module, routing: RoutingLike, output_dir: Union[str, Path],
                 base_model_name_or_path: Union[str, None] = None) -> Path:
@@ -170,7 +179,8 @@ def export_lora(model: nn.Module, routing: RoutingLike, output_dir: Union[str, P
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(transformers_model(model), "config", None), "_name_or_path", None)
     alpha = alphas.pop()
-    config = LoraConfig(r=ranks.pop(), lora_alpha=int(alpha) if float(alpha).is_integer() else alpha, lora_dropout=0.0, target_modules=sorted(layers),
+    config = LoraConfig(r=ranks.pop(), lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+                        lora_dropout=0.0, target_modules=_target_modules(model, layers),
                         fan_in_fan_out=conv1d.pop(), bias="none", task_type="CAUSAL_LM",
                         base_model_name_or_path=base_model_name_or_path or None)
     folder = Path(output_dir)
