@@ -114,7 +114,8 @@ def test_one_lora_per_routing_profile(tmp_path):
     second = torch.tensor([0.0, 0.0, 0.2, 0.8])
     for label, g in (("first", first), ("second", second)):
         export_lora(model, g, tmp_path / label)
-    a, b = (PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / label)).eval() for label in ("first", "second"))
+    a, b = (PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / label)).eval()
+            for label in ("first", "second"))
     assert (logits(a) - logits(model, first)).abs().max() <= 1e-5
     assert (logits(b) - logits(model, second)).abs().max() <= 1e-5
     assert (logits(a) - logits(b)).abs().max() > 1e-2

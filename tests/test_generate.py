@@ -97,7 +97,8 @@ def test_cli_generate_with_mor_lora_and_merged_adapters(tmp_path, tiny_model_dir
         for layer in model.mor_layers().values():
             layer.lora_B.normal_(0, 0.5)
     model.save_pretrained(mor_dir)
-    get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(lora_dir)
+    lora = get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(lora_dir)
 
     def run(*extra):
         assert main(["generate", "--model", str(tiny_model_dir), "--prompt", PROMPT, "--max-new-tokens", "8",

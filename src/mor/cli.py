@@ -332,7 +332,8 @@ def _add_export_and_generate(sub) -> None:
                    help="routing_profile.json or 'uniform': fixed routing (merged with --merged, else un-merged)")
     g.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeatable); without it, prompts are read from stdin, one per non-empty line")
-    g.add_argument("--no-chat-template", action="store_true", help="feed the raw prompt even if the tokenizer has a chat template")
+    g.add_argument("--no-chat-template", action="store_true",
+                   help="feed the raw prompt even if the tokenizer has a chat template")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
@@ -342,7 +343,7 @@ def _add_export_and_generate(sub) -> None:
 def cmd_export_lora(args) -> int:
     import torch
 
-    from .export import export_lora, lora_factors, mixture_layers, resolve_routing
+    from .export import export_lora, exported_rank, mixture_layers
     from .train import load_eval_tasks
 
     model, tokenizer = _load_adapted(args.model, args.adapter)
@@ -357,10 +358,11 @@ def cmd_export_lora(args) -> int:
         for task in load_eval_tasks(args.data, args.skip_bad):
             texts = _task_prompts(task, tokenizer, args.limit)
             jobs.append((Path(args.output) / task.name, model.measure_routing(texts, tokenizer=tokenizer), texts))
-    name, layer = next(iter(layers.items()))
-    rank = lora_factors(layer, resolve_routing({name: layer}, jobs[0][1])[name])[0].shape[0]
+    layer = next(iter(layers.values()))
+    rank = exported_rank(layer)
     if rank != layer.r:
         print(f"MoE-LoRA has no shared factors: exported at rank N*r = {layer.num_experts}*{layer.r} = {rank}")
+    base = None
     for folder, routing, texts in jobs:
         export_lora(model, routing, folder, base_model_name_or_path=args.model)
         print(f"LoRA (rank {rank}) written to {folder} (loads with peft.PeftModel.from_pretrained)")
@@ -373,9 +375,10 @@ def cmd_export_lora(args) -> int:
         check = tokenizer(texts[:8], return_tensors="pt", padding=True)
         with torch.no_grad(), model.fixed_routing(routing):
             expected = model(**check).logits
-        lora = PeftModel.from_pretrained(load_model(args.model), str(folder)).eval()
+        lora = PeftModel.from_pretrained(base if base is not None else load_model(args.model), str(folder)).eval()
         with torch.no_grad():
             got = lora(**check).logits
+        base = lora.unload()  # the plain base model again, for the next task's LoRA
         diff = (got - expected)[check["attention_mask"].bool()].abs().max().item()
         print(f"  max |logit difference| vs the MoR adapter with the same fixed routing: {diff:.3g}")
     return 0

@@ -114,6 +114,11 @@ def resolve_routing(layers: Mapping[str, MixtureLinear], routing: RoutingLike) -
 
 # -- the maths ----------------------------------------------------------------------------------
 
+def exported_rank(layer: MixtureLinear) -> int:
+    """Rank of the exact LoRA of a mixture layer under fixed routing: r for MoR, N*r otherwise."""
+    return layer.r if isinstance(layer, MoRLinear) else layer.num_experts * layer.r
+
+
 @torch.no_grad()
 def lora_factors(layer: MixtureLinear, routing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(lora_A (R, d_in), lora_B (d_out, R), lora_alpha) with (lora_alpha / R) * lora_B @ lora_A
