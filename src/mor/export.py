@@ -134,7 +134,8 @@ def lora_factors(layer: MixtureLinear, routing: torch.Tensor) -> tuple[torch.Ten
     if isinstance(layer, MoRLinear):
         # up[i] = diag(Omega_B[i]) B, so M(g) = sum_i g_i up[i] diag(Omega_A[i])
         scales_in = layer.expert_scales_in.detach().to(torch.float64)  # Omega_A: (N, r)
-        lora_B = torch.einsum("n,nor,nr->or", g, up.detach().to(torch.float64), scales_in)  # (d_out, r)
+        column_weights = g.unsqueeze(-1) * scales_in  # g_i * Omega_A[i]: (N, r)
+        lora_B = (up.detach().to(torch.float64) * column_weights.unsqueeze(1)).sum(dim=0)  # (d_out, r)
         lora_A = layer.lora_A.detach()  # A: (r, d_in)
     else:
         lora_A = down.detach().reshape(n * r, layer.in_features)  # [A_1; ...; A_N]: (N*r, d_in)
