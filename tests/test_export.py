@@ -250,3 +250,33 @@ def test_cli_export_lora_refuses_a_peft_lora(tmp_path, tiny_model_dir):
     with pytest.raises(SystemExit, match="already a LoRA"):
         main(["export-lora", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "lora"),
               "--routing", "uniform", "--output", str(tmp_path / "out")])
+
+
+def test_real_smollm2_exports_within_float32_rounding(smollm2_path, tmp_path):
+    """SmolLM2-135M, attention + FFN of all 30 blocks, r=8, N=8, a visibly non-zero adapter."""
+    from mor.loading import load_model, load_tokenizer
+
+    tok = load_tokenizer(smollm2_path)
+    base = load_model(smollm2_path).eval()
+    model = get_mor_model(copy.deepcopy(base), MoRConfig(r=8, num_experts=8, dropout=0.0, init_seed=0,
+                                                         target_modules="attention+ffn"))
+    with torch.no_grad():
+        for layer in mixture_layers(model).values():
+            layer.lora_B.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    texts = ["Question: Is 1234 even or odd?\nAnswer:", "Which colour is the sky on a clear day? Answer:"]
+    routing = model.measure_routing(texts, tokenizer=tok)
+    folder = export_lora(model, routing, tmp_path / "lora")
+    batch = tok(texts, return_tensors="pt", padding=True)
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        with model.fixed_routing(routing):
+            expected = model(**batch).logits
+        moved = (base(**batch).logits - expected)[mask].abs().max()
+        got = PeftModel.from_pretrained(base, str(folder)).eval()(**batch).logits
+        merged = copy.deepcopy(model).merge_and_unload(routing)(**batch).logits
+    assert moved > 0.5
+    assert (got - expected)[mask].abs().max() <= 1e-4  # logits of size ~20 after 30 fp32 blocks
+    assert (got - merged)[mask].abs().max() <= 2e-4  # the merge has its own rounding (9e-5 vs fixed here)
+    print(f"SmolLM2: peft LoRA vs fixed routing {(got - expected)[mask].abs().max():.3g}, vs merged "
+          f"{(got - merged)[mask].abs().max():.3g}, merged vs fixed {(merged - expected)[mask].abs().max():.3g}, "
+          f"adapter moves the logits by {moved:.3g}")
