@@ -125,7 +125,7 @@ def lora_factors(layer: MixtureLinear, routing: torch.Tensor) -> tuple[torch.Ten
     equal to sum_i g_i D_i for the fixed weights g = ``routing`` (N,).
 
     MoR: R = r, lora_A = A, lora_B = M(g). Any other mixture (MoE-LoRA): R = N*r, the experts'
-    factors side by side. Computed in float64, returned in the adapter's dtype.
+    factors side by side. lora_B is summed in float64; both come back in the adapter's dtype.
     """
     n, r = layer.num_experts, layer.r
     g = torch.as_tensor(routing).reshape(n).to(torch.float64)
