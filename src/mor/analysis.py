@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .layer import MoRAdapter
-from .model import RoutingProfile
+from .routing import RoutingProfile
 from .params import layer_parameter_count, target_shapes
 
 DEFAULT_EXPERTS = (1, 2, 4, 8, 12, 16)

@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(a, required=True)
     a.add_argument("--limit", type=int, default=100, help="records per task used to measure routing")
     a.add_argument("--output", default="figures")
+    _add_export_and_generate(sub)
     return parser
 
 
@@ -312,6 +313,123 @@ def _figures_after_training(cfg, result) -> Path:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "analyze": cmd_analyze}
+
+
+# -- export-lora / generate ---------------------------------------------------------------------------
+
+def _add_export_and_generate(sub) -> None:
+    x = sub.add_parser("export-lora", help="a MoR/MoE-LoRA adapter under fixed routing as standard peft LoRA folders")
+    _add_model(x)
+    x.add_argument("--adapter", required=True, help="MoR or MoE-LoRA adapter folder")
+    routing = x.add_mutually_exclusive_group(required=True)
+    routing.add_argument("--routing", default=None, help="a saved routing_profile.json (or 'uniform'): one LoRA in --output")
+    routing.add_argument("--data", nargs="+", default=[],
+                         help="task files/folders: measure each task's routing, one LoRA per task in --output/<task>")
+    x.add_argument("--skip-bad", action="store_true", help="skip malformed records of --data and report how many")
+    x.add_argument("--limit", type=int, default=200, help="records per task of --data used to measure the routing")
+    x.add_argument("--output", required=True, help="folder for the LoRA (with --data: one subfolder per task)")
+    x.add_argument("--no-check", action="store_true",
+                   help="skip reloading each LoRA with peft onto a fresh base model to compare logits")
+
+    g = sub.add_parser("generate", help="generate text, streaming tokens (base model, any adapter, or merged MoR)")
+    _add_model(g)
+    g.add_argument("--adapter", default=None, help="MoR, MoE-LoRA, LoRA or DoRA adapter folder (default: base model)")
+    g.add_argument("--merged", action="store_true", help="merge the MoR/MoE-LoRA adapter with --routing first")
+    g.add_argument("--routing", default=None,
+                   help="routing_profile.json or 'uniform': fixed routing (merged with --merged, else un-merged)")
+    g.add_argument("--prompt", action="append", default=None,
+                   help="a prompt (repeatable); without it, prompts are read from stdin, one per non-empty line")
+    g.add_argument("--no-chat-template", action="store_true",
+                   help="feed the raw prompt even if the tokenizer has a chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+
+
+def cmd_export_lora(args) -> int:
+    import torch
+
+    from .export import export_lora, exported_rank, mixture_layers
+    from .train import load_eval_tasks
+
+    model, tokenizer = _load_adapted(args.model, args.adapter)
+    try:
+        layers = mixture_layers(model)
+    except ValueError:
+        raise SystemExit(f"{args.adapter} is not a MoR/MoE-LoRA adapter (a peft LoRA/DoRA is already a LoRA)")
+    if args.routing:
+        jobs = [(Path(args.output), args.routing, ["The quick brown fox jumps over the lazy dog."])]
+    else:
+        jobs = []
+        for task in load_eval_tasks(args.data, args.skip_bad):
+            texts = _task_prompts(task, tokenizer, args.limit)
+            jobs.append((Path(args.output) / task.name, model.measure_routing(texts, tokenizer=tokenizer), texts))
+    layer = next(iter(layers.values()))
+    rank = exported_rank(layer)
+    if rank != layer.r:
+        print(f"MoE-LoRA has no shared factors: exported at rank N*r = {layer.num_experts}*{layer.r} = {rank}")
+    base = None
+    for folder, routing, texts in jobs:
+        export_lora(model, routing, folder, base_model_name_or_path=args.model)
+        print(f"LoRA (rank {rank}) written to {folder} (loads with peft.PeftModel.from_pretrained)")
+        if args.no_check:
+            continue
+        from peft import PeftModel
+
+        from .loading import load_model
+
+        check = tokenizer(texts[:8], return_tensors="pt", padding=True)
+        with torch.no_grad(), model.fixed_routing(routing):
+            expected = model(**check).logits
+        lora = PeftModel.from_pretrained(base if base is not None else load_model(args.model), str(folder)).eval()
+        with torch.no_grad():
+            got = lora(**check).logits
+        base = lora.unload()  # the plain base model again, for the next task's LoRA
+        diff = (got - expected)[check["attention_mask"].bool()].abs().max().item()
+        print(f"  max |logit difference| vs the MoR adapter with the same fixed routing: {diff:.3g}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import contextlib
+
+    import torch
+
+    from .export import mixture_layers
+    from .generate import GenerationSettings, generate_all, read_prompts
+
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                  chat_template=not args.no_chat_template)
+    model, tokenizer = _load_adapted(args.model, args.adapter)
+    context = contextlib.nullcontext()
+    if args.merged or args.routing:
+        try:
+            layers = mixture_layers(model)
+        except ValueError:
+            raise SystemExit("--merged/--routing need a MoR or MoE-LoRA adapter (--adapter)")
+        if args.merged:
+            if not args.routing and any(layer.router.strategy != "mean" for layer in layers.values()):
+                raise SystemExit("--merged needs --routing routing_profile.json (or 'uniform') for a learned router")
+            model = model.merge_and_unload(args.routing)
+        else:
+            context = model.fixed_routing(args.routing)
+    if args.prompt:
+        prompts = args.prompt
+    elif sys.stdin.isatty():
+        raise SystemExit("give --prompt TEXT, or pipe prompts on stdin (one per line)")
+    else:
+        prompts = read_prompts(sys.stdin)
+    torch.manual_seed(args.seed)
+    with context:
+        for text in prompts:
+            if len(prompts) > 1:
+                print(f"> {text}", file=sys.stderr, flush=True)
+            generate_all(model, tokenizer, [text], settings)
+    return 0
+
+
+COMMANDS.update({"export-lora": cmd_export_lora, "generate": cmd_generate})
 
 
 def main(argv: list[str] | None = None) -> int:

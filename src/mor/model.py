@@ -27,46 +27,9 @@ from torch import nn
 from .baselines.moelora import MoELoRAAdapter
 from .config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, MoRConfig, read_adapter_config
 from .layer import MixtureLayer, MoRAdapter, compute_dtype, linear_shape
-from .routing import load_balancing_loss
+from .routing import ROUTING_NAME, Routing, RoutingProfile, load_balancing_loss, resolve_routing
 
-ROUTING_NAME = "routing_profile.json"
 PEFT_SUPPORTED = ((0, 21), (0, 22))  # [min, max): the versions the tests cover
-
-
-# -- routing profiles ------------------------------------------------------------------------
-
-@dataclass
-class RoutingProfile:
-    """Fixed routing for every mixture layer: layer name -> expert weights g (N,), summing to 1.
-
-    Measured as the mean router output over a task's tokens (``measure_routing``); with it,
-    W' = W + sum_i g_i D_i is an exact merge. Layer names are relative to the transformers model.
-    """
-
-    weights: dict[str, torch.Tensor]
-
-    def mean(self) -> torch.Tensor:
-        """Expert weights averaged over layers: (N,)."""
-        return torch.stack(list(self.weights.values())).mean(dim=0)
-
-    def save(self, path: Union[str, Path]) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps({k: v.tolist() for k, v in self.weights.items()}, indent=1) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, path: Union[str, Path]) -> "RoutingProfile":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"routing profile not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not a routing profile (invalid JSON: {err})") from err
-        return cls({k: torch.tensor(v, dtype=torch.float32) for k, v in data.items()})
-
-
-Routing = Union[RoutingProfile, torch.Tensor, Mapping[str, torch.Tensor], str, None]
 
 
 # -- the tuner -------------------------------------------------------------------------------------
@@ -209,34 +172,13 @@ class MoRModel(BaseTuner):
 
     def resolve_routing(self, routing: Routing) -> dict[str, torch.Tensor]:
         """Per-layer fixed weights (N,) from a profile, a single vector, a mapping, a path or "uniform"."""
-        config = self.peft_config[self._active_adapter_name()]
-        routers = self._routers()
-        n = config.num_experts
         if routing is None:
-            if config.router != "mean":
+            if self.mor_config.router != "mean":
                 raise ValueError(
                     "merging a learned router needs a fixed routing: pass routing=model.measure_routing(...) "
                     "(a RoutingProfile), a weight vector of length num_experts, a saved profile's path, or 'uniform'")
             routing = "uniform"
-        if isinstance(routing, (str, Path)):
-            if routing != "uniform":
-                return self.resolve_routing(RoutingProfile.load(routing))
-            return {name: torch.full((n,), 1.0 / n) for name in routers}
-        if isinstance(routing, RoutingProfile):
-            routing = routing.weights
-        if isinstance(routing, torch.Tensor):
-            routing = {name: routing for name in routers}
-        missing = sorted(set(routers) - set(routing))
-        if missing:
-            raise ValueError(f"the routing profile has no weights for {len(missing)} layers, e.g. {missing[:3]}; "
-                             "measure it on this adapter")
-        resolved = {}
-        for name in routers:
-            g = torch.as_tensor(routing[name], dtype=torch.float32).reshape(-1)
-            if g.numel() != n:
-                raise ValueError(f"routing for {name} has {g.numel()} weights; this adapter has num_experts={n}")
-            resolved[name] = g
-        return resolved
+        return resolve_routing(self.mor_adapters(), routing)
 
     @contextlib.contextmanager
     def fixed_routing(self, routing: Routing) -> Iterator[None]:

@@ -13,7 +13,11 @@ is what makes the exact merge W' = W + sum_i g_i D_i possible.
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Union
 
 import torch
 from torch import nn
@@ -74,3 +78,81 @@ def load_balancing_loss(probs: torch.Tensor) -> torch.Tensor:
     share = torch.bincount(top, minlength=num_experts).to(probs.dtype) / max(top.numel(), 1)  # f_i
     mean_prob = probs.mean(dim=0)  # P_i
     return num_experts * (share * mean_prob).sum()
+
+
+# -- routing profiles ------------------------------------------------------------------------
+
+@dataclass
+class RoutingProfile:
+    """Fixed routing for every mixture layer: layer name -> expert weights g (N,), summing to 1.
+
+    Measured as the mean router output over a task's tokens (``measure_routing``); with it,
+    W' = W + sum_i g_i D_i is an exact merge. Layer names are relative to the transformers model.
+    """
+
+    weights: dict[str, torch.Tensor]
+
+    def mean(self) -> torch.Tensor:
+        """Expert weights averaged over layers: (N,)."""
+        return torch.stack(list(self.weights.values())).mean(dim=0)
+
+    def save(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps({k: v.tolist() for k, v in self.weights.items()}, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "RoutingProfile":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"routing profile not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not a routing profile (invalid JSON: {err})") from err
+        return cls({k: torch.tensor(v, dtype=torch.float32) for k, v in data.items()})
+
+
+ROUTING_NAME = "routing_profile.json"  # a profile saved next to what it made
+Routing = Union[RoutingProfile, torch.Tensor, Mapping[str, torch.Tensor], str, None]
+
+
+# -- resolving a routing for every layer --------------------------------------------------------------------------------------
+
+def resolve_routing(layers: Mapping[str, nn.Module], routing: Routing) -> dict[str, torch.Tensor]:
+    """Per-layer routing weights g (N,) in fp32 for every layer of ``layers``.
+
+    ``routing``: a ``RoutingProfile`` (anything with a ``weights`` mapping), a mapping
+    {layer name: weights}, one vector (N,) for every layer, "uniform", or a path to a saved
+    ``routing_profile.json``. A key may carry a wrapper prefix (``base_model.model.``): it
+    matches the layer whose name it ends with.
+    """
+    if isinstance(routing, (str, Path)):
+        if str(routing) == "uniform":
+            return {name: torch.full((layer.num_experts,), 1.0 / layer.num_experts) for name, layer in layers.items()}
+        path = Path(routing)
+        if not path.is_file():
+            raise FileNotFoundError(f"routing profile not found: {path} (give a routing_profile.json or 'uniform')")
+        try:
+            routing = {k: torch.tensor(v, dtype=torch.float32) for k, v in json.loads(path.read_text()).items()}
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
+            raise ValueError(f"{path} is not a routing profile ({err})") from err
+    if isinstance(routing, RoutingProfile):
+        routing = routing.weights
+    if isinstance(routing, torch.Tensor):
+        routing = {name: routing for name in layers}
+    resolved, missing = {}, []
+    for name, layer in layers.items():
+        key = name if name in routing else next((k for k in routing if k.endswith("." + name)), None)
+        if key is None:
+            missing.append(name)
+            continue
+        g = torch.as_tensor(routing[key], dtype=torch.float32).reshape(-1)
+        if g.numel() != layer.num_experts:
+            raise ValueError(f"routing for {name} has {g.numel()} weights; the layer has "
+                             f"num_experts={layer.num_experts}")
+        resolved[name] = g
+    if missing:
+        raise ValueError(f"the routing profile has no weights for {len(missing)} layers, e.g. {missing[:3]}; "
+                         "measure it on this adapter (mor merge/export-lora --data) or pass 'uniform'")
+    return resolved

@@ -1,0 +1,158 @@
+"""Export a MoR (or MoE-LoRA) adapter under a fixed routing as a standard peft LoRA folder.
+
+With one fixed routing vector g (N,) per layer, the adapter's update is a constant matrix.
+For MoR it is exactly a rank-r LoRA (MOR_METHOD.md section 3):
+
+    sum_i g_i D_i = (alpha/r) * M(g) @ A,   M(g) = sum_i g_i diag(Omega_B[i]) B diag(Omega_A[i])
+
+so lora_A = A (r, d_in) and lora_B = M(g) (d_out, r). An N-expert MoE-LoRA has no shared A and
+exports at rank N*r: lora_A = [A_1; ...; A_N] (N*r, d_in), lora_B = [g_1 B_1, ..., g_N B_N]
+(d_out, N*r).
+
+The scale is kept out of the weights: lora_alpha = scaling * R for the exported rank R, so
+peft's scaling lora_alpha / R equals the layer's alpha / r and lora_B is M(g) itself.
+
+The folder (adapter_config.json written by peft's LoraConfig, adapter_model.safetensors with
+peft's keys ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``) loads with
+``PeftModel.from_pretrained`` and with anything that serves peft LoRAs (vLLM, TGI).
+
+This module only relies on the mixture layers themselves (``nn.Module``: ``expert_factors()``,
+``scaling``, ``r``, ``num_experts``, ``in_features``, ``out_features``, ``fan_in_fan_out``; for MoR
+also its shared ``lora_A`` and ``expert_scales_in``), not on the wrapper around the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Union
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .layer import MixtureLayer, MoRAdapter
+from .routing import ROUTING_NAME, Routing, resolve_routing
+
+
+
+
+# -- finding the layers -------------------------------------------------------------------------
+
+def _transformers_root_prefix(model: nn.Module) -> str:
+    """Dotted name of the outermost transformers ``PreTrainedModel`` inside ``model`` ("" if it
+    is ``model`` itself or none is found): module names are made relative to it."""
+    from transformers import PreTrainedModel
+
+    for name, module in model.named_modules():  # pre-order: the outermost comes first
+        if isinstance(module, PreTrainedModel):
+            return name
+    return ""
+
+
+def mixture_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The active MoR / MoE-LoRA adapter of every mixture layer of ``model``, keyed by the layer's
+    name relative to the transformers model (wrapper prefixes such as ``base_model.model.`` stripped)."""
+    prefix = _transformers_root_prefix(model)
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MixtureLayer):
+            active = [a for a in module.active_adapters if a in module.mor]
+            if len(active) != 1:
+                raise ValueError(f"{name}: export one adapter at a time; active adapters are {active}")
+            layers[name[len(prefix) + 1:] if prefix else name] = module.mor[active[0]]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoR / MoE-LoRA layers to export; "
+                         "load a MoR or MoE-LoRA adapter onto the model first")
+    return layers
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside any wrapper (``model`` itself if it is one)."""
+    prefix = _transformers_root_prefix(model)
+    return model.get_submodule(prefix) if prefix else model
+
+
+# -- the maths ----------------------------------------------------------------------------------
+
+def exported_rank(layer: nn.Module) -> int:
+    """Rank of the exact LoRA of a mixture layer under fixed routing: r for MoR, N*r otherwise."""
+    return layer.r if isinstance(layer, MoRAdapter) else layer.num_experts * layer.r
+
+
+@torch.no_grad()
+def lora_factors(layer: nn.Module, routing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(lora_A (R, d_in), lora_B (d_out, R), lora_alpha) with (lora_alpha / R) * lora_B @ lora_A
+    equal to sum_i g_i D_i for the fixed weights g = ``routing`` (N,).
+
+    MoR: R = r, lora_A = A, lora_B = M(g). Any other mixture (MoE-LoRA): R = N*r, the experts'
+    factors side by side. lora_B is summed in float64; both come back in the adapter's dtype.
+    """
+    n, r = layer.num_experts, layer.r
+    g = torch.as_tensor(routing).reshape(n).to(torch.float64)
+    down, up = layer.expert_factors()  # (N, r, d_in), (N, d_out, r); D_i = scaling * up[i] @ down[i]
+    dtype = up.dtype
+    if isinstance(layer, MoRAdapter):
+        # up[i] = diag(Omega_B[i]) B, so M(g) = sum_i g_i up[i] diag(Omega_A[i])
+        scales_in = layer.expert_scales_in.detach().to(torch.float64)  # Omega_A: (N, r)
+        column_weights = g.unsqueeze(-1) * scales_in  # g_i * Omega_A[i]: (N, r)
+        lora_B = (up.detach().to(torch.float64) * column_weights.unsqueeze(1)).sum(dim=0)  # (d_out, r)
+        lora_A = layer.lora_A.detach()  # A: (r, d_in)
+    else:
+        lora_A = down.detach().reshape(n * r, layer.in_features)  # [A_1; ...; A_N]: (N*r, d_in)
+        gated = g.reshape(n, 1, 1) * up.detach().to(torch.float64)  # g_i B_i: (N, d_out, r)
+        lora_B = gated.permute(1, 0, 2).reshape(layer.out_features, n * r)  # (d_out, N*r)
+    rank = lora_A.shape[0]
+    return lora_A.to(dtype).contiguous(), lora_B.to(dtype).contiguous(), layer.scaling * rank
+
+
+# -- writing the folder -------------------------------------------------------------------------
+
+def _target_modules(model: nn.Module, layers: Mapping[str, nn.Module]) -> list[str]:
+    """LoraConfig.target_modules: the leaf names (``["down_proj", "q_proj", ...]``, the form serving
+    stacks expect) when they select exactly the exported layers, else every full module name."""
+    leaves = {name.rsplit(".", 1)[-1] for name in layers}
+    selected = {name for name, _ in transformers_model(model).named_modules()
+                if name.rsplit(".", 1)[-1] in leaves and ".base_layer" not in name}
+    return sorted(leaves) if selected == set(layers) else sorted(layers)
+
+
+@torch.no_grad()
+def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path],
+                base_model_name_or_path: Union[str, None] = None) -> Path:
+    """Write the adapter of ``model`` under fixed ``routing`` as a standard peft LoRA folder.
+
+    ``model``: a model carrying MoR / MoE-LoRA layers (a ``MoRModel`` or the bare transformers
+    model after injection). ``routing``: see ``resolve_routing``. The folder holds
+    adapter_config.json (peft ``LoraConfig``: rank r for MoR, N*r for MoE-LoRA; ``lora_alpha``
+    such that lora_alpha / rank is the layer's alpha / r; no dropout), adapter_model.safetensors
+    and the routing it was made with (routing_profile.json, ignored by peft). Returns the folder.
+    """
+    from peft import LoraConfig
+
+    layers = mixture_layers(model)
+    weights = resolve_routing(layers, routing)
+    tensors, ranks, alphas, conv1d = {}, set(), set(), set()
+    for name, layer in layers.items():
+        lora_A, lora_B, alpha = lora_factors(layer, weights[name])
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.cpu()
+        ranks.add(lora_A.shape[0])
+        alphas.add(alpha)
+        conv1d.add(transformers_model(model).get_submodule(name).fan_in_fan_out)
+    if len(ranks) > 1 or len(alphas) > 1 or len(conv1d) > 1:
+        raise ValueError(f"the mixture layers differ in rank {sorted(ranks)}, alpha {sorted(alphas)} or layer type "
+                         "(Linear vs Conv1D); one LoRA folder needs them alike")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(transformers_model(model), "config", None), "_name_or_path", None)
+    alpha = alphas.pop()
+    config = LoraConfig(r=ranks.pop(), lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+                        lora_dropout=0.0, target_modules=_target_modules(model, layers),
+                        fan_in_fan_out=conv1d.pop(), bias="none", task_type="CAUSAL_LM",
+                        base_model_name_or_path=base_model_name_or_path or None)
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / ROUTING_NAME).write_text(json.dumps({k: v.tolist() for k, v in weights.items()}, indent=1) + "\n")
+    return folder
