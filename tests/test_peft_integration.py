@@ -165,7 +165,13 @@ def test_legacy_adapter_folder_loads_with_a_warning_and_converts(tmp_path):
     with pytest.warns(UserWarning, match="mor convert-adapter"):
         loaded = mor.load_adapter(make_tiny_llama(), legacy)
     assert torch.equal(logits(loaded), expected)
-    mor.model.convert_legacy_adapter(legacy, tmp_path / "new", make_tiny_llama())
+    base_dir = tmp_path / "base"
+    make_tiny_llama().save_pretrained(base_dir)
+    from mor.cli import main
+
+    assert main(["convert-adapter", str(legacy), str(tmp_path / "new"), "--model", str(base_dir)]) == 0
+    config = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "MOR" and "adapter_type" not in config
     assert torch.equal(logits(PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "new")), expected)
 
 
@@ -200,3 +206,25 @@ def test_train_flags_come_from_the_config():
     assert meta["router"].metadata["help"] in helps["router"]
     spec = mor.methods.AdapterSpec(method="lora", r=16)
     assert spec.alpha == 32.0 and MoRConfig(r=16).alpha == 32.0  # one default: alpha = 2r everywhere
+
+
+def test_cli_trains_on_a_four_bit_base_and_converts_legacy_folders(tmp_path, tiny_model_dir):
+    pytest.importorskip("bitsandbytes")
+    from mor.cli import main
+    from mor.loading import load_model
+
+    data = tmp_path / "task.json"
+    data.write_text(json.dumps([{"instruction": f"Is {i} even or odd?", "input": "", "output": "even" if i % 2 == 0
+                                 else "odd", "answer": "even" if i % 2 == 0 else "odd"} for i in range(16)]))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--max-steps", "2",
+                 "--batch-size", "4", "--r", "4", "--num-experts", "2", "--no-eval", "--load-in-4bit"]) == 0
+    import bitsandbytes as bnb
+
+    base = load_model(str(tiny_model_dir), load_in_4bit=True)
+    assert isinstance(base.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    loaded = mor.load_adapter(base, out / "adapter")
+    assert any(float(a.lora_B.abs().sum()) > 0 for a in loaded.mor_adapters().values())  # it trained
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "MOR"
+    # convert-adapter never writes over an existing folder
+    assert main(["convert-adapter", str(out / "adapter"), str(out / "adapter"), "--model", str(tiny_model_dir)]) == 2

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-steps", type=int, default=50)
     t.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output")
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--load-in-4bit", action="store_true",
+                   help="quantise the frozen base to bitsandbytes nf4 (QLoRA-style); the adapter trains in fp32")
     t.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     t.add_argument("--eval-limit", type=int, default=None)
     t.add_argument("--no-figures", action="store_true", help="skip the routing figures after training a MoR adapter")
@@ -123,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--limit", type=int, default=100, help="records per task used to measure routing")
     a.add_argument("--output", default="figures")
     _add_export_and_generate(sub)
+    _add_convert(sub)
     return parser
 
 
@@ -142,6 +145,7 @@ def cmd_train(args) -> int:
                       grad_accum=args.grad_accum, lr=args.lr if args.lr is not None else 1e-3,
                       max_length=args.max_length, seed=args.seed, resume=args.resume, skip_bad=args.skip_bad,
                       save_steps=args.save_steps, gradient_checkpointing=args.gradient_checkpointing,
+                      load_in_4bit=args.load_in_4bit,
                       evaluate=not args.no_eval, eval_limit=args.eval_limit,
                       builtin_eval_size=BUILTIN_EVAL_SIZE if builtin else None)
     if builtin:
@@ -430,6 +434,34 @@ def cmd_generate(args) -> int:
 
 
 COMMANDS.update({"export-lora": cmd_export_lora, "generate": cmd_generate})
+
+
+# -- convert-adapter ----------------------------------------------------------------------------------
+
+def _add_convert(sub) -> None:
+    c = sub.add_parser("convert-adapter", help="rewrite a mor 0.1 adapter folder as a peft MoR folder")
+    c.add_argument("adapter", help="the old adapter folder (adapter_type 'mor', no peft_type)")
+    c.add_argument("output", help="new folder (must not exist)")
+    _add_model(c)
+
+
+def cmd_convert_adapter(args) -> int:
+    import warnings
+
+    from .loading import load_model
+    from .model import convert_legacy_adapter
+
+    out = Path(args.output)
+    if out.exists():
+        raise ValueError(f"{out} exists; give a new folder for the converted adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the "legacy format" warning: converting is the point
+        convert_legacy_adapter(args.adapter, out, load_model(args.model))
+    print(f"Converted {args.adapter} to {out} (loads with peft.PeftModel.from_pretrained or mor.load_adapter)")
+    return 0
+
+
+COMMANDS["convert-adapter"] = cmd_convert_adapter
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,12 +112,29 @@ def load_tokenizer(name_or_path: str | None = None, **kwargs):
     return tokenizer
 
 
-def load_model(name_or_path: str | None = None, dtype: torch.dtype | str = torch.float32, **kwargs):
+def load_model(name_or_path: str | None = None, dtype: torch.dtype | str = torch.float32,
+               load_in_4bit: bool = False, **kwargs):
     """A causal LM from a hub id, a local folder, a ``.gguf`` file, or the embedded default.
 
-    Remote code is never trusted unless ``trust_remote_code=True`` is passed explicitly.
+    ``load_in_4bit``: quantise the frozen base to bitsandbytes nf4 (QLoRA-style; runs on CPU and
+    GPU) with ``dtype`` as the compute dtype; adapters then train in that dtype. Remote code is
+    never trusted unless ``trust_remote_code=True`` is passed explicitly.
     """
     from transformers import AutoModelForCausalLM
 
     kwargs.setdefault("trust_remote_code", False)
+    if load_in_4bit:
+        kwargs["quantization_config"] = four_bit_config(dtype)
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype, **kwargs)
+
+
+def four_bit_config(compute_dtype: torch.dtype = torch.float32):
+    """bitsandbytes nf4 with double quantisation, computing in ``compute_dtype``."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ImportError("--load-in-4bit needs bitsandbytes: pip install 'bitsandbytes>=0.45'") from err
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)

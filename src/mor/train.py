@@ -60,6 +60,7 @@ class TrainConfig:
     save_steps: int = 50
     logging_steps: int = 10
     gradient_checkpointing: bool = False
+    load_in_4bit: bool = False  # a bitsandbytes nf4 frozen base (QLoRA-style)
     evaluate: bool = True  # score the eval tasks before and after training
     eval_limit: Union[int, None] = None
     eval_batch_size: int = 16
@@ -281,7 +282,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     dataset, data_report = build_train_dataset(train_tasks, tokenizer, cfg)
     logger.info("training on %d examples from %s", len(dataset), data_report["tasks"])
 
-    base = load_model(cfg.model)
+    base = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit)
     if cfg.adapter.init_seed is None:
         cfg.adapter.init_seed = cfg.seed
     model = apply_adapter(base, cfg.adapter)
