@@ -9,7 +9,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_quickstart_runs(smollm2_path, tmp_path, monkeypatch):
-    code = re.search(r"## Quickstart \(Python\)\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
+    code = re.search(r"## Quickstart \(Python\).*?```python\n(.*?)```", README.read_text(), re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, "README quickstart", "exec"), namespace)
