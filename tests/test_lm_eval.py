@@ -76,7 +76,7 @@ def perturbed_mor(base):
     model = get_mor_model(base, MoRConfig(r=4, num_experts=3, target_modules="ffn", init_seed=0, dropout=0.0))
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for tensor in model.adapter_state_dict().values():  # B starts at zero: make it matter
+        for tensor in (p for a in model.mor_adapters().values() for p in a.parameters()):  # B = 0 at init
             tensor.add_(0.2 * torch.randn(tensor.shape, generator=generator))
     return model.eval()
 

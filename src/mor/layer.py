@@ -2,14 +2,14 @@
 
 For a frozen weight W (d_out x d_in), MoR learns one shared low-rank pair A (r x d_in),
 B (d_out x r), per-expert scales Omega_A (N x r), Omega_B (N x d_out), and a router G. Expert
-i is the rescaled LoRA D_i = (alpha/r) diag(Omega_B[i]) B diag(Omega_A[i]) A, and the layer
-computes o = W x + sum_i G_i(x) D_i x as ONE product of expanded rank N*r:
+i is the rescaled LoRA D_i = (alpha/r) diag(Omega_B[i]) B diag(Omega_A[i]) A = U_i A, and the
+layer computes o = W x + sum_i G_i(x) D_i x as ONE product of expanded rank N*r:
 
-    h  = A x                                              (..., r)
-    G  = route(x)                                         (..., N)
-    z  = concat_i( G_i * Omega_A[i] * h )                 (..., N*r)
-    B~ = [diag(Omega_B[1]) B, ..., diag(Omega_B[N]) B]    (d_out, N*r), independent of the tokens
-    o  = W x + (alpha/r) B~ z
+    h = A x                                                   (..., r)
+    G = route(x)                                              (..., N)
+    z = concat_i( G_i * h )                                   (..., N*r)
+    U = (alpha/r) [diag(Omega_B[i]) B diag(Omega_A[i])]_i     (d_out, N*r), independent of the tokens
+    o = W x + U z
 
 ``MoRAdapter`` is that maths for one adapter; ``MixtureLayer`` is the peft tuner layer that
 wraps a frozen ``nn.Linear`` / ``Conv1D`` / quantised linear and holds one adapter per name.
@@ -61,17 +61,18 @@ class MoRAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates = self.router(x)  # G(x): (..., N)
-        h = self.dropout(x) @ self.lora_A.T  # A x: (..., r)
-        z = (gates.unsqueeze(-1) * self.expert_scales_in * h.unsqueeze(-2)).flatten(-2)  # (..., N*r)
-        return self.scaling * (z @ self.stacked_up().T)  # (alpha/r) B~ z: (..., d_out)
+        h = self.dropout(x) @ self.lora_A.T  # A x: (..., r), once for all experts
+        z = (gates.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # G_i * A x: (..., N*r)
+        return z @ self.stacked_up().T  # sum_i G_i U_i A x: (..., d_out)
 
     def stacked_up(self) -> torch.Tensor:
-        """B~ = [diag(Omega_B[i]) B]_i: (d_out, N*r).
+        """U = (alpha/r) [diag(Omega_B[i]) B diag(Omega_A[i])]_i: (d_out, N*r).
 
-        When no gradient is needed (generation, evaluation) it is built once and reused until B or
-        Omega_B change: at one decoded token, rebuilding it costs more than the adapter's product.
+        It does not depend on the tokens. When no gradient is needed (generation, evaluation) it is
+        built once and reused until B or the scales change: at one decoded token, rebuilding it
+        costs more than the adapter's own product.
         """
-        params = (self.lora_B, self.expert_scales_out)
+        params = (self.lora_B, self.expert_scales_in, self.expert_scales_out)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return self._build_stacked_up()
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
@@ -80,7 +81,8 @@ class MoRAdapter(nn.Module):
         return self._up_cache[1]
 
     def _build_stacked_up(self) -> torch.Tensor:
-        up = self.expert_scales_out.unsqueeze(-1) * self.lora_B  # (N, d_out, r): diag(Omega_B[i]) B
+        _, up = self.expert_factors()  # (N, d_out, r): diag(Omega_B[i]) B
+        up = self.scaling * up * self.expert_scales_in.unsqueeze(1)  # ... diag(Omega_A[i]), times alpha/r
         return up.permute(1, 0, 2).reshape(self.out_features, self.num_experts * self.r)
 
     def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
