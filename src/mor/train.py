@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .config import WEIGHTS_NAME
 from .data import (Task, collate, load_hub_task, load_task_records, mix_tasks, multiple_choice_items, split_records,
                    tokenize_examples, training_examples)
+from .distributed import adapter_checksum, all_gather_objects, save_adapter, world_size
 from .loading import load_model, load_tokenizer
 from .methods import AdapterSpec, apply_adapter
 from .model import MoRModel
@@ -32,6 +33,7 @@ from .model import MoRModel
 logger = logging.getLogger("mor")
 
 COMPLETE_MARKER = "checkpoint_complete"
+MAX_RECORDED_INDICES = 10_000  # result.json lists each process's example indices up to this many
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name of a Hugging Face dataset
 
 
@@ -163,16 +165,26 @@ class AdapterTrainer(Trainer):
     """Trainer that checkpoints only the adapter (MoR/MoE-LoRA in our format; peft's own for
     LoRA/DoRA) and logs the router's load-balancing loss."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trained_example_indices: list[int] = []  # this process's examples, from the batches' "example_index"
+
     def _adapter_model(self):
         return self.accelerator.unwrap_model(self.model)
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        model = self._adapter_model()
-        if not isinstance(model, MoRModel):
-            return super()._save(output_dir, state_dict)
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        indices = inputs.pop("example_index", None)
+        if indices is not None and model.training:
+            self.trained_example_indices.extend(indices.tolist())
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Every rank gathers the adapter (FSDP / ZeRO-3 shards need all of them); rank 0 writes it."""
+        if not isinstance(self._adapter_model(), MoRModel):
+            return super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
-        model.save_pretrained(output_dir)
-        if self.processing_class is not None:
+        save_adapter(self.model_wrapped, output_dir, is_main_process=self.args.should_save)
+        if self.processing_class is not None and self.args.should_save:
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -270,6 +282,8 @@ class TrainResult:
     data_report: dict
     before: dict | None = None  # evaluation results with the adapter disabled
     after: dict | None = None
+    world_size: int = 1  # processes that trained together
+    ranks: list | None = None  # per process: examples it trained on (indices into the mixed stream), adapter sha256
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -296,6 +310,12 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model)
     train_tasks, eval_tasks = load_train_and_eval_tasks(cfg)
     dataset, data_report = build_train_dataset(train_tasks, tokenizer, cfg)
+    for index, example in enumerate(dataset):
+        example["example_index"] = index  # which process trained on what (see AdapterTrainer.compute_loss)
+
+    def collate_with_indices(batch):
+        return {**collate(batch, tokenizer.pad_token_id),
+                "example_index": torch.tensor([example["example_index"] for example in batch])}
     logger.info("training on %d examples from %s", len(dataset), data_report["tasks"])
 
     base = load_model(cfg.model)
@@ -320,7 +340,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             logger.info("resuming from %s", resume_from)
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+        data_collator=collate_with_indices,
         callbacks=[CompleteCheckpointCallback()],
     )
     start = time.perf_counter()
@@ -328,16 +348,26 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     seconds = time.perf_counter() - start
 
     adapter_dir = output / "adapter"
+    # every rank gathers (FSDP / ZeRO-3 shards) and reports what it trained on; rank 0 writes
+    saved = save_adapter(trainer.model_wrapped, adapter_dir, is_main_process=trainer.is_world_process_zero())
+    seen = trainer.trained_example_indices
+    ranks = all_gather_objects({"examples": len(seen),
+                                "example_indices": sorted(seen) if len(seen) <= MAX_RECORDED_INDICES else None,
+                                "adapter_sha256": adapter_checksum(saved)})
     if trainer.is_world_process_zero():
-        model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
         (adapter_dir / "training.json").write_text(json.dumps({
             "model": cfg.model, "adapter": cfg.adapter.to_dict(), "trainable_parameters": trainable,
+            "world_size": world_size(),
             "train_config": {k: v for k, v in asdict(cfg).items() if k != "adapter"}, "data": data_report,
         }, indent=2, default=str) + "\n")
 
     after = None
-    if cfg.evaluate and eval_tasks and trainer.is_world_process_zero():
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if sharded and cfg.evaluate and eval_tasks:
+        logger.warning("the model is sharded (FSDP / DeepSpeed): skipping the evaluation after training; "
+                       "run `mor eval --adapter %s` on one process", adapter_dir)
+    if cfg.evaluate and eval_tasks and trainer.is_world_process_zero() and not sharded:
         model.eval()
         after = evaluate_model(model, tokenizer, eval_tasks, cfg.scoring, cfg.eval_batch_size, cfg.eval_limit)
         if before is None and cfg.resume:
@@ -345,7 +375,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                 before = evaluate_model(model, tokenizer, eval_tasks, cfg.scoring, cfg.eval_batch_size,
                                         cfg.eval_limit)
     result = TrainResult(adapter_dir, trainable, seconds, outcome.global_step, outcome.training_loss,
-                         data_report, before, after)
+                         data_report, before, after, world_size(), ranks)
     if trainer.is_world_process_zero():
         (output / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result

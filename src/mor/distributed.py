@@ -1,0 +1,211 @@
+"""Saving an adapter trained on several processes: DDP, FSDP (1 and 2) and DeepSpeed ZeRO.
+
+Under DDP every rank holds the whole adapter and only the ``module.`` wrapper is in the way.
+Under FSDP and ZeRO-3 each rank holds a shard: FSDP2 parameters are DTensors, FSDP1 views of a
+flat parameter that are empty (or partial) outside ``summon_full_params``, ZeRO-3 parameters
+are empty placeholders until ``deepspeed.zero.GatheredParameters``. ``gather_adapter_state_dict``
+undoes all of these and returns full CPU tensors keyed exactly like the unwrapped model's own
+adapter state dict; ``save_adapter`` writes them once, on rank 0, and refuses to write a tensor
+that is empty or still sharded.
+
+Gathering is a collective: every rank must call these functions, in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+from pathlib import Path
+from typing import Iterator, Mapping, Union
+
+import torch
+from torch import nn
+
+WRAPPER_CLASSES = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "DeepSpeedEngine")
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+# -- ranks -----------------------------------------------------------------------------------
+
+def world_size() -> int:
+    """Number of processes of this run (1 when torch.distributed is not initialised)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_gather_objects(value) -> list:
+    """``value`` of every rank, in rank order (a one-element list on a single process)."""
+    if world_size() == 1:
+        return [value]
+    out = [None] * world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+# -- unwrapping and gathering ------------------------------------------------------------------
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / FSDP1 / DeepSpeed engine / torch.compile wrappers (FSDP2 wraps nothing)."""
+    while type(model).__name__ in WRAPPER_CLASSES or type(model).__name__ == "OptimizedModule":
+        model = model._orig_mod if type(model).__name__ == "OptimizedModule" else model.module
+    return model
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the segments FSDP1, activation checkpointing and compile insert."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def _own_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's adapter tensors as it sees them locally (possibly sharded or empty)."""
+    if hasattr(model, "adapter_state_dict"):  # MoRModel
+        return model.adapter_state_dict()
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}  # peft: the trainable tensors
+
+
+def _adapter_parameters(model: nn.Module, keys: set[str]) -> list[nn.Parameter]:
+    """Parameters behind the adapter keys (a key is a dotted suffix of its parameter's name)."""
+    params = []
+    for name, param in model.named_parameters():
+        name = clean_name(name)
+        if param.requires_grad or any(name == k or name.endswith("." + k) for k in keys):
+            params.append(param)
+    return params
+
+
+def _fsdp1_roots(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.fsdp_modules(model, root_only=True) if any(isinstance(m, FSDP) for m in model.modules()) else []
+
+
+@contextlib.contextmanager
+def _full_parameters(model: nn.Module) -> Iterator[None]:
+    """Within this block FSDP1 and ZeRO-3 parameters hold their full values (collective)."""
+    with contextlib.ExitStack() as stack:
+        for root in _fsdp1_roots(model):
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            stack.enter_context(FSDP.summon_full_params(root, writeback=False, recurse=True))
+        inner = unwrap_model(model)
+        zero3 = [p for p in _adapter_parameters(inner, set(_own_adapter_state(inner))) if hasattr(p, "ds_id")]
+        if zero3:
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=None))
+        yield
+
+
+def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):  # FSDP2: all-gather the shards
+        tensor = tensor.full_tensor()
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full, unsharded CPU tensors of the adapter of ``model`` (wrapped or not), keyed like the
+    unwrapped model's own adapter state dict. Collective under FSDP / ZeRO-3: call it on every rank.
+
+    Raises ``ValueError`` if a tensor is still empty or sharded after gathering.
+    """
+    inner = unwrap_model(model)
+    with _full_parameters(model):
+        state = {clean_name(k): _full_cpu(v) for k, v in _own_adapter_state(inner).items()}
+    check_full_state_dict(state, model)
+    return state
+
+
+def _zero3_shapes(model: nn.Module) -> dict[str, tuple]:
+    return {clean_name(n): tuple(p.ds_shape) for n, p in unwrap_model(model).named_parameters()
+            if hasattr(p, "ds_shape")}
+
+
+def check_full_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> None:
+    """ValueError unless every tensor is a full, non-empty, ordinary (not DTensor) tensor; with
+    ``model``, its ZeRO-3 parameters' full shapes are checked too."""
+    from torch.distributed.tensor import DTensor
+
+    if not state:
+        raise ValueError("the adapter state dict is empty: nothing to save (is this model wrapped with an adapter?)")
+    problems = []
+    full_shapes = _zero3_shapes(model) if model is not None else {}
+    for key, tensor in state.items():
+        if isinstance(tensor, DTensor):
+            problems.append(f"{key} is a DTensor (an FSDP2 shard)")
+        elif tensor.numel() == 0:
+            problems.append(f"{key} is empty, shape {tuple(tensor.shape)} (an FSDP1 / ZeRO-3 shard)")
+        else:
+            shape = next((s for name, s in full_shapes.items() if name.endswith("." + key) or name == key), None)
+            if shape is not None and tuple(tensor.shape) != shape:
+                problems.append(f"{key} has shape {tuple(tensor.shape)}, its full shape is {shape}")
+    if problems:
+        raise ValueError(
+            f"refusing to save a sharded adapter: {len(problems)} tensors are not full, e.g. {problems[:3]}. "
+            "Gather them first with mor.distributed.gather_adapter_state_dict(model) on every rank."
+        )
+
+
+# -- saving ------------------------------------------------------------------------------------
+
+def save_adapter(model: nn.Module, save_directory: Union[str, Path], state_dict: Mapping[str, torch.Tensor] | None = None,
+                 is_main_process: bool | None = None) -> dict[str, torch.Tensor]:
+    """Gather the adapter of ``model`` on every rank and write it once, from the main process.
+
+    ``state_dict``: already gathered tensors (then nothing is gathered, and the call need not be
+    collective). ``is_main_process``: defaults to rank 0. Returns the tensors that were written
+    (every rank gets them). Nothing is written if any tensor is empty or sharded.
+    """
+    state = gather_adapter_state_dict(model) if state_dict is None else dict(state_dict)
+    check_full_state_dict(state, model)
+    if is_main_process is None:
+        is_main_process = rank() == 0
+    if is_main_process:
+        write_adapter(unwrap_model(model), save_directory, state)
+    return state
+
+
+def write_adapter(model: nn.Module, save_directory: Union[str, Path], state: Mapping[str, torch.Tensor]) -> None:
+    """Write full adapter tensors ``state`` with ``model``'s config, in the model's own format.
+
+    A model whose ``save_pretrained`` takes ``state_dict=`` (peft's ``PeftModel``) writes them
+    itself; today's ``MoRModel`` does not, so its config and safetensors file are written here.
+    """
+    check_full_state_dict(state)
+    folder = Path(save_directory)
+    if "state_dict" in inspect.signature(model.save_pretrained).parameters:
+        model.save_pretrained(folder, state_dict=dict(state))
+        return
+    from safetensors.torch import save_file
+
+    from .config import WEIGHTS_NAME
+
+    config = model.mor_config
+    own = set(model.adapter_state_dict())
+    if set(state) != own:
+        raise ValueError(f"the gathered adapter does not match the model: missing {sorted(own - set(state))[:3]}, "
+                         f"unexpected {sorted(set(state) - own)[:3]}")
+    folder.mkdir(parents=True, exist_ok=True)
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(model.base_model.config, "_name_or_path", None)
+    config.save(folder)
+    save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(folder / WEIGHTS_NAME),
+              metadata={"format": "pt", "adapter_type": "mor", "method": config.method})
+
+
+def adapter_checksum(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the names and float32 bytes of ``state`` (equal iff the tensors are bit-identical)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
