@@ -125,27 +125,34 @@ def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _zero3_shapes(model: nn.Module) -> dict[str, tuple]:
-    return {clean_name(n): tuple(p.ds_shape) for n, p in unwrap_model(model).named_parameters()
-            if hasattr(p, "ds_shape")}
+def _full_shapes(model: nn.Module) -> dict[str, tuple]:
+    """Full shapes of sharded parameters, by cleaned name: ZeRO-3's ``ds_shape`` and FSDP1's flat
+    parameter metadata (an FSDP1 shard can be a partial 1-D view, not only an empty one)."""
+    shapes = {clean_name(n): tuple(p.ds_shape) for n, p in model.named_parameters() if hasattr(p, "ds_shape")}
+    for prefix, module in model.named_modules():
+        flat = getattr(getattr(module, "_handle", None), "flat_param", None)
+        for fqn, shape in zip(getattr(flat, "_fqns", ()), getattr(flat, "_shapes", ())):
+            shapes[clean_name(f"{prefix}.{fqn}" if prefix else fqn)] = tuple(shape)
+    return shapes
 
 
 def check_full_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> None:
     """ValueError unless every tensor is a full, non-empty, ordinary (not DTensor) tensor; with
-    ``model``, its ZeRO-3 parameters' full shapes are checked too."""
+    ``model``, the full shapes of its FSDP1 / ZeRO-3 parameters are checked too."""
     from torch.distributed.tensor import DTensor
 
     if not state:
         raise ValueError("the adapter state dict is empty: nothing to save (is this model wrapped with an adapter?)")
     problems = []
-    full_shapes = _zero3_shapes(model) if model is not None else {}
+    full_shapes = _full_shapes(model) if model is not None else {}
     for key, tensor in state.items():
         if isinstance(tensor, DTensor):
             problems.append(f"{key} is a DTensor (an FSDP2 shard)")
         elif tensor.numel() == 0:
             problems.append(f"{key} is empty, shape {tuple(tensor.shape)} (an FSDP1 / ZeRO-3 shard)")
         else:
-            shape = next((s for name, s in full_shapes.items() if name.endswith("." + key) or name == key), None)
+            name = clean_name(key)
+            shape = next((s for full, s in full_shapes.items() if full == name or full.endswith("." + name)), None)
             if shape is not None and tuple(tensor.shape) != shape:
                 problems.append(f"{key} has shape {tuple(tensor.shape)}, its full shape is {shape}")
     if problems:
@@ -190,7 +197,7 @@ def write_adapter(model: nn.Module, save_directory: Union[str, Path], state: Map
     from .config import WEIGHTS_NAME
 
     config = model.mor_config
-    own = set(model.adapter_state_dict())
+    own = {clean_name(k) for k in model.adapter_state_dict()}
     if set(state) != own:
         raise ValueError(f"the gathered adapter does not match the model: missing {sorted(own - set(state))[:3]}, "
                          f"unexpected {sorted(set(state) - own)[:3]}")
