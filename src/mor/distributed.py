@@ -184,12 +184,14 @@ def save_adapter(model: nn.Module, save_directory: Union[str, Path], state_dict:
 def write_adapter(model: nn.Module, save_directory: Union[str, Path], state: Mapping[str, torch.Tensor]) -> None:
     """Write full adapter tensors ``state`` with ``model``'s config, in the model's own format.
 
-    A model whose ``save_pretrained`` takes ``state_dict=`` (peft's ``PeftModel``) writes them
-    itself; today's ``MoRModel`` does not, so its config and safetensors file are written here.
+    A peft ``PeftModel`` (and any model with a ``save_pretrained(dir, state_dict=...)``) writes
+    them itself; today's ``MoRModel`` ignores ``state_dict``, so its config and safetensors file
+    are written here.
     """
     check_full_state_dict(state)
     folder = Path(save_directory)
-    if "state_dict" in inspect.signature(model.save_pretrained).parameters:
+    takes_state_dict = "state_dict" in inspect.signature(model.save_pretrained).parameters
+    if takes_state_dict or not hasattr(model, "mor_config"):
         model.save_pretrained(folder, state_dict=dict(state))
         return
     from safetensors.torch import save_file
