@@ -150,6 +150,35 @@ def test_sharded_training_saves_the_full_adapter_once(tmp_path, mode):
                                                                         "adapter_model.safetensors"]
 
 
+TRAINER_WITH_DEEPSPEED = """
+import dataclasses, sys
+from mor import train
+from mor.methods import AdapterSpec
+plain = train.training_arguments
+train.training_arguments = lambda cfg: dataclasses.replace(plain(cfg), deepspeed={
+    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True})
+model, out, *tasks = sys.argv[1:]
+train.run_training(train.TrainConfig(model=model, data=tasks, output=out, max_steps=2, batch_size=2, evaluate=False,
+                                     adapter=AdapterSpec(r=4, num_experts=3)))
+"""
+
+
+def test_a_trainer_that_sees_one_of_two_processes_is_refused(tmp_path, tiny_model_dir, tiny_tasks):
+    """On CPU, accelerate gives the Trainer's DeepSpeed run a world of 1 while torch.distributed
+    runs 2: both processes would train on the same data and both would write. It must stop."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is in the test extra: pip install -e '.[test]'")
+    script = tmp_path / "trainer_with_deepspeed.py"
+    script.write_text(TRAINER_WITH_DEEPSPEED)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tiny_model_dir), str(tmp_path / "run"), *tiny_tasks]
+    env = {k: v for k, v in _env().items() if k != "ACCELERATE_USE_CPU"}  # with it, DeepSpeed is dropped
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "torch.distributed runs 2 processes but the Trainer (accelerate) sees 1" in proc.stderr
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
 # -- single process: the save path's refusals ------------------------------------------------------
 
 def test_save_refuses_empty_or_sharded_tensors_and_writes_nothing(tmp_path):

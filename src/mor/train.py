@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .config import WEIGHTS_NAME
 from .data import (Task, collate, load_hub_task, load_task_records, mix_tasks, multiple_choice_items, split_records,
                    tokenize_examples, training_examples)
-from .distributed import adapter_checksum, all_gather_objects, save_adapter, world_size
+from .distributed import adapter_checksum, all_gather_objects, check_launch, save_adapter, world_size
 from .loading import load_model, load_tokenizer
 from .methods import AdapterSpec, apply_adapter
 from .model import MoRModel
@@ -214,6 +214,20 @@ class CompleteCheckpointCallback(TrainerCallback):
         return control
 
 
+class LaunchCheckCallback(TrainerCallback):
+    """Stops a multi-process run that is not what it seems (see mor.distributed.check_launch)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.checked = False
+
+    def on_step_begin(self, args, state, control, **kwargs):  # after accelerate / DeepSpeed set up the processes
+        if not self.checked:
+            check_launch(args.world_size, self.trainer.is_fsdp_enabled, self.trainer.is_deepspeed_enabled)
+            self.checked = True
+        return control
+
+
 def last_complete_checkpoint(folder: Union[str, Path]) -> Path | None:
     """The highest-step ``checkpoint-N`` in ``folder`` that carries the completion marker."""
     folder = Path(folder)
@@ -343,6 +357,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         data_collator=collate_with_indices,
         callbacks=[CompleteCheckpointCallback()],
     )
+    trainer.add_callback(LaunchCheckCallback(trainer))
     start = time.perf_counter()
     outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
