@@ -164,19 +164,26 @@ train.run_training(train.TrainConfig(model=model, data=tasks, output=out, max_st
 """
 
 
-def test_a_trainer_that_sees_one_of_two_processes_is_refused(tmp_path, tiny_model_dir, tiny_tasks):
-    """On CPU, accelerate gives the Trainer's DeepSpeed run a world of 1 while torch.distributed
-    runs 2: both processes would train on the same data and both would write. It must stop."""
-    pytest.importorskip("deepspeed", reason="DeepSpeed is in the test extra: pip install -e '.[test]'")
-    script = tmp_path / "trainer_with_deepspeed.py"
-    script.write_text(TRAINER_WITH_DEEPSPEED)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tiny_model_dir), str(tmp_path / "run"), *tiny_tasks]
-    env = {k: v for k, v in _env().items() if k != "ACCELERATE_USE_CPU"}  # with it, DeepSpeed is dropped
+@pytest.mark.parametrize("launch", ["torchrun", "trainer-deepspeed"])
+def test_a_trainer_that_sees_one_of_two_processes_is_refused(tmp_path, tiny_model_dir, tiny_tasks, launch):
+    """On CPU, torchrun without ACCELERATE_USE_CPU=true, and DeepSpeed through the Trainer, give the
+    Trainer a world of 1 while torch.distributed runs 2: both processes would train on all the data
+    and both would write. The run must stop before its first step."""
+    env = {k: v for k, v in _env().items() if k != "ACCELERATE_USE_CPU"}
+    if launch == "torchrun":
+        args = [str(a) for a in train_args(tiny_model_dir, tiny_tasks, tmp_path / "run")][:-4]  # torchrun takes
+        target = ["-m", "mor.cli", *args]  # "--r" (even "--r=4") for an abbreviation of its own --rdzv-* options
+    else:
+        pytest.importorskip("deepspeed", reason="DeepSpeed is in the test extra: pip install -e '.[test]'")
+        script = tmp_path / "trainer_with_deepspeed.py"
+        script.write_text(TRAINER_WITH_DEEPSPEED)
+        target = [str(script), str(tiny_model_dir), str(tmp_path / "run"), *tiny_tasks]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0, proc.stdout[-3000:]
     assert "torch.distributed runs 2 processes but the Trainer (accelerate) sees 1" in proc.stderr
     assert not (tmp_path / "run" / "adapter").exists()
+    assert not list((tmp_path / "run").glob("checkpoints/checkpoint-*"))
 
 
 # -- single process: the save path's refusals ------------------------------------------------------
@@ -193,3 +200,16 @@ def test_save_refuses_empty_or_sharded_tensors_and_writes_nothing(tmp_path):
     save_adapter(model, tmp_path / "good")
     reloaded = MoRModel.from_pretrained(make_tiny_llama(), tmp_path / "good").adapter_state_dict()
     assert adapter_checksum(reloaded) == adapter_checksum(model.adapter_state_dict())
+
+
+def test_the_gpu_config_files_are_what_accelerate_reads():
+    """The GPU launch files of the README parse as accelerate configs (running them needs GPUs)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = HERE.parent / "configs"
+    fsdp = load_config_from_file(str(configs / "accelerate_fsdp.yaml"))
+    assert fsdp.distributed_type == "FSDP" and fsdp.fsdp_config["fsdp_version"] == 2
+    zero3 = load_config_from_file(str(configs / "accelerate_deepspeed_zero3.yaml"))
+    assert zero3.distributed_type == "DEEPSPEED"
+    ds_file = HERE.parent / zero3.deepspeed_config["deepspeed_config_file"]
+    assert json.loads(ds_file.read_text())["zero_optimization"]["stage"] == 3

@@ -43,8 +43,9 @@ def rank() -> int:
 def check_launch(trainer_world_size: int, fsdp: bool = False, deepspeed: bool = False) -> None:
     """RuntimeError when the launch is not what it seems; two traps of accelerate on CPU:
 
-    - the Trainer sees fewer processes than torch.distributed runs (DeepSpeed on CPU: accelerate
-      sees 1 of 2), so every process trains on all the data and writes the adapter;
+    - the Trainer sees fewer processes than torch.distributed runs (torchrun without
+      ``ACCELERATE_USE_CPU=true``, or DeepSpeed, on CPU: accelerate sees 1 of 2), so every process
+      trains on all the data and writes the adapter;
     - ``accelerate launch`` was asked for FSDP / DeepSpeed (``ACCELERATE_USE_FSDP`` /
       ``ACCELERATE_USE_DEEPSPEED``) but the Trainer runs without it (``ACCELERATE_USE_CPU=true``
       drops both silently).
@@ -54,7 +55,8 @@ def check_launch(trainer_world_size: int, fsdp: bool = False, deepspeed: bool = 
             f"torch.distributed runs {world_size()} processes but the Trainer (accelerate) sees "
             f"{trainer_world_size}: the data would not be split and every process would write the adapter. "
             "On CPU launch with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N` or "
-            "torchrun (DDP); DeepSpeed and FSDP through the Trainer need GPUs (README: Several processes)."
+            "`ACCELERATE_USE_CPU=true torchrun` (DDP); DeepSpeed and FSDP through the Trainer need GPUs "
+            "(README: Several processes)."
         )
     for name, enabled in (("FSDP", fsdp), ("DEEPSPEED", deepspeed)):
         if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true") and not enabled:
