@@ -3,8 +3,9 @@ train on the mixed task stream, save the adapter, evaluate before and after.
 
 Trainer brings progress bars, logging (tensorboard), gradient accumulation, schedules, mixed
 precision on GPU, gradient checkpointing and multi-process launch (``accelerate launch``); this
-module only adds what is ours: saving only the adapter in checkpoints, resuming from the last
-*complete* checkpoint, and reporting the router's auxiliary loss.
+module only adds what is ours: saving only the adapter in checkpoints (gathered whole under
+FSDP / ZeRO-3 and written by rank 0, see mor.distributed), resuming from the last *complete*
+checkpoint, reporting the router's auxiliary loss, and recording which process trained on what.
 """
 
 from __future__ import annotations
@@ -326,10 +327,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     dataset, data_report = build_train_dataset(train_tasks, tokenizer, cfg)
     for index, example in enumerate(dataset):
         example["example_index"] = index  # which process trained on what (see AdapterTrainer.compute_loss)
-
-    def collate_with_indices(batch):
-        return {**collate(batch, tokenizer.pad_token_id),
-                "example_index": torch.tensor([example["example_index"] for example in batch])}
     logger.info("training on %d examples from %s", len(dataset), data_report["tasks"])
 
     base = load_model(cfg.model)
@@ -352,6 +349,11 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             logger.warning("--resume: no complete checkpoint in %s; starting from scratch", args.output_dir)
         else:
             logger.info("resuming from %s", resume_from)
+
+    def collate_with_indices(batch):
+        return {**collate(batch, tokenizer.pad_token_id),
+                "example_index": torch.tensor([example["example_index"] for example in batch])}
+
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         data_collator=collate_with_indices,
