@@ -23,7 +23,7 @@ from conftest import make_tiny_llama  # noqa: E402
 
 from mor.config import MoRConfig  # noqa: E402
 from mor.distributed import (adapter_checksum, check_full_state_dict, clean_name, gather_adapter_state_dict,  # noqa: E402
-                             save_adapter, unwrap_model)  # noqa: E402
+                             load_adapter_file, load_adapter_state_dict, save_adapter, unwrap_model)
 from mor.model import MoRModel, get_mor_model  # noqa: E402
 
 STEPS, BATCH, LENGTH, LR = 3, 2, 16, 1e-2
@@ -128,12 +128,18 @@ def main(mode: str, output: Path) -> None:
     save_adapter(wrapped, output / "adapter", state_dict=None)  # gathers again, rank 0 writes
     torch.distributed.barrier()
     reloaded = MoRModel.from_pretrained(make_tiny_llama(), output / "adapter").adapter_state_dict()
+    # loading into the sharded model (what resuming needs): back to the start, then the saved file
+    load_adapter_state_dict(wrapped, initial)
+    back_to_initial = adapter_checksum(gather_adapter_state_dict(wrapped)) == adapter_checksum(initial)
+    load_adapter_file(wrapped, output / "adapter" / "adapter_model.safetensors")
+    loaded_sharded = adapter_checksum(gather_adapter_state_dict(wrapped))
     expected = reference.adapter_state_dict()
     report = {
         "rank": rank, "world_size": world, "losses": losses,
         "local_numel": local_numel, "partial_shards": len(partial), "partial_shards_refused": partial_refused, "full_numel": sum(t.numel() for t in gathered.values()),
         "refused": refused, "gathered_sha256": adapter_checksum(gathered),
         "reloaded_sha256": adapter_checksum(reloaded),
+        "back_to_initial": back_to_initial, "loaded_into_shards_sha256": loaded_sharded,
         "keys_match": sorted(gathered) == sorted(expected),
         "max_diff_from_unsharded": max((gathered[k] - expected[k]).abs().max().item() for k in expected),
         "trained": max((gathered[k] - initial[k]).abs().max().item() for k in expected),

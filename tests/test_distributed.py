@@ -1,6 +1,7 @@
 """Training on two CPU processes for real: DDP through `accelerate launch` (data split, identical
 adapters, gradient accumulation, resume after a kill), and FSDP2 / FSDP1 / DeepSpeed ZeRO-3
-through torchrun (the adapter is gathered whole, written once, and reloads equal to the ranks').
+through torchrun (the adapter is gathered whole, written once, reloads equal to the ranks', and
+loads back into the sharded model).
 
 Every multi-process test asserts that two ranks ran: `accelerate launch --num_processes 2 --cpu`
 starts ONE process on a CPU-only machine, so a test that only checks for a saved adapter proves
@@ -145,6 +146,8 @@ def test_sharded_training_saves_the_full_adapter_once(tmp_path, mode):
         assert report["max_diff_from_unsharded"] <= 1e-5
         # written once, and reloading gives exactly what every rank held
         assert report["reloaded_sha256"] == report["gathered_sha256"] == reports[0]["gathered_sha256"]
+        # and loading the file back into the sharded model (what resuming needs) gives the same tensors
+        assert report["back_to_initial"] and report["loaded_into_shards_sha256"] == report["gathered_sha256"]
     assert not (tmp_path / "local-shards").exists()
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
                                                                         "adapter_model.safetensors"]

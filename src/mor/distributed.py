@@ -115,20 +115,28 @@ def _fsdp1_roots(model: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def _full_parameters(model: nn.Module) -> Iterator[None]:
-    """Within this block FSDP1 and ZeRO-3 parameters hold their full values (collective)."""
+def _full_parameters(model: nn.Module, writeback: bool = False) -> Iterator[None]:
+    """Within this block FSDP1 and ZeRO-3 parameters hold their full values (collective); with
+    ``writeback``, changes made inside are written back into the shards on exit."""
     with contextlib.ExitStack() as stack:
         for root in _fsdp1_roots(model):
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-            stack.enter_context(FSDP.summon_full_params(root, writeback=False, recurse=True))
+            stack.enter_context(FSDP.summon_full_params(root, writeback=writeback, recurse=True))
         inner = unwrap_model(model)
         zero3 = [p for p in _adapter_parameters(inner, set(_own_adapter_state(inner))) if hasattr(p, "ds_id")]
         if zero3:
             import deepspeed
 
-            stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=None))
+            stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=0 if writeback else None))
         yield
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is an FSDP1 / FSDP2 / ZeRO-3 shard."""
+    from torch.distributed.tensor import DTensor
+
+    return bool(_fsdp1_roots(model)) or any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
 
 
 def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -187,6 +195,47 @@ def check_full_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module | 
             f"refusing to save a sharded adapter: {len(problems)} tensors are not full, e.g. {problems[:3]}. "
             "Gather them first with mor.distributed.gather_adapter_state_dict(model) on every rank."
         )
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+def load_adapter_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy full adapter tensors (as ``gather_adapter_state_dict`` returns them) into ``model``,
+    sharded or not. Collective under FSDP / ZeRO-3: every rank calls it with the same tensors.
+    A missing, extra or mis-shaped tensor is a ``ValueError``; nothing is copied then.
+
+    Under ZeRO-3 this sets the parameters, not the optimizer's fp32 master copies: load before
+    ``deepspeed.initialize`` or resume through DeepSpeed's own checkpoint (the Trainer does)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    inner = unwrap_model(model)
+    with _full_parameters(model, writeback=True):
+        own = {clean_name(k): v for k, v in _own_adapter_state(inner).items()}
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        wrong = [k for k in sorted(set(own) & set(tensors)) if tuple(own[k].shape) != tuple(tensors[k].shape)]
+        if missing or unexpected or wrong:
+            raise ValueError(f"the adapter tensors do not match the model: missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}, mis-shaped {wrong[:3]}; load the adapter this model was built for")
+        with torch.no_grad():
+            for key, target in own.items():
+                source = tensors[key].to(target.dtype)
+                if isinstance(target, DTensor):  # FSDP2: keep only this rank's shard
+                    source = distribute_tensor(source.to(target.device), target.device_mesh, target.placements)
+                target.copy_(source.to(target.device) if not isinstance(source, DTensor) else source)
+
+
+def load_adapter_file(model: nn.Module, path: Union[str, Path]) -> None:
+    """Load an adapter_model.safetensors into ``model``; sharded models go through
+    ``load_adapter_state_dict`` (every rank must call), others through their own strict loader."""
+    inner = unwrap_model(model)
+    if not is_sharded(model) and hasattr(inner, "load_adapter_weights"):
+        inner.load_adapter_weights(path)
+        return
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"adapter weights not found: {path}")
+    load_adapter_state_dict(model, load_file(str(path)))
 
 
 # -- saving ------------------------------------------------------------------------------------

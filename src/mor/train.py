@@ -26,7 +26,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .config import WEIGHTS_NAME
 from .data import (Task, collate, load_hub_task, load_task_records, mix_tasks, multiple_choice_items, split_records,
                    tokenize_examples, training_examples)
-from .distributed import adapter_checksum, all_gather_objects, check_launch, save_adapter, world_size
+from .distributed import (adapter_checksum, all_gather_objects, check_launch, load_adapter_file, save_adapter,
+                          unwrap_model, world_size)
 from .loading import load_model, load_tokenizer
 from .methods import AdapterSpec, apply_adapter
 from .model import MoRModel
@@ -189,10 +190,10 @@ class AdapterTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        model = model or self._adapter_model()
-        if not isinstance(model, MoRModel):
+        model = model or self.model  # the Trainer passes the FSDP-wrapped model under FSDP
+        if not isinstance(unwrap_model(model), MoRModel):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        model.load_adapter_weights(Path(resume_from_checkpoint) / WEIGHTS_NAME)
+        load_adapter_file(model, Path(resume_from_checkpoint) / WEIGHTS_NAME)  # into the shards, if sharded
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         aux = getattr(self._adapter_model(), "last_router_aux_loss", None)
