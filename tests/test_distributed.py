@@ -167,24 +167,40 @@ train.run_training(train.TrainConfig(model=model, data=tasks, output=out, max_st
 """
 
 
-@pytest.mark.parametrize("launch", ["torchrun", "trainer-deepspeed"])
-def test_a_trainer_that_sees_one_of_two_processes_is_refused(tmp_path, tiny_model_dir, tiny_tasks, launch):
-    """On CPU, torchrun without ACCELERATE_USE_CPU=true, and DeepSpeed through the Trainer, give the
-    Trainer a world of 1 while torch.distributed runs 2: both processes would train on all the data
-    and both would write. The run must stop before its first step."""
+ONE_OF_TWO = "torch.distributed runs 2 processes but the Trainer (accelerate) sees 1"
+DROPPED = "accelerate was asked for DEEPSPEED (ACCELERATE_USE_DEEPSPEED=true) but the Trainer runs without it"
+
+
+@pytest.mark.parametrize("launch", ["torchrun", "trainer-deepspeed", "accelerate-deepspeed-cpu"])
+def test_a_launch_that_is_not_what_it_seems_is_refused(tmp_path, tiny_model_dir, tiny_tasks, launch):
+    """Three CPU launches that look like 2-process training and are not; each must stop before
+    its first step instead of training each process alone on all the data (and each writing):
+
+    - torchrun without ACCELERATE_USE_CPU=true, and DeepSpeed through the Trainer under torchrun:
+      the Trainer sees a world of 1 while torch.distributed runs 2;
+    - `ACCELERATE_USE_CPU=true accelerate launch --use_deepspeed`: accelerate drops DeepSpeed.
+    """
+    args = [str(a) for a in train_args(tiny_model_dir, tiny_tasks, tmp_path / "run")]
     env = {k: v for k, v in _env().items() if k != "ACCELERATE_USE_CPU"}
-    if launch == "torchrun":
-        args = [str(a) for a in train_args(tiny_model_dir, tiny_tasks, tmp_path / "run")][:-4]  # torchrun takes
-        target = ["-m", "mor.cli", *args]  # "--r" (even "--r=4") for an abbreviation of its own --rdzv-* options
-    else:
+    if launch == "accelerate-deepspeed-cpu":
         pytest.importorskip("deepspeed", reason="DeepSpeed is in the test extra: pip install -e '.[test]'")
-        script = tmp_path / "trainer_with_deepspeed.py"
-        script.write_text(TRAINER_WITH_DEEPSPEED)
-        target = [str(script), str(tiny_model_dir), str(tmp_path / "run"), *tiny_tasks]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "3",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", _free_port(), "-m", "mor.cli", *args]
+        env, expected = _env(), DROPPED
+    else:
+        if launch == "torchrun":  # torchrun takes "--r" (even "--r=4") for an abbreviation of its own options
+            target = ["-m", "mor.cli", *args[:-4]]
+        else:
+            pytest.importorskip("deepspeed", reason="DeepSpeed is in the test extra: pip install -e '.[test]'")
+            script = tmp_path / "trainer_with_deepspeed.py"
+            script.write_text(TRAINER_WITH_DEEPSPEED)
+            target = [str(script), str(tiny_model_dir), str(tmp_path / "run"), *tiny_tasks]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target]
+        expected = ONE_OF_TWO
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0, proc.stdout[-3000:]
-    assert "torch.distributed runs 2 processes but the Trainer (accelerate) sees 1" in proc.stderr
+    assert expected in proc.stderr
     assert not (tmp_path / "run" / "adapter").exists()
     assert not list((tmp_path / "run").glob("checkpoints/checkpoint-*"))
 
