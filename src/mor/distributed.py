@@ -1,4 +1,4 @@
-"""Saving an adapter trained on several processes: DDP, FSDP (1 and 2) and DeepSpeed ZeRO.
+"""Saving and loading an adapter trained on several processes: DDP, FSDP (1 and 2), DeepSpeed ZeRO.
 
 Under DDP every rank holds the whole adapter and only the ``module.`` wrapper is in the way.
 Under FSDP and ZeRO-3 each rank holds a shard: FSDP2 parameters are DTensors, FSDP1 views of a
@@ -6,7 +6,8 @@ flat parameter that are empty (or partial) outside ``summon_full_params``, ZeRO-
 are empty placeholders until ``deepspeed.zero.GatheredParameters``. ``gather_adapter_state_dict``
 undoes all of these and returns full CPU tensors keyed exactly like the unwrapped model's own
 adapter state dict; ``save_adapter`` writes them once, on rank 0, and refuses to write a tensor
-that is empty or still sharded.
+that is empty or still sharded; ``load_adapter_file`` puts a saved adapter back into the
+shards (resuming). ``check_launch`` stops a run that only looks multi-process.
 
 Gathering is a collective: every rank must call these functions, in the same order.
 """
