@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -121,21 +118,6 @@ def test_unknown_target_module_is_a_clear_error(tmp_path, tiny_model_dir, tiny_t
     assert run_cli("train", "--model", tiny_model_dir, "--data", *tiny_tasks, "--target-modules", "c_attn",
                    "--output", tmp_path / "o", "--max-steps", 1, "--no-eval") == 2
     assert "matches no module" in capsys.readouterr().err
-
-
-def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_model_dir, tiny_tasks):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "mor.cli", "train", "--model", str(tiny_model_dir), "--data", *tiny_tasks,
-           "--output", str(out), "--max-steps", "2", "--batch-size", "2", "--no-eval"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from mor import load_adapter
-
-    model = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
-    assert len(model.mor_adapters()) == 6
 
 
 def test_real_smollm2_on_commonsense_records(tmp_path, smollm2_path, commonsense, capsys):

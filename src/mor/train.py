@@ -3,8 +3,9 @@ train on the mixed task stream, save the adapter, evaluate before and after.
 
 Trainer brings progress bars, logging (tensorboard), gradient accumulation, schedules, mixed
 precision on GPU, gradient checkpointing and multi-process launch (``accelerate launch``); this
-module only adds what is ours: saving only the adapter in checkpoints, resuming from the last
-*complete* checkpoint, and reporting the router's auxiliary loss.
+module only adds what is ours: saving only the adapter in checkpoints (gathered whole under
+FSDP / ZeRO-3 and written by rank 0, see mor.distributed), resuming from the last *complete*
+checkpoint, reporting the router's auxiliary loss, and recording which process trained on what.
 """
 
 from __future__ import annotations
@@ -22,14 +23,18 @@ from typing import Any, Union
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .config import WEIGHTS_NAME
 from .data import (Task, collate, load_hub_task, load_task_records, mix_tasks, multiple_choice_items, split_records,
                    tokenize_examples, training_examples)
+from .distributed import (adapter_checksum, all_gather_objects, check_launch, checkpoint_state, load_adapter_file, save_adapter,
+                          unwrap_model, world_size)
 from .loading import load_model, load_tokenizer
 from .methods import AdapterSpec, apply_adapter
 
 logger = logging.getLogger("mor")
 
 COMPLETE_MARKER = "checkpoint_complete"
+MAX_RECORDED_INDICES = 10_000  # result.json lists each process's example indices up to this many
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name of a Hugging Face dataset
 
 
@@ -159,11 +164,33 @@ def build_train_dataset(tasks: list[Task], tokenizer, cfg: TrainConfig) -> tuple
 # -- trainer ---------------------------------------------------------------------------------------
 
 class AdapterTrainer(Trainer):
-    """transformers' Trainer (which checkpoints and resumes peft adapters, MoR's included) that also
-    logs the router's load-balancing loss."""
+    """transformers' Trainer that saves and resumes the adapter (any peft method, MoR's included)
+    through mor.distributed — gathered from FSDP / ZeRO-3 shards, written once by rank 0 — records
+    which examples this process trained on, and logs the router's load-balancing loss."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trained_example_indices: list[int] = []  # this process's examples, from the batches' "example_index"
 
     def _adapter_model(self):
         return self.accelerator.unwrap_model(self.model)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        indices = inputs.pop("example_index", None)
+        if indices is not None and model.training:
+            self.trained_example_indices.extend(indices.tolist())
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Every rank gathers the adapter (FSDP / ZeRO-3 shards need all of them); rank 0 writes it."""
+        output_dir = output_dir or self.args.output_dir
+        save_adapter(self.model_wrapped, output_dir, is_main_process=self.args.should_save)
+        if self.processing_class is not None and self.args.should_save:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model or self.model  # the Trainer passes the FSDP-wrapped model under FSDP
+        load_adapter_file(model, Path(resume_from_checkpoint) / WEIGHTS_NAME)  # into the shards, if sharded
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         aux = getattr(self._adapter_model(), "last_router_aux_loss", None)
@@ -183,6 +210,20 @@ class CompleteCheckpointCallback(TrainerCallback):
                 tmp = folder / (COMPLETE_MARKER + ".tmp")
                 tmp.write_text(json.dumps({"global_step": state.global_step}))
                 os.replace(tmp, folder / COMPLETE_MARKER)
+        return control
+
+
+class LaunchCheckCallback(TrainerCallback):
+    """Stops a multi-process run that is not what it seems (see mor.distributed.check_launch)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.checked = False
+
+    def on_step_begin(self, args, state, control, **kwargs):  # after accelerate / DeepSpeed set up the processes
+        if not self.checked:
+            check_launch(args.world_size, self.trainer.is_fsdp_enabled, self.trainer.is_deepspeed_enabled)
+            self.checked = True
         return control
 
 
@@ -254,6 +295,8 @@ class TrainResult:
     data_report: dict
     before: dict | None = None  # evaluation results with the adapter disabled
     after: dict | None = None
+    world_size: int = 1  # processes that trained together
+    ranks: list | None = None  # per process: examples it trained on (indices into the mixed stream), adapter sha256
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -280,6 +323,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model)
     train_tasks, eval_tasks = load_train_and_eval_tasks(cfg)
     dataset, data_report = build_train_dataset(train_tasks, tokenizer, cfg)
+    for index, example in enumerate(dataset):
+        example["example_index"] = index  # which process trained on what (see AdapterTrainer.compute_loss)
     logger.info("training on %d examples from %s", len(dataset), data_report["tasks"])
 
     base = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit)
@@ -302,26 +347,42 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             logger.warning("--resume: no complete checkpoint in %s; starting from scratch", args.output_dir)
         else:
             logger.info("resuming from %s", resume_from)
+
+    def collate_with_indices(batch):
+        return {**collate(batch, tokenizer.pad_token_id),
+                "example_index": torch.tensor([example["example_index"] for example in batch])}
+
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+        data_collator=collate_with_indices,
         callbacks=[CompleteCheckpointCallback()],
     )
+    trainer.add_callback(LaunchCheckCallback(trainer))
     start = time.perf_counter()
     outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
 
     adapter_dir = output / "adapter"
+    # every rank gathers (FSDP / ZeRO-3 shards) and reports what it trained on; rank 0 writes
+    saved = save_adapter(trainer.model_wrapped, adapter_dir, is_main_process=trainer.is_world_process_zero())
+    seen = trainer.trained_example_indices
+    ranks = all_gather_objects({"examples": len(seen),
+                                "example_indices": sorted(seen) if len(seen) <= MAX_RECORDED_INDICES else None,
+                                "adapter_sha256": adapter_checksum(checkpoint_state(unwrap_model(trainer.model_wrapped), saved))})
     if trainer.is_world_process_zero():
-        model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
         (adapter_dir / "training.json").write_text(json.dumps({
             "model": cfg.model, "adapter": cfg.adapter.to_dict(), "trainable_parameters": trainable,
+            "world_size": world_size(),
             "train_config": {k: v for k, v in asdict(cfg).items() if k != "adapter"}, "data": data_report,
         }, indent=2, default=str) + "\n")
 
     after = None
-    if cfg.evaluate and eval_tasks and trainer.is_world_process_zero():
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if sharded and cfg.evaluate and eval_tasks:
+        logger.warning("the model is sharded (FSDP / DeepSpeed): skipping the evaluation after training; "
+                       "run `mor eval --adapter %s` on one process", adapter_dir)
+    if cfg.evaluate and eval_tasks and trainer.is_world_process_zero() and not sharded:
         model.eval()
         after = evaluate_model(model, tokenizer, eval_tasks, cfg.scoring, cfg.eval_batch_size, cfg.eval_limit)
         if before is None and cfg.resume:
@@ -329,7 +390,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                 before = evaluate_model(model, tokenizer, eval_tasks, cfg.scoring, cfg.eval_batch_size,
                                         cfg.eval_limit)
     result = TrainResult(adapter_dir, trainable, seconds, outcome.global_step, outcome.training_loss,
-                         data_report, before, after)
+                         data_report, before, after, world_size(), ranks)
     if trainer.is_world_process_zero():
         (output / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
