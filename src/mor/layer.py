@@ -28,7 +28,30 @@ from transformers.pytorch_utils import Conv1D
 from .routing import Router
 
 
-class MoRAdapter(nn.Module):
+class ExpertMixture(nn.Module):
+    """What every mixture of low-rank experts derives from its ``expert_factors()``
+    (down (N, r, d_in), up (N, d_out, r), with D_i = scaling * up[i] @ down[i])."""
+
+    def expert_deltas(self) -> torch.Tensor:
+        """The experts' update matrices D_i (alpha/r included): (N, d_out, d_in)."""
+        down, up = self.expert_factors()
+        return self.scaling * up @ down
+
+    def merged_delta(self, routing: torch.Tensor) -> torch.Tensor:
+        """sum_i g_i D_i for a fixed weight vector g (N,): (d_out, d_in), a rank-r matrix for MoR."""
+        g = routing.to(self.lora_A.dtype).reshape(self.num_experts, 1, 1)
+        return (g * self.expert_deltas()).sum(dim=0)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lora_A.dtype
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"num_experts={self.num_experts}, scaling={self.scaling:g}")
+
+
+class MoRAdapter(ExpertMixture):
     """One MoR adapter of a d_in -> d_out layer: ``forward(x)`` is sum_i G_i(x) D_i x."""
 
     def __init__(self, in_features: int, out_features: int, r: int, num_experts: int, alpha: float,
@@ -90,24 +113,6 @@ class MoRAdapter(nn.Module):
         down = self.expert_scales_in.unsqueeze(-1) * self.lora_A  # diag(Omega_A[i]) A
         up = self.expert_scales_out.unsqueeze(-1) * self.lora_B  # diag(Omega_B[i]) B
         return down, up
-
-    def expert_deltas(self) -> torch.Tensor:
-        """The experts' update matrices D_i (alpha/r included): (N, d_out, d_in)."""
-        down, up = self.expert_factors()
-        return self.scaling * up @ down
-
-    def merged_delta(self, routing: torch.Tensor) -> torch.Tensor:
-        """sum_i g_i D_i for a fixed weight vector g (N,): (d_out, d_in), a rank-r matrix for MoR."""
-        g = routing.to(self.lora_A.dtype).reshape(self.num_experts, 1, 1)
-        return (g * self.expert_deltas()).sum(dim=0)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lora_A.dtype
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"num_experts={self.num_experts}, scaling={self.scaling:g}")
 
 
 # -- the peft tuner layer --------------------------------------------------------------------------

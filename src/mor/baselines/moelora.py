@@ -14,10 +14,11 @@ import math
 import torch
 from torch import nn
 
+from ..layer import ExpertMixture
 from ..routing import Router
 
 
-class MoELoRAAdapter(nn.Module):
+class MoELoRAAdapter(ExpertMixture):
     """N independent rank-r LoRA experts with a router: ``forward(x)`` is sum_i G_i(x) B_i A_i x."""
 
     def __init__(self, in_features: int, out_features: int, r: int, num_experts: int, alpha: float,
@@ -50,14 +51,3 @@ class MoELoRAAdapter(nn.Module):
     def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(down (N, r, d_in), up (N, d_out, r)) with D_i = scaling * up[i] @ down[i]."""
         return self.lora_A, self.lora_B
-
-    def expert_deltas(self) -> torch.Tensor:
-        return self.scaling * self.lora_B @ self.lora_A
-
-    def merged_delta(self, routing: torch.Tensor) -> torch.Tensor:
-        g = routing.to(self.lora_A.dtype).reshape(self.num_experts, 1, 1)
-        return (g * self.expert_deltas()).sum(dim=0)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lora_A.dtype
