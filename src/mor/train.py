@@ -28,6 +28,8 @@ from .data import (Task, collate, load_hub_task, load_task_records, mix_tasks, m
 from .loading import load_model, load_tokenizer
 from .methods import AdapterSpec, apply_adapter
 from .model import MoRModel
+from .safety import (RESUME_FREE_SETTINGS, FiniteCheckCallback, atomic_folder, atomic_write_text, check_train_numbers,
+                     claim_run_folder, divergence_warning, nonfinite_tensors, release_failed_run_folder)
 
 logger = logging.getLogger("mor")
 
@@ -58,6 +60,7 @@ class TrainConfig:
     max_length: int = 256
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # write into a non-empty output folder (its old checkpoints are removed)
     skip_bad: bool = False
     save_steps: int = 50
     logging_steps: int = 10
@@ -127,13 +130,19 @@ def _hub_task_splits(dataset_id: str, skip_bad: bool) -> tuple[Task, list[Task]]
         return train, []
 
 
-def _builtin_paths(cfg: TrainConfig) -> list[Path]:
-    from .tasks import DEFAULT_EVAL_SIZE, DEFAULT_TRAIN_SIZE, write_builtin_suite
+def builtin_data_folder(output: Union[str, Path]) -> Path:
+    """Where a run on the built-in suite writes its generated tasks: a folder of the run's own,
+    of which only the built-in tasks' train/test files are ever read."""
+    return Path(output) / "builtin-data"
 
-    folder = Path(cfg.output) / "data"
+
+def _builtin_paths(cfg: TrainConfig) -> list[Path]:
+    from .tasks import DEFAULT_EVAL_SIZE, DEFAULT_TRAIN_SIZE, TASK_NAMES, write_builtin_suite
+
+    folder = builtin_data_folder(cfg.output)
     write_builtin_suite(folder, seed=cfg.seed, train_size=cfg.builtin_train_size or DEFAULT_TRAIN_SIZE,
                         eval_size=cfg.builtin_eval_size or DEFAULT_EVAL_SIZE)
-    return sorted(p for p in folder.iterdir() if p.is_dir())
+    return [folder / name for name in sorted(TASK_NAMES)]
 
 
 def build_train_dataset(tasks: list[Task], tokenizer, cfg: TrainConfig) -> tuple[list[dict], dict]:
@@ -241,6 +250,7 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.epochs,
         logging_steps=cfg.logging_steps,
+        logging_first_step=True,  # the starting loss, against which divergence is judged
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
@@ -270,6 +280,7 @@ class TrainResult:
     data_report: dict
     before: dict | None = None  # evaluation results with the adapter disabled
     after: dict | None = None
+    warnings: list[str] = field(default_factory=list)  # e.g. a loss that ended far above its start
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -286,13 +297,32 @@ def evaluate_model(model, tokenizer, tasks: list[Task], scoring: str, batch_size
     return evaluate_tasks(model, tokenizer, items, batch_size=batch_size, limit=limit, scoring=scoring)
 
 
+def resume_settings(cfg: TrainConfig) -> dict:
+    """The settings a ``--resume`` must share with the run it continues."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE_SETTINGS and k != "adapter"}
+    return {**settings, "adapter": cfg.adapter.to_dict()}
+
+
 def run_training(cfg: TrainConfig) -> TrainResult:
-    """Train ``cfg.adapter`` on ``cfg.data``; save it to ``<output>/adapter``; evaluate before/after."""
+    """Train ``cfg.adapter`` on ``cfg.data``; save it to ``<output>/adapter``; evaluate before/after.
+
+    The output folder must be new or empty, or hold this same run (``resume``, same settings),
+    or ``overwrite`` must be set (see :func:`mor.safety.claim_run_folder`).
+    """
+    check_train_numbers(cfg)
+    created = claim_run_folder(cfg.output, resume_settings(cfg), overwrite=cfg.overwrite, resume=cfg.resume)
+    try:
+        return _run_training(cfg)
+    except BaseException:
+        release_failed_run_folder(cfg.output, created)
+        raise
+
+
+def _run_training(cfg: TrainConfig) -> TrainResult:
     from transformers import set_seed
 
     set_seed(cfg.seed)
     output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
     train_tasks, eval_tasks = load_train_and_eval_tasks(cfg)
     dataset, data_report = build_train_dataset(train_tasks, tokenizer, cfg)
@@ -321,20 +351,23 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
-        callbacks=[CompleteCheckpointCallback()],
+        callbacks=[CompleteCheckpointCallback(), FiniteCheckCallback()],
     )
     start = time.perf_counter()
     outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
 
     adapter_dir = output / "adapter"
+    warnings = [w for w in [divergence_warning(trainer.state.log_history, cfg.lr)] if w]
+    for warning in warnings:
+        logger.warning(warning)
+    bad = nonfinite_tensors({n: p for n, p in model.named_parameters() if p.requires_grad})
+    if bad:  # FiniteCheckCallback stops earlier; this guards the final save whatever happened
+        raise ValueError(f"{len(bad)} trainable tensors hold NaN or inf after training (e.g. {bad[0]}); "
+                         "nothing was saved as the adapter. Lower --lr and start again (--overwrite).")
     if trainer.is_world_process_zero():
-        model.save_pretrained(adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
-        (adapter_dir / "training.json").write_text(json.dumps({
-            "model": cfg.model, "adapter": cfg.adapter.to_dict(), "trainable_parameters": trainable,
-            "train_config": {k: v for k, v in asdict(cfg).items() if k != "adapter"}, "data": data_report,
-        }, indent=2, default=str) + "\n")
+        with atomic_folder(adapter_dir) as tmp_dir:
+            _save_adapter_folder(model, tokenizer, tmp_dir, cfg, trainable, data_report)
 
     after = None
     if cfg.evaluate and eval_tasks and trainer.is_world_process_zero():
@@ -345,10 +378,19 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                 before = evaluate_model(model, tokenizer, eval_tasks, cfg.scoring, cfg.eval_batch_size,
                                         cfg.eval_limit)
     result = TrainResult(adapter_dir, trainable, seconds, outcome.global_step, outcome.training_loss,
-                         data_report, before, after)
+                         data_report, before, after, warnings)
     if trainer.is_world_process_zero():
-        (output / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+        atomic_write_text(output / "result.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
+
+
+def _save_adapter_folder(model, tokenizer, folder: Path, cfg: TrainConfig, trainable: int, data_report: dict) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "training.json").write_text(json.dumps({
+        "model": cfg.model, "adapter": cfg.adapter.to_dict(), "trainable_parameters": trainable,
+        "train_config": {k: v for k, v in asdict(cfg).items() if k != "adapter"}, "data": data_report,
+    }, indent=2, default=str) + "\n")
 
 
 def load_eval_tasks(paths: list[str], skip_bad: bool = False) -> list[Task]:
