@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Union
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from .config import WEIGHTS_NAME
 from .data import (Task, collate, load_hub_task, load_task_records, mix_tasks, multiple_choice_items, split_records,
@@ -354,7 +356,15 @@ def _run_training(cfg: TrainConfig) -> TrainResult:
         callbacks=[CompleteCheckpointCallback(), FiniteCheckCallback()],
     )
     start = time.perf_counter()
-    outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finished = _finished_run_state(trainer, resume_from, cfg) if resume_from else None
+    if finished is not None:  # Trainer would take one step past the end of a finished run
+        logger.info("%s is the end of the run (step %d): nothing left to train", resume_from, finished.global_step)
+        trainer._load_from_checkpoint(str(resume_from))
+        trainer.state = finished
+        losses = [h["loss"] for h in finished.log_history if "loss" in h]
+        outcome = SimpleNamespace(global_step=finished.global_step, training_loss=losses[-1] if losses else None)
+    else:
+        outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
 
     adapter_dir = output / "adapter"
@@ -382,6 +392,19 @@ def _run_training(cfg: TrainConfig) -> TrainResult:
     if trainer.is_world_process_zero():
         atomic_write_text(output / "result.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
+
+
+def _finished_run_state(trainer: Trainer, checkpoint: Path, cfg: TrainConfig) -> TrainerState | None:
+    """The checkpoint's trainer state when it already holds every step of this run, else None."""
+    state_file = Path(checkpoint) / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    state = TrainerState.load_from_json(str(state_file))
+    total = cfg.max_steps
+    if total <= 0:  # epochs, counted as Trainer counts them
+        batches = len(trainer.get_train_dataloader())
+        total = math.ceil(cfg.epochs * max(batches // cfg.grad_accum + int(batches % cfg.grad_accum > 0), 1))
+    return state if state.global_step >= total else None
 
 
 def _save_adapter_folder(model, tokenizer, folder: Path, cfg: TrainConfig, trainable: int, data_report: dict) -> None:
