@@ -222,6 +222,10 @@ def test_an_answer_outside_its_labels_is_bad_in_train_and_eval_and_skip_bad_skip
     assert run_cli("eval", "--model", tiny_model_dir, "--data", data, "--skip-bad") == 0
     out = capsys.readouterr().out
     assert "skipped 2 bad records" in out  # the bad answer and the chat record (not multiple choice)
+    result = run_training(TrainConfig(model=str(tiny_model_dir), data=[str(data)], output=str(tmp_path / "text"),
+                                      target="text", skip_bad=True, max_steps=1, batch_size=2, evaluate=False,
+                                      adapter=AdapterSpec(r=2, num_experts=2)))
+    assert result.data_report["skipped"] == {"mixed": 2} and result.data_report["examples"] == 3
 
 
 # 7. --max-steps 0 ------------------------------------------------------------------------------------------------

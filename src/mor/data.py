@@ -837,7 +837,8 @@ def _text_example(task: str, record: Record, template: str) -> TrainingExample:
 
 
 def training_examples(
-    task: Task, target: str = "output", tokenizer: Any = None, template: str = DEFAULT_TEMPLATE
+    task: Task, target: str = "output", tokenizer: Any = None, template: str = DEFAULT_TEMPLATE,
+    skipped: list[str] | None = None,
 ) -> list[TrainingExample]:
     """Supervised examples of a task.
 
@@ -848,12 +849,25 @@ def training_examples(
     ``target="text"``: prompt and target exactly as text scoring builds the gold choice
     (``template`` prompt, ``" " + correct option``; blanks: the partial sentence and its rest),
     so that training and scoring match token for token.
+
+    A record that cannot give an example (``"text"`` needs multiple choice) raises
+    :class:`DataError`; when ``skipped`` is a list (``--skip-bad``) it is appended there instead.
     """
     if target == "output":
-        return [_output_example(task.name, r, tokenizer) for r in task.records]
-    if target == "text":
-        return [_text_example(task.name, r, template) for r in task.records]
-    raise ValueError(f"target must be 'output' or 'text', not {target!r}")
+        build = lambda r: _output_example(task.name, r, tokenizer)  # noqa: E731
+    elif target == "text":
+        build = lambda r: _text_example(task.name, r, template)  # noqa: E731
+    else:
+        raise ValueError(f"target must be 'output' or 'text', not {target!r}")
+    examples = []
+    for record in task.records:
+        try:
+            examples.append(build(record))
+        except DataError as err:
+            if skipped is None:
+                raise
+            skipped.append(str(err))
+    return examples
 
 
 # --------------------------------------------------------------------------------------------

@@ -178,13 +178,15 @@ def claim_run_folder(folder: str | Path, settings: Mapping[str, Any], overwrite:
     folder = Path(folder)
     if int(os.environ.get("RANK", "0")) != 0:
         return False  # under `accelerate launch` the main process alone checks and claims the folder
+    if resume and overwrite:
+        raise OutputError("give --resume (continue the run in --output) or --overwrite (replace it), not both.")
     settings = _jsonable(dict(settings))
     record = folder / RUN_RECORD
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"--output {folder} is a file; give a folder path.")
     created = not folder.exists()
     if _entries(folder):
-        if resume and not overwrite:
+        if resume:
             if not record.is_file():
                 raise OutputError(f"--resume: {folder} holds no record of a mor train run ({RUN_RECORD}), so "
                                   "there is nothing to continue; choose a new --output, or add --overwrite "

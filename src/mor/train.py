@@ -25,7 +25,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from .config import WEIGHTS_NAME
-from .data import (Task, collate, load_hub_task, load_task_records, mix_tasks, multiple_choice_items, split_records,
+from .data import (DataError, Task, collate, load_hub_task, load_task_records, mix_tasks, multiple_choice_items, split_records,
                    tokenize_examples, training_examples)
 from .loading import load_model, load_tokenizer
 from .methods import AdapterSpec, apply_adapter
@@ -149,7 +149,12 @@ def _builtin_paths(cfg: TrainConfig) -> list[Path]:
 
 def build_train_dataset(tasks: list[Task], tokenizer, cfg: TrainConfig) -> tuple[list[dict], dict]:
     """Tokenised, mixed training stream and a report (examples per task, truncations, skips)."""
-    per_task = {t.name: training_examples(t, target=cfg.target, tokenizer=tokenizer) for t in tasks}
+    per_task = {t.name: training_examples(t, target=cfg.target, tokenizer=tokenizer,
+                                          skipped=t.skipped if cfg.skip_bad else None) for t in tasks}
+    empty = [name for name, examples in per_task.items() if not examples]
+    if empty:
+        raise DataError(f"task {empty[0]}: no record gives a --target {cfg.target} example (all skipped, e.g. "
+                        f"{next(t.skipped[0] for t in tasks if t.name == empty[0])}).")
     stream = [example for _, example in mix_tasks(per_task, mode=cfg.mix, seed=cfg.seed)]
     tokenized = tokenize_examples(stream, tokenizer, cfg.max_length)
     report = {
