@@ -243,6 +243,10 @@ def test_grad_accum_zero_is_an_error_line(tmp_path, tiny_model_dir, parity, caps
     assert run_cli("train", "--model", tiny_model_dir, "--data", parity, "--output", tmp_path / "o",
                    "--grad-accum", 0, "--max-steps", 1, "--no-eval") == 2
     assert "--grad-accum 0" in capsys.readouterr().err
+    for flag in ("--limit", "--batch-size"):  # 0 scored nothing, -1 all records but one
+        with pytest.raises(SystemExit) as exit_:
+            run_cli("eval", "--model", tiny_model_dir, "--data", parity, flag, -1)
+        assert exit_.value.code == 2 and f"argument {flag}: -1: give at least 1" in capsys.readouterr().err
 
 
 def test_a_corrupt_or_mismatched_peft_adapter_is_an_error_line(tmp_path, tiny_model_dir, parity, capsys):

@@ -36,11 +36,19 @@ def _add_data(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limit", type=int, default=None, help="score at most this many records per task")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=_at_least_one, default=None, help="score at most this many records per task")
+    p.add_argument("--batch-size", type=_at_least_one, default=16)
     p.add_argument("--scoring", choices=["label", "text"], default="label",
                    help="label: log P('the correct answer is <label>'); text: lm-eval style option texts")
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template of --scoring text")
+
+
+def _at_least_one(value: str) -> int:
+    """argparse type of counts: an int >= 1 (0 or -1 would silently score nothing or all but one)."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
+    return number
 
 
 def _add_overwrite(p: argparse.ArgumentParser) -> None:
@@ -112,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True)
     _add_data(m, required=False)
     m.add_argument("--routing", default=None, help="a saved routing_profile.json instead of measuring on --data")
-    m.add_argument("--limit", type=int, default=200, help="records of --data used to measure the routing")
+    m.add_argument("--limit", type=_at_least_one, default=200, help="records of --data used to measure the routing")
     m.add_argument("--output", required=True, help="folder for the merged model (safetensors)")
     _add_overwrite(m)
 
@@ -120,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(a)
     a.add_argument("--adapter", required=True)
     _add_data(a, required=True)
-    a.add_argument("--limit", type=int, default=100, help="records per task used to measure routing")
+    a.add_argument("--limit", type=_at_least_one, default=100, help="records per task used to measure routing")
     a.add_argument("--output", default="figures")
     _add_overwrite(a)
     return parser
