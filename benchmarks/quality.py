@@ -287,6 +287,7 @@ def run_one(args, ev: Evaluator, data_dir: Path, runs: Path, method: str, lr: fl
                           seed=seed, save_steps=max(10, args.steps // 2), logging_steps=max(1, args.steps // 4),
                           evaluate=False)
         cfg.resume = last_complete_checkpoint(folder / "checkpoints") is not None
+        cfg.overwrite = not cfg.resume  # no result.json: what an earlier attempt left there is ours to replace
         result = run_training(cfg).to_dict()
         bench = {}
     else:

@@ -36,11 +36,24 @@ def _add_data(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limit", type=int, default=None, help="score at most this many records per task")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=_at_least_one, default=None, help="score at most this many records per task")
+    p.add_argument("--batch-size", type=_at_least_one, default=16)
     p.add_argument("--scoring", choices=["label", "text"], default="label",
                    help="label: log P('the correct answer is <label>'); text: lm-eval style option texts")
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template of --scoring text")
+
+
+def _at_least_one(value: str) -> int:
+    """argparse type of counts: an int >= 1 (0 or -1 would silently score nothing or all but one)."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
+    return number
+
+
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --output folder or an existing --output file (never an input)")
 
 
 def _targets(value: str):
@@ -93,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-steps", type=int, default=50)
     t.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output")
+    _add_overwrite(t)
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--load-in-4bit", action="store_true",
                    help="quantise the frozen base to bitsandbytes nf4 (QLoRA-style); the adapter trains in fp32")
@@ -109,21 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate the MoR adapter merged with fixed routing (one profile per task)")
     e.add_argument("--routing", default=None, help="with --merged: a saved routing_profile.json for every task")
     e.add_argument("--output", default=None, help="write the results as JSON here")
+    _add_overwrite(e)
 
     m = sub.add_parser("merge", help="merge a MoR adapter with fixed routing into a plain model folder")
     _add_model(m)
     m.add_argument("--adapter", required=True)
     _add_data(m, required=False)
     m.add_argument("--routing", default=None, help="a saved routing_profile.json instead of measuring on --data")
-    m.add_argument("--limit", type=int, default=200, help="records of --data used to measure the routing")
+    m.add_argument("--limit", type=_at_least_one, default=200, help="records of --data used to measure the routing")
     m.add_argument("--output", required=True, help="folder for the merged model (safetensors)")
+    _add_overwrite(m)
 
     a = sub.add_parser("analyze", help="router specialisation, parameter scaling and rank spectra (PNGs)")
     _add_model(a)
     a.add_argument("--adapter", required=True)
     _add_data(a, required=True)
-    a.add_argument("--limit", type=int, default=100, help="records per task used to measure routing")
+    a.add_argument("--limit", type=_at_least_one, default=100, help="records per task used to measure routing")
     a.add_argument("--output", default="figures")
+    _add_overwrite(a)
     _add_export_and_generate(sub)
     _add_convert(sub)
     return parser
@@ -133,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from .methods import ADAPTER_FIELDS, AdapterSpec
-    from .train import TrainConfig, run_training
+    from .train import TrainConfig, builtin_data_folder, run_training
 
     builtin = not args.data
     spec = AdapterSpec(method=args.method, **{name: getattr(args, name) for name in ADAPTER_FIELDS
@@ -143,17 +160,21 @@ def cmd_train(args) -> int:
                       holdout=args.holdout, target=args.target, mix=args.mix, output=args.output,
                       max_steps=max_steps, epochs=args.epochs, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr if args.lr is not None else 1e-3,
-                      max_length=args.max_length, seed=args.seed, resume=args.resume, skip_bad=args.skip_bad,
+                      max_length=args.max_length, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+                      skip_bad=args.skip_bad,
                       save_steps=args.save_steps, gradient_checkpointing=args.gradient_checkpointing,
                       load_in_4bit=args.load_in_4bit,
                       evaluate=not args.no_eval, eval_limit=args.eval_limit,
                       builtin_eval_size=BUILTIN_EVAL_SIZE if builtin else None)
     if builtin:
-        print(f"No --data given: training on the built-in multi-task suite (written to {Path(args.output) / 'data'}).")
+        print(f"No --data given: training on the built-in multi-task suite (written to "
+              f"{builtin_data_folder(args.output)}).")
     start = time.perf_counter()
     result = run_training(cfg)
     print(f"\nTrained {args.method} ({result.trainable_parameters:,} trainable parameters) for "
           f"{result.global_step} steps in {result.train_seconds:.0f} s; adapter saved to {result.adapter_dir}")
+    for warning in result.warnings:
+        print(f"warning: {warning}")
     if result.after:
         print("\n" + format_before_after(result.before, result.after, "acc_norm" if cfg.scoring == "text" else "acc"))
     if args.method == "mor" and not args.no_figures and result.after is not None:
@@ -182,13 +203,25 @@ def _pct(value) -> str:
 
 
 def _load_adapted(model_name: str | None, adapter: str | None):
+    from safetensors import SafetensorError
+
     from .loading import load_model, load_tokenizer
     from .model import load_adapter
+    from .safety import AdapterError, check_adapter_weights
 
+    if adapter:
+        check_adapter_weights(adapter)  # unreadable or NaN/inf weights: an error line, not a score
     tokenizer = load_tokenizer(model_name)
     model = load_model(model_name)
     if adapter:
-        model = load_adapter(model, adapter)
+        try:
+            model = load_adapter(model, adapter)
+        except FileNotFoundError:
+            raise
+        except (RuntimeError, OSError, KeyError, SafetensorError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise AdapterError(f"--adapter {adapter} cannot be loaded onto --model {model_name or 'smollm2'}: "
+                               f"{first} (was it trained on this model?)") from None
     return model.eval(), tokenizer
 
 
@@ -203,11 +236,16 @@ def cmd_eval(args) -> int:
     from .data import multiple_choice_items
     from .evaluate import evaluate_tasks, format_table, write_results_json
     from .model import RoutingProfile, is_mor_model
+    from .safety import check_output_file
     from .train import load_eval_tasks
 
+    if args.output:  # before the evaluation, not after it
+        check_output_file(args.output, args.overwrite, inputs={"--data": args.data, "--adapter": args.adapter,
+                                                               "--model": args.model, "--routing": args.routing})
     tasks = load_eval_tasks(args.data, args.skip_bad)
     model, tokenizer = _load_adapted(args.model, args.adapter)
-    items = {t.name: multiple_choice_items(t, scoring=args.scoring, tokenizer=tokenizer, template=args.template)
+    items = {t.name: multiple_choice_items(t, scoring=args.scoring, tokenizer=tokenizer, template=args.template,
+                                           skipped=t.skipped if args.skip_bad else None)
              for t in tasks}
     if not args.merged:
         results = evaluate_tasks(model, tokenizer, items, batch_size=args.batch_size, limit=args.limit,
@@ -252,8 +290,11 @@ def cmd_merge(args) -> int:
     import torch
 
     from .model import RoutingProfile, is_mor_model
+    from .safety import atomic_folder, claim_output_folder
     from .train import load_eval_tasks
 
+    out = claim_output_folder(args.output, args.overwrite, inputs={
+        "--model": args.model, "--adapter": args.adapter, "--routing": args.routing, "--data": args.data})
     model, tokenizer = _load_adapted(args.model, args.adapter)
     if not is_mor_model(model):
         raise SystemExit(f"{args.adapter} is not a MoR/MoE-LoRA adapter; LoRA/DoRA merge with peft's merge_and_unload")
@@ -274,10 +315,10 @@ def cmd_merge(args) -> int:
         got = merged(**check).logits
     mask = check["attention_mask"].bool()
     diff = (got - expected)[mask].abs().max().item()
-    out = Path(args.output)
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    routing.save(out / "routing_profile.json")
+    with atomic_folder(out) as tmp:  # a whole new folder: nothing of what was there is mixed in
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        routing.save(tmp / "routing_profile.json")
     print(f"Merged model written to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
     print(f"Max |logit difference| vs the un-merged model with the same fixed routing: {diff:.3g}")
     print(f"Mean routing weights over layers: {[round(x, 4) for x in routing.mean().tolist()]}")
@@ -287,15 +328,19 @@ def cmd_merge(args) -> int:
 def cmd_analyze(args) -> int:
     from .analysis import analyze, format_report
     from .model import is_mor_model
+    from .safety import atomic_folder, claim_output_folder
     from .train import load_eval_tasks
 
+    claim_output_folder(args.output, args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter,
+                                                             "--data": args.data})
     model, tokenizer = _load_adapted(args.model, args.adapter)
     if not is_mor_model(model):
         raise SystemExit(f"{args.adapter} is not a MoR/MoE-LoRA adapter: routing analysis needs a router")
     tasks = load_eval_tasks(args.data, args.skip_bad)
     texts = {t.name: _task_prompts(t, tokenizer, args.limit) for t in tasks}
-    result = analyze(model, texts, args.output, tokenizer=tokenizer)
-    print(format_report(result["analysis"]))
+    with atomic_folder(args.output) as tmp:  # a whole new folder: no stale figures next to new ones
+        result = analyze(model, texts, tmp, tokenizer=tokenizer)
+    print(format_report(Path(args.output) / result["analysis"].name))
     print(f"\nFigures written to {Path(args.output)}/: " + ", ".join(p.name for k, p in result.items() if k != "analysis"))
     return 0
 

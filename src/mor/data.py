@@ -356,9 +356,12 @@ def validate_record(record: Any) -> str:
         return "chat"
     if "instruction" in record:
         _check_instruction(record)
+        if "choices" in record or _FORMAT.search(record["instruction"]):
+            parse_multiple_choice(record)  # one rule for train and eval: its answer must be one of its choices
         return "instruction"
     if "question" in record or "choices" in record:
         _check_choice(record)
+        parse_multiple_choice(record)
         return "choice"
     raise DataError(
         f"record has none of the fields instruction/messages/question (it has: {', '.join(sorted(record)) or 'none'}); "
@@ -773,7 +776,8 @@ def _label_item(task: str, record: Record, tokenizer: Any) -> MultipleChoiceItem
 
 
 def multiple_choice_items(
-    task: Task, scoring: str = "text", tokenizer: Any = None, template: str = DEFAULT_TEMPLATE
+    task: Task, scoring: str = "text", tokenizer: Any = None, template: str = DEFAULT_TEMPLATE,
+    skipped: list[str] | None = None,
 ) -> list[MultipleChoiceItem]:
     """Multiple-choice items of a task, for log-likelihood scoring.
 
@@ -785,12 +789,28 @@ def multiple_choice_items(
     when the tokenizer has one, else plain), continuations ``"the correct answer is <label>"``
     for each label after "Answer format:"; records without labels (``question``/``choices``)
     use the choice texts as continuations.
+
+    A record that is not multiple choice raises :class:`DataError`; when ``skipped`` is a list
+    (``--skip-bad``) it is appended there as ``"file:line: reason"`` and left out instead.
     """
     if scoring == "text":
-        return [_text_item(task.name, r, template) for r in task.records]
-    if scoring == "label":
-        return [_label_item(task.name, r, tokenizer) for r in task.records]
-    raise ValueError(f"scoring must be 'text' or 'label', not {scoring!r}")
+        build = lambda r: _text_item(task.name, r, template)  # noqa: E731
+    elif scoring == "label":
+        build = lambda r: _label_item(task.name, r, tokenizer)  # noqa: E731
+    else:
+        raise ValueError(f"scoring must be 'text' or 'label', not {scoring!r}")
+    items = []
+    for record in task.records:
+        try:
+            items.append(build(record))
+        except DataError as err:
+            if skipped is None:
+                raise
+            skipped.append(str(err))
+    if not items and skipped is not None:
+        raise DataError(f"{task.name}: no record is multiple choice ({len(skipped or [])} skipped; first: "
+                        f"{(skipped or ['-'])[0]}); eval needs records with choices.")
+    return items
 
 
 def _output_example(task: str, record: Record, tokenizer: Any) -> TrainingExample:
@@ -817,7 +837,8 @@ def _text_example(task: str, record: Record, template: str) -> TrainingExample:
 
 
 def training_examples(
-    task: Task, target: str = "output", tokenizer: Any = None, template: str = DEFAULT_TEMPLATE
+    task: Task, target: str = "output", tokenizer: Any = None, template: str = DEFAULT_TEMPLATE,
+    skipped: list[str] | None = None,
 ) -> list[TrainingExample]:
     """Supervised examples of a task.
 
@@ -828,12 +849,25 @@ def training_examples(
     ``target="text"``: prompt and target exactly as text scoring builds the gold choice
     (``template`` prompt, ``" " + correct option``; blanks: the partial sentence and its rest),
     so that training and scoring match token for token.
+
+    A record that cannot give an example (``"text"`` needs multiple choice) raises
+    :class:`DataError`; when ``skipped`` is a list (``--skip-bad``) it is appended there instead.
     """
     if target == "output":
-        return [_output_example(task.name, r, tokenizer) for r in task.records]
-    if target == "text":
-        return [_text_example(task.name, r, template) for r in task.records]
-    raise ValueError(f"target must be 'output' or 'text', not {target!r}")
+        build = lambda r: _output_example(task.name, r, tokenizer)  # noqa: E731
+    elif target == "text":
+        build = lambda r: _text_example(task.name, r, template)  # noqa: E731
+    else:
+        raise ValueError(f"target must be 'output' or 'text', not {target!r}")
+    examples = []
+    for record in task.records:
+        try:
+            examples.append(build(record))
+        except DataError as err:
+            if skipped is None:
+                raise
+            skipped.append(str(err))
+    return examples
 
 
 # --------------------------------------------------------------------------------------------

@@ -442,6 +442,21 @@ def _score_prefix_groups(
 # Public scoring API
 
 
+def _warn_truncated(items: Sequence[MultipleChoiceItem], requests: Sequence[_Request], max_length: int) -> None:
+    """One warning per task with the number of items whose context is cut from the left."""
+    cut: dict[str, dict[int, None]] = {}  # task -> indices of cut items, in order
+    for r in requests:
+        if len(r.ctx) + len(r.cont) > max_length + 1:
+            cut.setdefault(items[r.item].task, {})[r.item] = None
+    for task, indices in cut.items():
+        total = sum(1 for item in items if item.task == task)
+        first = next(iter(indices))
+        example = items[first].source or f"item {first}"
+        log.warning("task %s: %d of %d questions are longer than the model's context (%d tokens) and are cut "
+                    "from the left, as lm-eval does (e.g. %s); their scores see only the question's end",
+                    task, len(indices), total, max_length, example)
+
+
 def score_items(
     model,
     tokenizer,
@@ -489,6 +504,7 @@ def score_items(
                 raise ValueError(f"{item.source or item.task}: choice {j} has {len(cont)} tokens > max_length {max_length}")
             requests.append(_Request(i, j, ctx, cont))
 
+    _warn_truncated(items, requests, max_length)
     # Pairs that need truncation (the window cuts the context) go the plain way.
     plain = [r for r in requests if not reuse_prefix or len(r.ctx) + len(r.cont) > max_length + 1]
     groups_by_ctx: dict[tuple[int, ...], list[_Request]] = {}

@@ -12,24 +12,28 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Union
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from .config import WEIGHTS_NAME
-from .data import (Task, collate, load_hub_task, load_task_records, mix_tasks, multiple_choice_items, split_records,
+from .data import (DataError, Task, collate, load_hub_task, load_task_records, mix_tasks, multiple_choice_items, split_records,
                    tokenize_examples, training_examples)
-from .distributed import (adapter_checksum, all_gather_objects, check_launch, checkpoint_state, load_adapter_file, save_adapter,
-                          unwrap_model, world_size)
+from .distributed import (adapter_checksum, all_gather_objects, check_launch, checkpoint_state,
+                          gather_adapter_state_dict, load_adapter_file, save_adapter, world_size)
 from .loading import load_model, load_tokenizer
 from .methods import AdapterSpec, apply_adapter
+from .safety import (RESUME_FREE_SETTINGS, FiniteCheckCallback, atomic_folder, atomic_write_text, check_train_numbers,
+                     claim_run_folder, divergence_warning, nonfinite_tensors, release_failed_run_folder)
 
 logger = logging.getLogger("mor")
 
@@ -61,6 +65,7 @@ class TrainConfig:
     max_length: int = 256
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # write into a non-empty output folder (its old checkpoints are removed)
     skip_bad: bool = False
     save_steps: int = 50
     logging_steps: int = 10
@@ -131,18 +136,29 @@ def _hub_task_splits(dataset_id: str, skip_bad: bool) -> tuple[Task, list[Task]]
         return train, []
 
 
-def _builtin_paths(cfg: TrainConfig) -> list[Path]:
-    from .tasks import DEFAULT_EVAL_SIZE, DEFAULT_TRAIN_SIZE, write_builtin_suite
+def builtin_data_folder(output: Union[str, Path]) -> Path:
+    """Where a run on the built-in suite writes its generated tasks: a folder of the run's own,
+    of which only the built-in tasks' train/test files are ever read."""
+    return Path(output) / "builtin-data"
 
-    folder = Path(cfg.output) / "data"
+
+def _builtin_paths(cfg: TrainConfig) -> list[Path]:
+    from .tasks import DEFAULT_EVAL_SIZE, DEFAULT_TRAIN_SIZE, TASK_NAMES, write_builtin_suite
+
+    folder = builtin_data_folder(cfg.output)
     write_builtin_suite(folder, seed=cfg.seed, train_size=cfg.builtin_train_size or DEFAULT_TRAIN_SIZE,
                         eval_size=cfg.builtin_eval_size or DEFAULT_EVAL_SIZE)
-    return sorted(p for p in folder.iterdir() if p.is_dir())
+    return [folder / name for name in sorted(TASK_NAMES)]
 
 
 def build_train_dataset(tasks: list[Task], tokenizer, cfg: TrainConfig) -> tuple[list[dict], dict]:
     """Tokenised, mixed training stream and a report (examples per task, truncations, skips)."""
-    per_task = {t.name: training_examples(t, target=cfg.target, tokenizer=tokenizer) for t in tasks}
+    per_task = {t.name: training_examples(t, target=cfg.target, tokenizer=tokenizer,
+                                          skipped=t.skipped if cfg.skip_bad else None) for t in tasks}
+    empty = [name for name, examples in per_task.items() if not examples]
+    if empty:
+        raise DataError(f"task {empty[0]}: no record gives a --target {cfg.target} example (all skipped, e.g. "
+                        f"{next(t.skipped[0] for t in tasks if t.name == empty[0])}).")
     stream = [example for _, example in mix_tasks(per_task, mode=cfg.mix, seed=cfg.seed)]
     tokenized = tokenize_examples(stream, tokenizer, cfg.max_length)
     report = {
@@ -266,6 +282,7 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.epochs,
         logging_steps=cfg.logging_steps,
+        logging_first_step=True,  # the starting loss, against which divergence is judged
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
@@ -297,6 +314,7 @@ class TrainResult:
     after: dict | None = None
     world_size: int = 1  # processes that trained together
     ranks: list | None = None  # per process: examples it trained on (indices into the mixed stream), adapter sha256
+    warnings: list[str] = field(default_factory=list)  # e.g. a loss that ended far above its start
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -313,13 +331,32 @@ def evaluate_model(model, tokenizer, tasks: list[Task], scoring: str, batch_size
     return evaluate_tasks(model, tokenizer, items, batch_size=batch_size, limit=limit, scoring=scoring)
 
 
+def resume_settings(cfg: TrainConfig) -> dict:
+    """The settings a ``--resume`` must share with the run it continues."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE_SETTINGS and k != "adapter"}
+    return {**settings, "adapter": cfg.adapter.to_dict()}
+
+
 def run_training(cfg: TrainConfig) -> TrainResult:
-    """Train ``cfg.adapter`` on ``cfg.data``; save it to ``<output>/adapter``; evaluate before/after."""
+    """Train ``cfg.adapter`` on ``cfg.data``; save it to ``<output>/adapter``; evaluate before/after.
+
+    The output folder must be new or empty, or hold this same run (``resume``, same settings),
+    or ``overwrite`` must be set (see :func:`mor.safety.claim_run_folder`).
+    """
+    check_train_numbers(cfg)
+    created = claim_run_folder(cfg.output, resume_settings(cfg), overwrite=cfg.overwrite, resume=cfg.resume)
+    try:
+        return _run_training(cfg)
+    except BaseException:
+        release_failed_run_folder(cfg.output, created)
+        raise
+
+
+def _run_training(cfg: TrainConfig) -> TrainResult:
     from transformers import set_seed
 
     set_seed(cfg.seed)
     output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
     train_tasks, eval_tasks = load_train_and_eval_tasks(cfg)
     dataset, data_report = build_train_dataset(train_tasks, tokenizer, cfg)
@@ -355,27 +392,39 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         data_collator=collate_with_indices,
-        callbacks=[CompleteCheckpointCallback()],
+        callbacks=[CompleteCheckpointCallback(), FiniteCheckCallback()],
     )
     trainer.add_callback(LaunchCheckCallback(trainer))
     start = time.perf_counter()
-    outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finished = _finished_run_state(trainer, resume_from, cfg) if resume_from else None
+    if finished is not None:  # Trainer would take one step past the end of a finished run
+        logger.info("%s is the end of the run (step %d): nothing left to train", resume_from, finished.global_step)
+        trainer._load_from_checkpoint(str(resume_from))
+        trainer.state = finished
+        losses = [h["loss"] for h in finished.log_history if "loss" in h]
+        outcome = SimpleNamespace(global_step=finished.global_step, training_loss=losses[-1] if losses else None)
+    else:
+        outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
 
     adapter_dir = output / "adapter"
-    # every rank gathers (FSDP / ZeRO-3 shards) and reports what it trained on; rank 0 writes
-    saved = save_adapter(trainer.model_wrapped, adapter_dir, is_main_process=trainer.is_world_process_zero())
+    warnings = [w for w in [divergence_warning(trainer.state.log_history, cfg.lr)] if w]
+    for warning in warnings:
+        logger.warning(warning)
+    bad = nonfinite_tensors({n: p for n, p in model.named_parameters() if p.requires_grad})
+    if bad:  # FiniteCheckCallback stops earlier; this guards the final save whatever happened
+        raise ValueError(f"{len(bad)} trainable tensors hold NaN or inf after training (e.g. {bad[0]}); "
+                         "nothing was saved as the adapter. Lower --lr and start again (--overwrite).")
+    # every rank gathers (FSDP / ZeRO-3 shards) and reports what it trained on; rank 0 writes, atomically
+    saved = gather_adapter_state_dict(trainer.model_wrapped)
+    if trainer.is_world_process_zero():
+        with atomic_folder(adapter_dir) as tmp_dir:
+            save_adapter(trainer.model_wrapped, tmp_dir, state_dict=saved, is_main_process=True)
+            _write_run_files(tokenizer, tmp_dir, cfg, trainable, data_report)
     seen = trainer.trained_example_indices
     ranks = all_gather_objects({"examples": len(seen),
                                 "example_indices": sorted(seen) if len(seen) <= MAX_RECORDED_INDICES else None,
-                                "adapter_sha256": adapter_checksum(checkpoint_state(unwrap_model(trainer.model_wrapped), saved))})
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(adapter_dir)
-        (adapter_dir / "training.json").write_text(json.dumps({
-            "model": cfg.model, "adapter": cfg.adapter.to_dict(), "trainable_parameters": trainable,
-            "world_size": world_size(),
-            "train_config": {k: v for k, v in asdict(cfg).items() if k != "adapter"}, "data": data_report,
-        }, indent=2, default=str) + "\n")
+                                "adapter_sha256": adapter_checksum(checkpoint_state(trainer.model_wrapped, saved))})
 
     after = None
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
@@ -390,10 +439,33 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                 before = evaluate_model(model, tokenizer, eval_tasks, cfg.scoring, cfg.eval_batch_size,
                                         cfg.eval_limit)
     result = TrainResult(adapter_dir, trainable, seconds, outcome.global_step, outcome.training_loss,
-                         data_report, before, after, world_size(), ranks)
+                         data_report, before, after, world_size(), ranks, warnings)
     if trainer.is_world_process_zero():
-        (output / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+        atomic_write_text(output / "result.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
+
+
+def _finished_run_state(trainer: Trainer, checkpoint: Path, cfg: TrainConfig) -> TrainerState | None:
+    """The checkpoint's trainer state when it already holds every step of this run, else None."""
+    state_file = Path(checkpoint) / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    state = TrainerState.load_from_json(str(state_file))
+    total = cfg.max_steps
+    if total <= 0:  # epochs, counted as Trainer counts them
+        batches = len(trainer.get_train_dataloader())
+        total = math.ceil(cfg.epochs * max(batches // cfg.grad_accum + int(batches % cfg.grad_accum > 0), 1))
+    return state if state.global_step >= total else None
+
+
+def _write_run_files(tokenizer, folder: Path, cfg: TrainConfig, trainable: int, data_report: dict) -> None:
+    """The tokenizer and training.json next to the adapter."""
+    tokenizer.save_pretrained(folder)
+    (folder / "training.json").write_text(json.dumps({
+        "model": cfg.model, "adapter": cfg.adapter.to_dict(), "trainable_parameters": trainable,
+        "world_size": world_size(),
+        "train_config": {k: v for k, v in asdict(cfg).items() if k != "adapter"}, "data": data_report,
+    }, indent=2, default=str) + "\n")
 
 
 def load_eval_tasks(paths: list[str], skip_bad: bool = False) -> list[Task]:
