@@ -137,3 +137,23 @@ def test_real_smollm2_on_commonsense_records(tmp_path, smollm2_path, commonsense
     assert run_cli("eval", "--model", smollm2_path, "--adapter", tmp_path / "run" / "adapter",
                    "--data", commonsense / "ARC-Easy", "--limit", 5, "--scoring", "text") == 0
     assert "ARC-Easy" in capsys.readouterr().out
+
+
+def test_eval_log_samples_keeps_every_records_scores_for_paired_comparisons(tmp_path, tiny_model_dir, tiny_tasks):
+    out = tmp_path / "run"
+    assert run_cli("train", "--model", tiny_model_dir, "--r", 4, "--num-experts", 3, "--data", *tiny_tasks,
+                   "--output", out, "--max-steps", 2, "--batch-size", 4, "--no-eval", "--no-figures") == 0
+    for merged in ([], ["--merged"]):
+        path = tmp_path / f"eval{len(merged)}.json"
+        assert run_cli("eval", "--model", tiny_model_dir, "--adapter", out / "adapter", "--data", *tiny_tasks,
+                       "--limit", 6, "--scoring", "text", "--output", path, "--log-samples", *merged) == 0
+        results = json.loads(path.read_text())
+        for task in ("parity", "colour"):
+            rows = results["samples"][task]
+            assert [r["index"] for r in rows] == list(range(6)) == list(range(results["tasks"][task]["n"]))
+            assert sum(r["acc"] for r in rows) / 6 == pytest.approx(results["tasks"][task]["acc"])
+            assert sum(r["acc_norm"] for r in rows) / 6 == pytest.approx(results["tasks"][task]["acc_norm"])
+            assert all(r["acc"] == float(r["pred"] == r["gold"]) and len(r["logprobs"]) >= 2 for r in rows)
+    assert run_cli("eval", "--model", tiny_model_dir, "--adapter", out / "adapter", "--data", *tiny_tasks,
+                   "--limit", 6, "--output", tmp_path / "plain.json") == 0
+    assert "samples" not in json.loads((tmp_path / "plain.json").read_text())  # aggregates only, unless asked

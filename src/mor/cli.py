@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate the MoR adapter merged with fixed routing (one profile per task)")
     e.add_argument("--routing", default=None, help="with --merged: a saved routing_profile.json for every task")
     e.add_argument("--output", default=None, help="write the results as JSON here")
+    e.add_argument("--log-samples", action="store_true",
+                   help="with --output: also every record's scores (index, gold, preds, log-likelihoods, acc), "
+                        "for paired comparisons between runs (lm-eval's --log_samples)")
     _add_overwrite(e)
 
     m = sub.add_parser("merge", help="merge a MoR adapter with fixed routing into a plain model folder")
@@ -234,7 +237,7 @@ def _task_prompts(task, tokenizer, limit: int | None) -> list[str]:
 
 def cmd_eval(args) -> int:
     from .data import multiple_choice_items
-    from .evaluate import evaluate_tasks, format_table, write_results_json
+    from .evaluate import SCORING_NAMES, evaluate_tasks, format_table, results_of, score_tasks, write_results_json
     from .model import RoutingProfile, is_mor_model
     from .safety import check_output_file
     from .train import load_eval_tasks
@@ -249,18 +252,18 @@ def cmd_eval(args) -> int:
              for t in tasks}
     if not args.merged:
         results = evaluate_tasks(model, tokenizer, items, batch_size=args.batch_size, limit=args.limit,
-                                 scoring=args.scoring)
+                                 scoring=args.scoring, log_samples=args.log_samples)
     else:
         if not is_mor_model(model):
             raise SystemExit("--merged needs a MoR or MoE-LoRA adapter (--adapter)")
-        per_task = {}
-        for task in tasks:
+        scores = []
+        for task in tasks:  # one merged model per task, with that task's routing profile
             routing = (RoutingProfile.load(args.routing) if args.routing
                        else model.measure_routing(_task_prompts(task, tokenizer, args.limit), tokenizer=tokenizer))
             merged = copy.deepcopy(model).merge_and_unload(routing)
-            per_task.update(evaluate_tasks(merged, tokenizer, {task.name: items[task.name]},
-                                           batch_size=args.batch_size, limit=args.limit)["tasks"])
-        results = _combine(per_task, args.scoring)
+            scores += score_tasks(merged, tokenizer, {task.name: items[task.name]}, args.batch_size, args.limit)
+        results = results_of(scores, SCORING_NAMES[args.scoring] + "; merged with fixed routing, one profile per task",
+                             order=[t.name for t in tasks], log_samples=args.log_samples)
     for task in tasks:
         if task.skipped:
             print(f"{task.name}: skipped {len(task.skipped)} bad records (--skip-bad)")
@@ -268,22 +271,6 @@ def cmd_eval(args) -> int:
     if args.output:
         print(f"\nResults written to {write_results_json(results, args.output)}")
     return 0
-
-
-def _combine(task_rows: dict, scoring: str) -> dict:
-    """Results dict (as accuracy_table makes) from per-task rows of merged models, one per task."""
-    import math
-
-    average = {"n": sum(r["n"] for r in task_rows.values()), "tasks": len(task_rows)}
-    for key in ("acc", "acc_norm", "chance"):
-        average[key] = sum(r[key] for r in task_rows.values()) / len(task_rows)
-    for key in ("acc_stderr", "acc_norm_stderr"):
-        ses = [r.get(key) for r in task_rows.values()]
-        average[key] = math.sqrt(sum(s * s for s in ses)) / len(ses) if None not in ses else None
-    from .evaluate import SCORING_NAMES
-
-    return {"scoring": SCORING_NAMES[scoring] + "; merged with fixed routing, one profile per task",
-            "tasks": task_rows, "average": average}
 
 
 def cmd_merge(args) -> int:

@@ -657,6 +657,22 @@ def write_results_json(results: Mapping[str, Any], path: str | Path) -> Path:
     return path
 
 
+def score_tasks(
+    model,
+    tokenizer,
+    tasks_items: Mapping[str, Sequence[MultipleChoiceItem]],
+    batch_size: int = 8,
+    limit: int | None = None,
+    progress: bool = True,
+    **score_kwargs,
+) -> list[ItemScore]:
+    """Scores of the first ``limit`` items (all when ``None``) of every task, in task order."""
+    items: list[MultipleChoiceItem] = []
+    for task_items in tasks_items.values():
+        items.extend(list(task_items)[:limit] if limit is not None else list(task_items))
+    return score_items(model, tokenizer, items, batch_size=batch_size, progress=progress, **score_kwargs)
+
+
 def evaluate_tasks(
     model,
     tokenizer,
@@ -665,17 +681,34 @@ def evaluate_tasks(
     limit: int | None = None,
     progress: bool = True,
     scoring: str = "text",
+    log_samples: bool = False,
     **score_kwargs,
 ) -> dict[str, Any]:
     """Score the first ``limit`` items (all when ``None``) of every task and return
     :func:`accuracy_table`'s results (tasks keep the mapping's order); ``scoring`` ("text",
-    "label" or free text) names how the items were built, for the table's heading."""
-    items: list[MultipleChoiceItem] = []
-    for task, task_items in tasks_items.items():
-        chosen = list(task_items)[:limit] if limit is not None else list(task_items)
-        items.extend(chosen)
-    scores = score_items(model, tokenizer, items, batch_size=batch_size, progress=progress, **score_kwargs)
-    results = accuracy_table(scores, SCORING_NAMES.get(scoring, scoring))
-    order = [t for t in tasks_items if t in results["tasks"]]
+    "label" or free text) names how the items were built, for the table's heading.
+    ``log_samples`` adds every record's scores under "samples" (lm-eval's ``--log_samples``)."""
+    scores = score_tasks(model, tokenizer, tasks_items, batch_size, limit, progress, **score_kwargs)
+    return results_of(scores, SCORING_NAMES.get(scoring, scoring), order=list(tasks_items), log_samples=log_samples)
+
+
+def results_of(scores: Sequence[ItemScore], scoring: str, order: Sequence[str] = (),
+               log_samples: bool = False) -> dict[str, Any]:
+    """:func:`accuracy_table` of ``scores`` with tasks in ``order``, and optionally every record."""
+    results = accuracy_table(scores, scoring)
+    order = [t for t in order if t in results["tasks"]]
     results["tasks"] = {t: results["tasks"][t] for t in order + [t for t in results["tasks"] if t not in order]}
+    if log_samples:
+        results["samples"] = record_scores(scores)
     return results
+
+
+def record_scores(scores: Sequence[ItemScore]) -> dict[str, list[dict[str, Any]]]:
+    """Per task, every record's scores in order (index, gold, preds, log-likelihoods, acc, acc_norm):
+    what a paired comparison of two runs on the same records needs."""
+    samples: dict[str, list[dict[str, Any]]] = {}
+    for score in scores:
+        rows = samples.setdefault(score.item.task, [])
+        rows.append({"index": len(rows), **score.to_dict(), "acc": float(score.correct),
+                     "acc_norm": float(score.correct_norm)})
+    return samples
