@@ -4,28 +4,10 @@
     python benchmarks/lm_eval_agreement.py                      # the full test splits
     python benchmarks/lm_eval_agreement.py --adapter runs/mor-r8 --lm-eval-model mor
 
-For every task (default: ARC-Easy, piqa and social_i_qa of ``../shared/data/commonsense``;
-a folder's ``test.json`` when it has one, else its only file, as ``mor eval`` reads it):
-
-1. The records are parsed with :func:`mor.data.parse_multiple_choice` into
-   ``{question, choices, label}`` -- exactly the items ``mor eval --scoring text`` scores
-   (context ``Question: <q>\\nAnswer:``, continuations ``" " + choice``). Fill-in-the-blank
-   records (winogrande's partial scoring) are refused: a plain lm-eval YAML task cannot
-   express them.
-2. A local lm-eval task is written into a temporary folder: ``<task>.jsonl`` plus
-   ``<task>.yaml`` (``output_type: multiple_choice``, ``doc_to_text: "Question:
-   {{question}}\\nAnswer:"``, ``doc_to_choice: "{{choices}}"``, ``doc_to_target:
-   "{{label}}"``, the default ``target_delimiter`` " ", metrics ``acc`` and ``acc_norm``).
-3. (a) ``mor``: the model is loaded as ``mor eval`` loads it (``mor.loading`` + the adapter
-   through ``mor.model.load_adapter``), the items are built by
-   ``mor.data.multiple_choice_items(scoring="text")`` and scored by
-   ``mor.evaluate.evaluate_tasks``. (b) ``lm-eval``: ``lm_eval.simple_evaluate(model="mor"
-   or "hf", model_args="pretrained=<folder>[,adapter=...]", tasks=[<task>])`` with
-   ``log_samples=True``, offline. Each wall time is end to end for that task: model load,
-   data, scoring (both sides load the model once per task).
-4. ``acc`` and ``acc_norm`` are compared for exact equality; per record, the
-   (context, continuation) requests, the chosen answers and the log-likelihoods are compared
-   too (the largest log-likelihood difference is reported; fp32 gives ~1e-6).
+For every task (default: ARC-Easy, piqa and social_i_qa) the same items are scored by
+``mor.evaluate`` and by ``lm_eval.simple_evaluate`` on a local task written for them; acc and
+acc_norm must be identical, and per record the requests, choices and log-likelihoods are compared.
+How it is built: docs/benchmarks.md, section "lm-eval agreement".
 
 Output: a header (machine, versions, date, exact command), a Markdown table, ``--out`` JSON.
 The exit status is 1 when any metric differs, 0 otherwise.

@@ -5,32 +5,11 @@
     python benchmarks/quality.py --device cuda --steps 400 --train-per-task 2000 --test-per-task 1000 \\
         --seeds 0 1 2                               # the same comparison, scaled up on a GPU (bf16)
 
-What it does (see docs CALIBRATION.md for why it is built this way):
-
-* Model: SmolLM2-135M-Instruct (embedded default; ``--model`` takes a hub id, a local folder
-  or a .gguf). Adapters on the FFN (gate/up/down) of every block; base frozen.
-* Data (``--data-root``, default ``../shared/data/commonsense``): boolq, ARC-Easy and
-  openbookqa give their train split (training + a validation carve) and their test split (the
-  held-back test examples); piqa and social_i_qa have only test.json, so a fixed seeded carve
-  of it (``--split-seed``) gives their test, validation and training records -- the table
-  says so. The split never depends on the training seed or the method: every method sees the
-  same examples, order, steps, batch, schedule and seed.
-* Training: answer-text targets (``target="text"``: the prompt ``Question: ...\\nAnswer:`` and
-  the correct option's text), via ``mor.train.run_training`` with one output folder per run.
-* Learning rate: chosen per method from ``--lr-grid`` on the VALIDATION split (carved from the
-  training pool, never the test split) with the first seed; the other seeds reuse it.
-* Scoring (headline): answer-text log-likelihood, lm-eval style: ``acc`` and ``acc_norm``.
-  ``--label-scoring`` adds the label ("the correct answer is answer2") accuracy as a
-  secondary column.
-* MoR rows also get the merged-with-fixed-routing accuracy: for every task one routing
-  profile (mean router weights) measured on that task's TRAIN prompts, the adapter merged
-  into W with it (``merge_and_unload``), scored on that task's test examples.
-* Noise: the four matched-budget methods run with every ``--seeds`` seed, the others with the
-  first; a gap to the best method smaller than the seed spread or than 2 standard errors of
-  the test-set mean is reported as a tie.
-* Resume: every run writes ``<runs>/<method>/<run>/result.json`` (training) and
-  ``bench.json`` (its evaluations); a rerun with the same settings reuses both.
-* Output: a Markdown table, ``--out`` JSON with every number, and a PNG bar chart next to it.
+Trains every method on the same multi-task mix (answer-text targets), picks each method's
+learning rate on validation, scores answer-text log-likelihood (acc, acc_norm) and, for MoR, the
+merged model too. A rerun with the same settings reuses finished runs. Prints a Markdown table;
+``--out`` gets every number as JSON and a PNG bar chart next to it. How it is built (splits,
+learning-rate choice, seeds, ties, resume) and why: docs/benchmarks.md, section "Quality".
 """
 
 from __future__ import annotations
