@@ -2,7 +2,7 @@
 steps and peak training memory (one subprocess per method), for LoRA r=16, MoR r=8 N=8 and
 MoE-LoRA N=8 r=2 on the FFN. Also the model builder the inference benchmark uses.
 
-    python -m benchmarks.speed --only e2e          # training + memory + inference
+    python -m benchmarks.speed --only train        # training tok/s + peak memory (and targets)
 
 How it is built: docs/benchmarks.md, section "Speed: end to end". Numbers go to stdout and ``--json``.
 """
