@@ -4,28 +4,10 @@
     python benchmarks/lm_eval_agreement.py                      # the full test splits
     python benchmarks/lm_eval_agreement.py --adapter runs/mor-r8 --lm-eval-model mor
 
-For every task (default: ARC-Easy, piqa and social_i_qa of ``../shared/data/commonsense``;
-a folder's ``test.json`` when it has one, else its only file, as ``mor eval`` reads it):
-
-1. The records are parsed with :func:`mor.data.parse_multiple_choice` into
-   ``{question, choices, label}`` -- exactly the items ``mor eval --scoring text`` scores
-   (context ``Question: <q>\\nAnswer:``, continuations ``" " + choice``). Fill-in-the-blank
-   records (winogrande's partial scoring) are refused: a plain lm-eval YAML task cannot
-   express them.
-2. A local lm-eval task is written into a temporary folder: ``<task>.jsonl`` plus
-   ``<task>.yaml`` (``output_type: multiple_choice``, ``doc_to_text: "Question:
-   {{question}}\\nAnswer:"``, ``doc_to_choice: "{{choices}}"``, ``doc_to_target:
-   "{{label}}"``, the default ``target_delimiter`` " ", metrics ``acc`` and ``acc_norm``).
-3. (a) ``mor``: the model is loaded as ``mor eval`` loads it (``mor.loading`` + the adapter
-   through ``mor.model.load_adapter``), the items are built by
-   ``mor.data.multiple_choice_items(scoring="text")`` and scored by
-   ``mor.evaluate.evaluate_tasks``. (b) ``lm-eval``: ``lm_eval.simple_evaluate(model="mor"
-   or "hf", model_args="pretrained=<folder>[,adapter=...]", tasks=[<task>])`` with
-   ``log_samples=True``, offline. Each wall time is end to end for that task: model load,
-   data, scoring (both sides load the model once per task).
-4. ``acc`` and ``acc_norm`` are compared for exact equality; per record, the
-   (context, continuation) requests, the chosen answers and the log-likelihoods are compared
-   too (the largest log-likelihood difference is reported; fp32 gives ~1e-6).
+For every task (default: ARC-Easy, piqa and social_i_qa) the same items are scored by
+``mor.evaluate`` and by ``lm_eval.simple_evaluate`` on a local task written for them; acc and
+acc_norm must be identical, and per record the requests, choices and log-likelihoods are compared.
+How it is built: docs/benchmarks.md, section "lm-eval agreement".
 
 Output: a header (machine, versions, date, exact command), a Markdown table, ``--out`` JSON.
 The exit status is 1 when any metric differs, 0 otherwise.
@@ -41,9 +23,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
@@ -51,7 +31,10 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from mor.system import cpu_model  # noqa: E402
+if __package__ in (None, ""):  # run as a file: python benchmarks/lm_eval_agreement.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine_info, markdown_table, write_json  # noqa: E402
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
 DEFAULT_TASKS = ("ARC-Easy", "piqa", "social_i_qa")
@@ -85,42 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-# -- machine / header -------------------------------------------------------------------------------
-
-def machine_info() -> dict:
-    import lm_eval
-    import torch
-    import transformers
-
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    try:
-        import peft
-        peft_version = peft.__version__
-    except ImportError:
-        peft_version = None
-    try:
-        from importlib.metadata import version
-        lm_eval_version = version("lm_eval")
-    except Exception:  # noqa: BLE001
-        lm_eval_version = getattr(lm_eval, "__version__", "?")
-    return {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": list(load) if load else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "lm_eval": lm_eval_version,
-        "peft": peft_version,
-    }
-
+# -- header -----------------------------------------------------------------------------------------
 
 def header(info: dict, command: str, args) -> str:
     load = info["load_average"]
@@ -128,7 +76,7 @@ def header(info: dict, command: str, args) -> str:
     return "\n".join([
         "# mor eval --scoring text vs lm-evaluation-harness",
         "",
-        f"machine: {info['host']} | {info['cpu']} | {info['cpu_count']} CPUs, torch threads {info['torch_threads']}"
+        f"machine: {info['host']} | {info['cpu']} | {info['cpu_count']} CPUs, torch threads {info['threads']}"
         f"{load_text} | device {args.device}",
         f"versions: python {info['python']} | torch {info['torch']} | transformers {info['transformers']} | "
         f"lm-eval {info['lm_eval']} | peft {info['peft']}",
@@ -303,12 +251,7 @@ def table(rows: list[dict]) -> str:
                       "yes" if all(r["identical"] for r in rows) else "NO",
                       f"{sum(r['mor']['wall_s'] for r in rows):.1f} s",
                       f"{sum(r['lm_eval']['wall_s'] for r in rows):.1f} s"])
-    widths = [max(len(h), *(len(l[k]) for l in lines)) for k, h in enumerate(head)]
-
-    def fmt(cells):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    return "\n".join([fmt(head), "| " + " | ".join("-" * w for w in widths) + " |", *map(fmt, lines)])
+    return markdown_table(head, lines)
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -326,7 +269,7 @@ def main(argv=None) -> int:
     from mor.loading import resolve_model_path
 
     model_path = resolve_model_path(args.model)
-    info = machine_info()
+    info = machine_info(args.device, packages=("transformers", "lm_eval", "peft"))
     print(header(info, command, args), flush=True)
     print(f"model: {model_path}" + (f" + adapter {args.adapter}" if args.adapter else "")
           + f" | lm-eval model type: {args.lm_eval_model} | batch size {args.batch_size}"
@@ -389,10 +332,9 @@ def main(argv=None) -> int:
     print("RESULT: " + ("all metrics identical" if ok else "METRICS DIFFER"))
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         report = {"machine": info, "command": command, "args": vars(args), "model_path": model_path,
                   "scoring": "text", "rows": rows, "identical": ok}
-        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(out, report)
         print(f"JSON written to {out}")
     return 0 if ok else 1
 

@@ -5,32 +5,11 @@
     python benchmarks/quality.py --device cuda --steps 400 --train-per-task 2000 --test-per-task 1000 \\
         --seeds 0 1 2                               # the same comparison, scaled up on a GPU (bf16)
 
-What it does (see docs CALIBRATION.md for why it is built this way):
-
-* Model: SmolLM2-135M-Instruct (embedded default; ``--model`` takes a hub id, a local folder
-  or a .gguf). Adapters on the FFN (gate/up/down) of every block; base frozen.
-* Data (``--data-root``, default ``../shared/data/commonsense``): boolq, ARC-Easy and
-  openbookqa give their train split (training + a validation carve) and their test split (the
-  held-back test examples); piqa and social_i_qa have only test.json, so a fixed seeded carve
-  of it (``--split-seed``) gives their test, validation and training records -- the table
-  says so. The split never depends on the training seed or the method: every method sees the
-  same examples, order, steps, batch, schedule and seed.
-* Training: answer-text targets (``target="text"``: the prompt ``Question: ...\\nAnswer:`` and
-  the correct option's text), via ``mor.train.run_training`` with one output folder per run.
-* Learning rate: chosen per method from ``--lr-grid`` on the VALIDATION split (carved from the
-  training pool, never the test split) with the first seed; the other seeds reuse it.
-* Scoring (headline): answer-text log-likelihood, lm-eval style: ``acc`` and ``acc_norm``.
-  ``--label-scoring`` adds the label ("the correct answer is answer2") accuracy as a
-  secondary column.
-* MoR rows also get the merged-with-fixed-routing accuracy: for every task one routing
-  profile (mean router weights) measured on that task's TRAIN prompts, the adapter merged
-  into W with it (``merge_and_unload``), scored on that task's test examples.
-* Noise: the four matched-budget methods run with every ``--seeds`` seed, the others with the
-  first; a gap to the best method smaller than the seed spread or than 2 standard errors of
-  the test-set mean is reported as a tie.
-* Resume: every run writes ``<runs>/<method>/<run>/result.json`` (training) and
-  ``bench.json`` (its evaluations); a rerun with the same settings reuses both.
-* Output: a Markdown table, ``--out`` JSON with every number, and a PNG bar chart next to it.
+Trains every method on the same multi-task mix (answer-text targets), picks each method's
+learning rate on validation, scores answer-text log-likelihood (acc, acc_norm) and, for MoR, the
+merged model too. A rerun with the same settings reuses finished runs. Prints a Markdown table;
+``--out`` gets every number as JSON and a PNG bar chart next to it. How it is built (splits,
+learning-rate choice, seeds, ties, resume) and why: docs/benchmarks.md, section "Quality".
 """
 
 from __future__ import annotations
@@ -38,16 +17,18 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import hashlib
-import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: python benchmarks/quality.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine_line, read_json, settings_hash, write_json  # noqa: E402
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
 ALL_TASKS = ("boolq", "ARC-Easy", "openbookqa", "piqa", "social_i_qa")
@@ -111,24 +92,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # -- helpers ----------------------------------------------------------------------------------------
 
-def _hash(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _std(values):
     return statistics.stdev(values) if len(values) >= 2 else None
 
@@ -140,19 +103,6 @@ def _mean(values):
 
 def _f(value, digits=3):
     return "-" if value is None else f"{value:.{digits}f}"
-
-
-def machine_line(device: str) -> str:
-    import torch
-
-    from mor.system import cpu_model
-
-    cpu = cpu_model()
-    text = f"{platform.node()} | {platform.system()} {platform.release()} | {cpu} x{os.cpu_count()} | torch {torch.__version__}"
-    text += f" ({torch.get_num_threads()} threads) | device {device}"
-    if device == "cuda":
-        text += f" ({torch.cuda.get_device_name(0)})"
-    return text
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -191,7 +141,7 @@ def prepare_data(args, folder: Path) -> dict:
         out["provenance"][name] = f"{where}; used: {len(train)} train, {len(val)} val, {len(test)} test"
         dest = folder / name / "train.json"
         if not dest.is_file():
-            _write_json(dest, [r.data for r in train.records])
+            write_json(dest, [r.data for r in train.records])
     return out
 
 
@@ -275,10 +225,10 @@ def run_one(args, ev: Evaluator, data_dir: Path, runs: Path, method: str, lr: fl
     train_key = dict(model=args.model, spec=spec.to_dict(), tasks=args.tasks, train=args.train_per_task,
                      val=args.val_per_task, test=args.test_per_task, split_seed=args.split_seed, steps=args.steps,
                      batch=args.batch_size, max_length=args.max_length, warmup=args.warmup_ratio, lr=lr, seed=seed)
-    folder = runs / method / f"lr{lr:g}_seed{seed}_{_hash(train_key)}"
+    folder = runs / method / f"lr{lr:g}_seed{seed}_{settings_hash(train_key)}"
     result_path, bench_path = folder / "result.json", folder / "bench.json"
-    bench = _read_json(bench_path) or {}
-    result = _read_json(result_path)
+    bench = read_json(bench_path) or {}
+    result = read_json(result_path)
     if result is None:
         log(f"train {method} lr={lr:g} seed={seed} -> {folder}")
         cfg = TrainConfig(model=args.model, adapter=copy.deepcopy(spec), data=[str(data_dir / t) for t in args.tasks],
@@ -309,14 +259,14 @@ def run_one(args, ev: Evaluator, data_dir: Path, runs: Path, method: str, lr: fl
             bench["merged"] = ev.merged_scores(model)
         bench["eval_seconds"] = bench.get("eval_seconds", 0.0) + time.perf_counter() - start
         del model
-    _write_json(bench_path, bench)
+    write_json(bench_path, bench)
     return bench
 
 
 def run_base(args, ev: Evaluator, runs: Path, label_scoring: bool, log) -> dict:
     key = dict(model=args.model, tasks=args.tasks, test=args.test_per_task, split_seed=args.split_seed)
-    path = runs / "base" / f"zero-shot_{_hash(key)}" / "bench.json"
-    bench = _read_json(path) or {}
+    path = runs / "base" / f"zero-shot_{settings_hash(key)}" / "bench.json"
+    bench = read_json(path) or {}
     need = ["test"] + (["test_label"] if label_scoring else [])
     if all(k in bench for k in need):
         log("reuse base zero-shot")
@@ -330,7 +280,7 @@ def run_base(args, ev: Evaluator, runs: Path, label_scoring: bool, log) -> dict:
             bench["test_label"] = ev.score(model, "test", scoring="label")
         bench["eval_seconds"] = bench.get("eval_seconds", 0.0) + time.perf_counter() - start
     bench.update(method="base", label=METHODS["base"][0], trainable_parameters=0, train_seconds=0.0, lr=None, seed=None)
-    _write_json(path, bench)
+    write_json(path, bench)
     return bench
 
 
@@ -489,7 +439,7 @@ def main(argv=None) -> int:
 
     data_key = dict(root=str(Path(args.data_root).resolve()), tasks=args.tasks, train=args.train_per_task,
                     val=args.val_per_task, test=args.test_per_task, split_seed=args.split_seed)
-    data_dir = runs / f"data_{_hash(data_key)}"
+    data_dir = runs / f"data_{settings_hash(data_key)}"
     data = prepare_data(args, data_dir)
     ev = Evaluator(args, data, device)
 
@@ -581,7 +531,7 @@ def main(argv=None) -> int:
         "rows": rows, "verdict": verdict, "comparisons": vs_lines, "notes": notes, "table_markdown": table,
         "png": str(png),
     }
-    _write_json(out, record)
+    write_json(out, record)
     bar_chart(rows, png, f"SmolLM2 FFN adapters, {len(args.tasks)} tasks, {args.steps} steps "
               f"({started:%Y-%m-%d})" if args.model is None else f"{args.model}, {args.steps} steps")
     print(f"wrote {out} and {png}")

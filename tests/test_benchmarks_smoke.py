@@ -63,6 +63,23 @@ def test_speed_benchmark_quick_end_to_end_smoke(tmp_path, capsys):
     assert models["base"]["prefill_vs_base"] == 1.0
     targets = {t["target"]: t for t in report["targets"]}
     assert targets["merged MoR / base, prefill"]["note"].startswith("noise floor: base copy / base = ")
+    assert targets["dynamic MoR / base, decode per token"]["threshold"] == 1.10
+    assert targets["merged MoR / base, decode per token"]["threshold"] == 1.02
+
+
+def test_speed_benchmark_inference_only_smoke(tmp_path, capsys):
+    """``benchmarks.speed_inference`` (= ``benchmarks.speed --only inference``): latency and its
+    targets alone, no training, memory or layer part."""
+    speed_inference = pytest.importorskip("benchmarks.speed_inference")
+    out_json = tmp_path / "speed.json"
+    speed_inference.main(["--quick", "--no-progress", "--json", str(out_json)])
+    printed = capsys.readouterr().out
+    assert "Inference, batch 1" in printed and "End-to-end training" not in printed
+
+    report = json.loads(out_json.read_text())
+    assert "layer" not in report and set(report["e2e"]) == {"model", "settings", "inference"}
+    assert {t["target"] for t in report["targets"]} == {
+        f"{kind} MoR / base, {part}" for kind in ("dynamic", "merged") for part in ("prefill", "decode per token")}
 
 
 def _tiny_commonsense(root: Path) -> Path:

@@ -78,7 +78,8 @@ def test_parameter_counts_match_closed_form_for_all_four_methods():
         model = wrap(make_tiny_llama())
         expected = parameter_count(make_tiny_llama(), method, ranks[method], num_experts=4)
         assert mor.count_trainable_parameters(model) == expected, method
-    # the explicit formula of MOR_METHOD.md section 3, for the tiny model's FFN (d=32, ffn=64)
+    # the explicit formula of docs/method.md, section 3 "Parameters per adapted layer",
+    # for the tiny model's FFN (d=32, ffn=64)
     shapes = [(32, 64), (32, 64), (64, 32)] * 2
     assert parameter_count(make_tiny_llama(), "mor", 8, 4) == sum(8 * (i + o) + 4 * (8 + o) + i * 4 for i, o in shapes)
 

@@ -1,7 +1,7 @@
 """Export a MoR (or MoE-LoRA) adapter under a fixed routing as a standard peft LoRA folder.
 
 With one fixed routing vector g (N,) per layer, the adapter's update is a constant matrix.
-For MoR it is exactly a rank-r LoRA (MOR_METHOD.md section 3):
+For MoR it is exactly a rank-r LoRA (docs/method.md, section 4 "The rank finding"):
 
     sum_i g_i D_i = (alpha/r) * M(g) @ A,   M(g) = sum_i g_i diag(Omega_B[i]) B diag(Omega_A[i])
 
