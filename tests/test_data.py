@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_tokenizer
 
+from mor.evaluate import encode_pair  # lm-eval's split; training drops only the BOS
 from mor.data import (
     DEFAULT_TEMPLATE,
     DataError,
@@ -19,7 +20,6 @@ from mor.data import (
     Task,
     TrainingExample,
     collate,
-    encode_pair,
     load_task_records,
     load_tasks,
     mix_tasks,
@@ -488,7 +488,7 @@ def test_tokenize_masks_exactly_the_prompt(chat_tok):
 
 def test_tokenize_agrees_with_scoring_encode_pair(chat_tok):
     for example in training_examples(task_of(ARC, PIQA, WINO), target="text"):
-        context_ids, continuation_ids = encode_pair(chat_tok, example.prompt, example.target)
+        context_ids, continuation_ids = encode_pair(chat_tok, example.prompt, example.target, add_bos_token=False)
         out = tokenize_example(example, chat_tok, max_length=512)
         assert out["input_ids"] == context_ids + continuation_ids + [chat_tok.eos_token_id]
         assert out["labels"].count(-100) == len(context_ids)
@@ -619,6 +619,14 @@ class MergingTokenizer:
     eos_token_id = 0
     vocab = {"ab": 9, "a": 1, "b": 2, "c": 3}
 
+    bos_token_id = None
+
+    def decode(self, token_id):
+        return "<eos>"
+
+    def encode(self, text, add_special_tokens=False):
+        return self(text, add_special_tokens)["input_ids"]
+
     def __call__(self, text, add_special_tokens=False):
         out, i = [], 0
         while i < len(text):
@@ -634,4 +642,4 @@ def test_tokenize_boundary_merge_never_supervises_prompt_text():
     # is encoded alone, so the loss covers exactly "bc" + EOS
     assert out["input_ids"] == [3, 1, 2, 3, 0]
     assert out["labels"] == [-100, -100, 2, 3, 0]
-    assert encode_pair(MergingTokenizer(), "ca", "bc") == ([3, 1], [3])  # lm-eval's split, for scorers
+    assert encode_pair(MergingTokenizer(), "ca", "bc", add_bos_token=False) == ([3, 1], [3])  # lm-eval's split

@@ -43,7 +43,6 @@ with :func:`make_lm`::
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path

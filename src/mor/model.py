@@ -14,11 +14,9 @@ MoR into peft.mapping's dictionaries; it refuses a peft version outside the test
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Union
+from typing import Iterable, Iterator, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
@@ -27,7 +25,7 @@ from torch import nn
 from .baselines.moelora import MoELoRAAdapter
 from .config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, MoRConfig, read_adapter_config
 from .layer import MixtureLayer, MoRAdapter, compute_dtype, linear_shape
-from .routing import ROUTING_NAME, Routing, RoutingProfile, load_balancing_loss, resolve_routing
+from .routing import Routing, RoutingProfile, load_balancing_loss, resolve_routing
 
 PEFT_SUPPORTED = ((0, 21), (0, 22))  # [min, max): the versions the tests cover
 

@@ -1,0 +1,358 @@
+"""Reading task files (JSON list or JSONL, with ``file:line`` for every record) and validating
+records; one rule per record shape, the same for training and evaluation."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from .choices import _FORMAT, _check_choice, _check_choices, _nonempty_str, parse_multiple_choice
+from .types import DataError
+
+
+
+SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
+"""File stems that name a split, not a task: ``boolq/train.json`` is task "boolq"."""
+
+DATA_SUFFIXES = (".json", ".jsonl")
+
+
+@dataclass
+class Record:
+    """One validated record: its JSON object, where it came from, and its kind."""
+
+    data: dict
+    file: str
+    line: int  # 1-based line where the record's object starts
+    kind: str  # "instruction" | "chat" | "choice"
+
+    @property
+    def source(self) -> str:
+        """``file:line`` of the record, for messages."""
+        return f"{self.file}:{self.line}"
+
+
+@dataclass
+class Task:
+    """The records of one task file or folder.
+
+    ``skipped`` lists ``"file:line: reason"`` for each record dropped by ``skip_bad=True``.
+    """
+
+    name: str
+    records: list[Record]
+    files: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+
+def task_name(path: str | Path) -> str:
+    """Name of the task stored at ``path``.
+
+    A folder is named after itself; a file after its stem, except that a split-named file
+    (``train.json``, ``test.jsonl``, ...) is named after its parent folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return path.resolve().name
+    if path.stem.lower() in SPLIT_NAMES:
+        return path.resolve().parent.name
+    return path.stem
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_ws(text: str, i: int) -> int:
+    return _WS.match(text, i).end()
+
+
+def _line_at(text: str, i: int) -> int:
+    return text.count("\n", 0, i) + 1
+
+
+def _json_error(path: str, err: json.JSONDecodeError) -> DataError:
+    return DataError(
+        f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno}). Fix the syntax "
+        "there (a missing comma or quote, a trailing comma, an unescaped newline in a string)."
+    )
+
+
+def _iter_json_list(path: str, text: str, start: int) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line, value)`` for each element of the JSON list starting at ``text[start]``.
+
+    Each value is decoded with :meth:`json.JSONDecoder.raw_decode`, so its line is exactly the
+    line where its text starts.
+    """
+    decoder = json.JSONDecoder()
+    i = _skip_ws(text, start + 1)
+    line, pos = _line_at(text, i), i  # line of position ``pos``, advanced incrementally
+    if i < len(text) and text[i] == "]":
+        i = _skip_ws(text, i + 1)
+    else:
+        while True:
+            if i >= len(text):
+                raise DataError(f"{path}:{_line_at(text, i)}: the JSON list is not closed; add ']' at the end.")
+            line, pos = line + text.count("\n", pos, i), i
+            try:
+                value, end = decoder.raw_decode(text, i)
+            except json.JSONDecodeError as err:
+                raise _json_error(path, err) from None
+            yield line, value
+            i = _skip_ws(text, end)
+            if i >= len(text):
+                raise DataError(f"{path}:{_line_at(text, i)}: the JSON list is not closed; add ']' at the end.")
+            if text[i] == "]":
+                i = _skip_ws(text, i + 1)
+                break
+            if text[i] != ",":
+                raise DataError(
+                    f"{path}:{_line_at(text, i)}: expected ',' or ']' after the record that starts on "
+                    f"line {line}, found {text[i]!r}; put a comma between records."
+                )
+            i = _skip_ws(text, i + 1)
+            if i < len(text) and text[i] == "]":
+                raise DataError(
+                    f"{path}:{_line_at(text, i)}: trailing comma before ']'; JSON allows none, remove it."
+                )
+    if i < len(text):
+        raise DataError(
+            f"{path}:{_line_at(text, i)}: extra content after the closing ']' of the list; remove it "
+            "(a JSON file holds one list of records; use .jsonl for one record per line)."
+        )
+
+
+def _iter_jsonl(path: str, text: str, bad: list[str] | None) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line, value)`` for each non-blank line. A bad line raises, or is appended to
+    ``bad`` as ``"file:line: reason"`` when ``bad`` is a list (``skip_bad``)."""
+    for number, raw in enumerate(text.split("\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as err:
+            msg = (
+                f"{path}:{number}: invalid JSON: {err.msg} (column {err.colno}). Each line of a "
+                "JSON Lines file must be one complete JSON object; fix or remove this line."
+            )
+            if bad is None:
+                raise DataError(msg) from None
+            bad.append(msg)
+            continue
+        yield number, value
+
+
+def _iter_file_values(path: Path, bad: list[str] | None) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line, value)`` for every record in a JSON-list or JSON Lines file.
+
+    The format is chosen by content, not by suffix: a file starting with ``[`` is a JSON list,
+    one starting with ``{`` is JSON Lines (a lone object spread over several lines is refused:
+    it is most likely a mistaken JSON file).
+    """
+    name = str(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{name}:{line}: the file is not UTF-8 text ({err.reason}); re-save it as UTF-8.") from None
+    i = _skip_ws(text, 0)
+    if i >= len(text):
+        raise DataError(f"{name}:1: the file is empty; it must hold a JSON list of records or JSON Lines.")
+    if text[i] == "[":
+        yield from _iter_json_list(name, text, i)
+        return
+    if text[i] != "{":
+        raise DataError(
+            f"{name}:{_line_at(text, i)}: expected '[' (a JSON list of records) or '{{' (one JSON "
+            f"object per line), found {text[i]!r}."
+        )
+    try:
+        _, end = json.JSONDecoder().raw_decode(text, i)
+        single = _skip_ws(text, end) >= len(text)
+    except json.JSONDecodeError:
+        single = False  # let the line-by-line reader report it with its line
+    if single and "\n" in text[i:end].strip():
+        raise DataError(
+            f"{name}:{_line_at(text, i)}: the file holds one JSON object spread over several lines, "
+            "not a list of records; wrap the records in [ ... ] or write one object per line (.jsonl)."
+        )
+    yield from _iter_jsonl(name, text, bad)
+
+
+# ---- record validation ---------------------------------------------------------------------
+
+
+def _check_instruction(record: dict) -> None:
+    if not _nonempty_str(record.get("instruction")):
+        raise DataError('"instruction" must be non-empty text.')
+    if "input" in record and record["input"] is not None and not isinstance(record["input"], str):
+        raise DataError(f'"input" is {type(record["input"]).__name__}; it must be text (or "" / absent).')
+    if "output" not in record:
+        raise DataError('missing field "output": add the response text the model should learn.')
+    if not _nonempty_str(record["output"]):
+        raise DataError(f'empty output ({record["output"]!r}): write the response text the model should learn.')
+    if record.get("answer") is not None and not isinstance(record["answer"], (str, int)):
+        raise DataError(f'"answer" is {record["answer"]!r}; it must be a label such as "answer2" or an index.')
+    if "choices" in record:
+        _check_choices(record)
+
+
+def _check_chat(record: dict) -> None:
+    messages = record["messages"]
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise DataError(
+            '"messages" must be a list of at least two {"role", "content"} objects: the prompt '
+            "turn(s), then the assistant reply to learn."
+        )
+    for k, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not _nonempty_str(msg.get("role")) or not isinstance(msg.get("content"), str):
+            raise DataError(f'message {k} is {msg!r}; each message needs a "role" and a text "content".')
+    last = messages[-1]
+    if last["role"] != "assistant":
+        raise DataError(
+            f'the last message has role {last["role"]!r}; it must be the "assistant" reply the model learns.'
+        )
+    if not last["content"].strip():
+        raise DataError("the last (assistant) message is empty; write the reply the model should learn.")
+
+
+def validate_record(record: Any) -> str:
+    """Check one record and return its kind (``"instruction"``, ``"chat"`` or ``"choice"``).
+
+    Raises :class:`DataError` (without a location; the caller adds ``file:line``).
+    """
+    if not isinstance(record, dict):
+        raise DataError(
+            f"record is a JSON {type(record).__name__}, not an object; each record must be "
+            '{"instruction": ..., "output": ...}, {"messages": [...]} or {"question", "choices", "label"}.'
+        )
+    if "messages" in record:
+        _check_chat(record)
+        return "chat"
+    if "instruction" in record:
+        _check_instruction(record)
+        if "choices" in record or _FORMAT.search(record["instruction"]):
+            parse_multiple_choice(record)  # one rule for train and eval: its answer must be one of its choices
+        return "instruction"
+    if "question" in record or "choices" in record:
+        _check_choice(record)
+        parse_multiple_choice(record)
+        return "choice"
+    raise DataError(
+        f"record has none of the fields instruction/messages/question (it has: {', '.join(sorted(record)) or 'none'}); "
+        'use {"instruction", "input", "output"}, {"messages": [...]} or {"question", "choices", "label"}.'
+    )
+
+
+def _records_from_values(
+    values: Iterable[tuple[int, Any]], file: str, skip_bad: bool, skipped: list[str]
+) -> list[Record]:
+    records = []
+    for line, value in values:
+        try:
+            kind = validate_record(value)
+        except DataError as err:
+            if not skip_bad:
+                raise DataError(f"{file}:{line}: {err}") from None
+            skipped.append(f"{file}:{line}: {err}")
+            continue
+        records.append(Record(value, file, line, kind))
+    return records
+
+
+def _read_file(path: Path, skip_bad: bool, skipped: list[str]) -> list[Record]:
+    bad: list[str] | None = [] if skip_bad else None
+    values = list(_iter_file_values(path, bad))
+    if bad:
+        skipped.extend(bad)
+    return _records_from_values(values, str(path), skip_bad, skipped)
+
+
+def _folder_files(folder: Path, split: str | None) -> list[Path]:
+    """The data files of a task folder: the ``split`` file, or all of them when that is safe."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    names = ", ".join(p.name for p in files) or "none"
+    if split is not None:
+        chosen = [p for p in files if p.stem.lower() == split.lower()]
+        if not chosen:
+            hint = " (carve one with mor.data.split_records)" if split.lower() == "train" else ""
+            raise FileNotFoundError(
+                f"{folder} has no {split}.json or {split}.jsonl{hint}; its data files are: {names}"
+            )
+        return chosen
+    if not files:
+        raise FileNotFoundError(f"{folder} has no .json or .jsonl files")
+    split_files = [p for p in files if p.stem.lower() in SPLIT_NAMES]
+    if split_files and len(files) > 1:
+        raise DataError(
+            f"{folder} holds several splits ({names}); choose one with split='train' (or --split) "
+            "so that train and test records are never mixed."
+        )
+    return files
+
+
+def load_task_records(path: str | Path, skip_bad: bool = False, split: str | None = None) -> Task:
+    """Read one task from a JSON-list file, a JSON Lines file, or a folder.
+
+    A folder is one task: its ``<split>.json``/``.jsonl`` when ``split`` is given, else its only
+    data file, else all its data files (refused when they are several splits). ``split`` is
+    ignored for a file. With ``skip_bad=True`` malformed records (and bad JSON Lines lines) are
+    skipped and listed in ``Task.skipped``; a syntax error inside a JSON list still raises,
+    since nothing after it can be trusted.
+
+    Raises FileNotFoundError for a missing path, DataError for malformed data or an empty task.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"task data not found: {path}")
+    files = _folder_files(path, split) if path.is_dir() else [path]
+    skipped: list[str] = []
+    records = [r for f in files for r in _read_file(f, skip_bad, skipped)]
+    if not records:
+        why = f" ({len(skipped)} skipped as malformed; first: {skipped[0]})" if skipped else ""
+        raise DataError(f"{path}: the task has no records{why}; add records or fix the skipped ones.")
+    return Task(task_name(path), records, [str(f) for f in files], skipped)
+
+
+def load_tasks(
+    paths: Sequence[str | Path], skip_bad: bool = False, split: str | None = None
+) -> list[Task]:
+    """Read several tasks (see :func:`load_task_records`); their names must be distinct."""
+    tasks = [load_task_records(p, skip_bad=skip_bad, split=split) for p in paths]
+    seen: dict[str, str] = {}
+    for task in tasks:
+        if task.name in seen:
+            raise DataError(
+                f"two tasks are both named {task.name!r} ({seen[task.name]} and {task.files[0]}); "
+                "rename a file or folder so that task names are distinct."
+            )
+        seen[task.name] = task.files[0]
+    return tasks
+
+
+def load_hub_task(dataset_id: str, split: str = "train", name: str | None = None, skip_bad: bool = False) -> Task:
+    """Read a Hugging Face dataset split whose rows are records of the kinds above.
+
+    Needs network (or a local datasets cache). Rows are located as ``<id>[<split>]:<row>``,
+    1-based. Not used by the offline tests.
+    """
+    import datasets
+
+    rows = datasets.load_dataset(dataset_id, name, split=split)
+    file = f"{dataset_id}[{split}]"
+    skipped: list[str] = []
+    # datasets fills fields a row lacks with None; drop them so optional fields stay optional
+    values = ((k + 1, {key: v for key, v in row.items() if v is not None}) for k, row in enumerate(rows))
+    records = _records_from_values(values, file, skip_bad, skipped)
+    if not records:
+        raise DataError(f"{file}: the dataset has no usable records ({len(skipped)} skipped).")
+    return Task(dataset_id.rstrip("/").split("/")[-1], records, [file], skipped)

@@ -1,0 +1,35 @@
+"""The data's vocabulary: what a task turns into (multiple-choice items, training examples) and its error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class DataError(ValueError):
+    """A task file or record is malformed. The message says where, what, and how to fix it."""
+
+
+@dataclass
+class MultipleChoiceItem:
+    """One multiple-choice question, ready to score by log-likelihood.
+
+    Choice ``i`` is scored as log P(continuations[i] | contexts[i]). Usually every context is
+    the same prompt; fill-in-the-blank records (lm-eval's "partial" scoring) have one context
+    per option and a shared continuation.
+    """
+
+    task: str
+    contexts: list[str]  # one per choice
+    continuations: list[str]  # one per choice
+    gold: int  # index of the correct choice
+    source: str = ""  # "file:line" of the record, for messages
+
+
+@dataclass
+class TrainingExample:
+    """One supervised example: the loss is taken on ``target`` only."""
+
+    task: str
+    prompt: str  # fully rendered prompt text (chat template already applied where used)
+    target: str  # response text; the tokeniser appends EOS
+    source: str = ""
