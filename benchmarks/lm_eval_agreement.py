@@ -158,7 +158,7 @@ def run_mor(args, model_path: str, task_path: Path):
     import mor.evaluate as mev
     from mor.data import multiple_choice_items
     from mor.loading import load_model, load_tokenizer
-    from mor.train import load_eval_tasks
+    from mor.data import load_eval_tasks
 
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(model_path)
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
             task_path = data_root / task_arg
             if not task_path.exists():
                 raise SystemExit(f"{task_path}: no such task folder or file under --data-root {data_root}")
-            from mor.train import load_eval_tasks
+            from mor.data import load_eval_tasks
 
             (task,) = load_eval_tasks([str(task_path)])
             docs = convert(task)[: args.limit] if args.limit is not None else convert(task)

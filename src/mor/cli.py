@@ -240,7 +240,7 @@ def cmd_eval(args) -> int:
     from .evaluate import SCORING_NAMES, evaluate_tasks, format_table, results_of, score_tasks, write_results_json
     from .model import RoutingProfile, is_mor_model
     from .safety import check_output_file
-    from .train import load_eval_tasks
+    from .data import load_eval_tasks
 
     if args.output:  # before the evaluation, not after it
         check_output_file(args.output, args.overwrite, inputs={"--data": args.data, "--adapter": args.adapter,
@@ -278,7 +278,7 @@ def cmd_merge(args) -> int:
 
     from .model import RoutingProfile, is_mor_model
     from .safety import atomic_folder, claim_output_folder
-    from .train import load_eval_tasks
+    from .data import load_eval_tasks
 
     out = claim_output_folder(args.output, args.overwrite, inputs={
         "--model": args.model, "--adapter": args.adapter, "--routing": args.routing, "--data": args.data})
@@ -316,7 +316,7 @@ def cmd_analyze(args) -> int:
     from .analysis import analyze, format_report
     from .model import is_mor_model
     from .safety import atomic_folder, claim_output_folder
-    from .train import load_eval_tasks
+    from .data import load_eval_tasks
 
     claim_output_folder(args.output, args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter,
                                                              "--data": args.data})
@@ -387,7 +387,7 @@ def cmd_export_lora(args) -> int:
     import torch
 
     from .export import export_lora, exported_rank, mixture_layers
-    from .train import load_eval_tasks
+    from .data import load_eval_tasks
 
     model, tokenizer = _load_adapted(args.model, args.adapter)
     try:

@@ -26,7 +26,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from .config import WEIGHTS_NAME
-from .data import (DataError, Task, collate, load_hub_task, load_task_records, mix_tasks, multiple_choice_items, split_records,
+from .data import (DataError, Task, has_split, load_eval_tasks, collate, load_hub_task, load_task_records, mix_tasks, multiple_choice_items, split_records,
                    tokenize_examples, training_examples)
 from .distributed import (adapter_checksum, all_gather_objects, check_launch, checkpoint_state,
                           gather_adapter_state_dict, load_adapter_file, save_adapter, world_size)
@@ -85,10 +85,6 @@ class TrainConfig:
 
 # -- data ----------------------------------------------------------------------------------------
 
-def _has_split(folder: Path, split: str) -> bool:
-    return any((folder / f"{split}{ext}").is_file() for ext in (".json", ".jsonl"))
-
-
 def load_train_and_eval_tasks(cfg: TrainConfig) -> tuple[list[Task], list[Task]]:
     """Training tasks from ``cfg.data`` (or the built-in suite) and their eval tasks.
 
@@ -105,12 +101,12 @@ def load_train_and_eval_tasks(cfg: TrainConfig) -> tuple[list[Task], list[Task]]
             continue
         if not path.exists():
             raise FileNotFoundError(f"--data {path}: no such file or folder (nor a Hugging Face dataset id)")
-        if path.is_dir() and _has_split(path, "train"):
+        if path.is_dir() and has_split(path, "train"):
             train_tasks.append(load_task_records(path, skip_bad=cfg.skip_bad, split="train"))
-            if _has_split(path, "test"):
+            if has_split(path, "test"):
                 eval_tasks.append(load_task_records(path, skip_bad=cfg.skip_bad, split="test"))
             continue
-        split = "test" if path.is_dir() and _has_split(path, "test") else None
+        split = "test" if path.is_dir() and has_split(path, "test") else None
         task = load_task_records(path, skip_bad=cfg.skip_bad, split=split)
         if cfg.holdout:
             task, held = split_records(task, eval_size=cfg.holdout, seed=cfg.seed)
@@ -466,15 +462,6 @@ def _write_run_files(tokenizer, folder: Path, cfg: TrainConfig, trainable: int, 
         "world_size": world_size(),
         "train_config": {k: v for k, v in asdict(cfg).items() if k != "adapter"}, "data": data_report,
     }, indent=2, default=str) + "\n")
-
-
-def load_eval_tasks(paths: list[str], skip_bad: bool = False) -> list[Task]:
-    """Tasks to evaluate: a folder's test split when it has one, else the whole file/folder."""
-    tasks = []
-    for path in map(Path, paths):
-        split = "test" if path.is_dir() and _has_split(path, "test") else None
-        tasks.append(load_task_records(path, skip_bad=skip_bad, split=split))
-    return tasks
 
 
 def summarise(result: TrainResult) -> dict[str, Any]:

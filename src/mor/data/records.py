@@ -356,3 +356,17 @@ def load_hub_task(dataset_id: str, split: str = "train", name: str | None = None
     if not records:
         raise DataError(f"{file}: the dataset has no usable records ({len(skipped)} skipped).")
     return Task(dataset_id.rstrip("/").split("/")[-1], records, [file], skipped)
+
+
+def has_split(folder: Path, split: str) -> bool:
+    """Whether ``folder`` holds ``<split>.json`` or ``<split>.jsonl``."""
+    return any((folder / f"{split}{ext}").is_file() for ext in DATA_SUFFIXES)
+
+
+def load_eval_tasks(paths: list[str], skip_bad: bool = False) -> list[Task]:
+    """Tasks to evaluate: a folder's test split when it has one, else the whole file/folder."""
+    tasks = []
+    for path in map(Path, paths):
+        split = "test" if path.is_dir() and has_split(path, "test") else None
+        tasks.append(load_task_records(path, skip_bad=skip_bad, split=split))
+    return tasks
