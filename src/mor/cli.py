@@ -89,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     t.add_argument("--eval-limit", type=int, default=None)
     t.add_argument("--no-figures", action="store_true", help="skip the routing figures after training a MoR adapter")
+    t.add_argument("--base-dtype", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="dtype of the frozen base (adapter and optimizer stay fp32); auto: bf16 where the "
+                        "hardware runs it natively (CPU with AVX512-BF16/AMX, GPU with bf16)")
+    t.add_argument("--group-by-length", action="store_true", help="batch examples of similar length (less padding)")
+    t.add_argument("--router-lr-multiplier", type=float, default=1.0, help="router learning rate = lr times this")
+    t.add_argument("--router-init-scale", type=float, default=1.0,
+                   help="multiply the router's initial weights by this (1/temperature of its logits at init)")
+    t.add_argument("--routing-stats-steps", type=int, default=None,
+                   help="measure routing entropy/load/divergence every N steps (default: every logging step; 0: off)")
 
     e = sub.add_parser("eval", help="zero-shot multiple-choice accuracy per task")
     _add_model(e)
@@ -135,7 +144,9 @@ def cmd_train(args) -> int:
                       max_length=args.max_length, seed=args.seed, resume=args.resume, skip_bad=args.skip_bad,
                       save_steps=args.save_steps, gradient_checkpointing=args.gradient_checkpointing,
                       evaluate=not args.no_eval, eval_limit=args.eval_limit,
-                      builtin_eval_size=BUILTIN_EVAL_SIZE if builtin else None)
+                      builtin_eval_size=BUILTIN_EVAL_SIZE if builtin else None, base_dtype=args.base_dtype,
+                      group_by_length=args.group_by_length, router_lr_multiplier=args.router_lr_multiplier,
+                      router_init_scale=args.router_init_scale, routing_stats_steps=args.routing_stats_steps)
     if builtin:
         print(f"No --data given: training on the built-in multi-task suite (written to {Path(args.output) / 'data'}).")
     start = time.perf_counter()
