@@ -115,7 +115,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--eval-limit", type=int, default=40)
-    parser.add_argument("--grouped-steps", type=int, default=15)
+    parser.add_argument("--grouped-steps", type=int, default=15, help="steps timed with length-grouped batches (0: none)")
+    parser.add_argument("--eval-repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -130,14 +131,15 @@ def main() -> None:
     grouped = batches(tokenizer, args.steps, args.batch_size, args.max_length, grouped=True)
     report["padding_share"] = {"random": padding_share(plain), "grouped": padding_share(grouped)}
     # fp32_seed1: the fp32 run with another adapter init -- the noise scale the bf16 losses are judged by
-    variants = {"fp32": (torch.float32, plain), "bf16": (torch.bfloat16, plain), "fp32_seed1": (torch.float32, plain),
-                "bf16_grouped": (torch.bfloat16, grouped)}
+    variants = {"fp32": (torch.float32, plain), "bf16": (torch.bfloat16, plain), "fp32_seed1": (torch.float32, plain)}
+    if args.grouped_steps:
+        variants["bf16_grouped"] = (torch.bfloat16, grouped)
     models = {name: build(dtype, init_seed=1 if name == "fp32_seed1" else 0) for name, (dtype, _) in variants.items()}
     losses = {name: [] for name in variants}
     times = {name: [] for name in variants}
     names = list(variants)
     for s in range(args.steps):
-        active = names if s < args.grouped_steps else names[:-1]  # length grouping: timing only, fewer steps
+        active = names if s < args.grouped_steps else names[:3]  # length grouping: timing only, fewer steps
         for name in active[s % len(active):] + active[: s % len(active)]:  # rotate the order every step
             tic = time.perf_counter()
             losses[name].append(step(*models[name], variants[name][1][s]))
@@ -165,7 +167,7 @@ def main() -> None:
     items = {t: multiple_choice_items(load_task_records(COMMONSENSE / t, split="test"), scoring="label",
                                       tokenizer=tokenizer) for t in TASKS}
     report["eval"] = {}
-    for repeat in range(2):  # interleaved: fp32, bf16, bf16, fp32
+    for repeat in range(args.eval_repeats):  # interleaved: fp32, bf16, bf16, fp32
         for name in (("fp32", "bf16") if repeat == 0 else ("bf16", "fp32")):
             model = models[name][0].eval()
             tic = time.perf_counter()

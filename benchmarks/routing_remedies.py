@@ -44,7 +44,7 @@ SETTINGS = {
     "balanced": ({"router": "balanced", "balance_coef": 0.01}, {}),
     "lr100_init10": ({}, {"router_lr_multiplier": 100.0, "router_init_scale": 10.0}),
 }
-PROBE_STEPS = {1, 2, 5, 10, 20, 40, 60, 80, 100}
+PROBE_STEPS = {1, 2, 5, 10, 20, 30, 40, 60, 80, 100}
 
 
 class RouterDiagnostics(TrainerCallback):
@@ -82,11 +82,11 @@ class RouterDiagnostics(TrainerCallback):
             self.moved = (num / den) ** 0.5
 
 
-def run(name: str, steps: int, out: Path, base_dtype: str) -> dict:
+def run(name: str, steps: int, out: Path, base_dtype: str, batch_size: int = 8) -> dict:
     spec_kw, cfg_kw = SETTINGS[name]
     spec = AdapterSpec(method="mor", r=8, num_experts=8, **spec_kw)
     cfg = TrainConfig(model=None, adapter=spec, output=str(Path("runs") / "routing_remedies" / name),
-                      max_steps=steps, batch_size=8, lr=1e-3, logging_steps=10, save_steps=10 ** 6,
+                      max_steps=steps, batch_size=batch_size, lr=1e-3, logging_steps=10, save_steps=10 ** 6,
                       evaluate=True, evaluate_before=False, builtin_eval_size=40, base_dtype=base_dtype,
                       routing_stats_steps=10, **cfg_kw)
     diag = RouterDiagnostics()
@@ -95,7 +95,8 @@ def run(name: str, steps: int, out: Path, base_dtype: str) -> dict:
     records = json.loads((Path(cfg.output) / "routing_stats.json").read_text())
     losses = [r["loss"] for r in result.log_history if "loss" in r]
     row = {
-        "setting": name, "adapter": spec.to_dict(), **cfg_kw, "steps": result.global_step, "base_dtype": base_dtype,
+        "setting": name, "adapter": spec.to_dict(), **cfg_kw, "steps": result.global_step, "batch_size": batch_size,
+        "base_dtype": base_dtype,
         "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - tic,
         "eval_seconds": result.eval_seconds, "final_loss_logged": losses[-1] if losses else None,
         "acc": result.after["average"]["acc"], "acc_stderr": result.after["average"].get("acc_stderr"),
@@ -128,6 +129,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--only", default=",".join(SETTINGS))
     parser.add_argument("--base-dtype", default="fp32")
     parser.add_argument("--threads", type=int, default=1)
@@ -143,7 +145,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.only.split(","):
-        rows.append(run(name, args.steps, Path(args.out), args.base_dtype))
+        rows.append(run(name, args.steps, Path(args.out), args.base_dtype, args.batch_size))
         print(table(rows), flush=True)
 
 

@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 
+from mor.analysis import routing_over_steps_table
+from mor.cli import main
 from mor.methods import AdapterSpec, apply_adapter
 from mor.routing_stats import (RoutingRecorder, entropy_bits, expert_load, find_routers, js_divergence,
                                measure_routing_stats, token_entropy_bits)
@@ -93,6 +95,12 @@ def test_training_writes_routing_records_per_interval(tmp_path, tiny_model_dir, 
     assert logged and "routing/entropy_bits" in logged[0]
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["routing_stats"]["last"]["step"] == 5 and saved["routing_stats"]["records"] == 4
+
+    # `mor analyze` draws them over steps from the file beside the adapter
+    assert main(["analyze", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "run" / "adapter"),
+                 "--data", *two_tasks, "--limit", "4", "--output", str(tmp_path / "fig")]) == 0
+    assert (tmp_path / "fig" / "routing_over_steps.png").stat().st_size > 10_000
+    assert routing_over_steps_table(records).count("\n") == len(records)
 
 
 def test_router_parameters_get_their_own_learning_rate(tmp_path, tiny_llama):

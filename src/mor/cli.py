@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(a, required=True)
     a.add_argument("--limit", type=int, default=100, help="records per task used to measure routing")
     a.add_argument("--output", default="figures")
+    a.add_argument("--routing-stats", default=None,
+                   help="routing_stats.json of a training run (default: the one beside --adapter, if any): "
+                        "draws routing entropy and divergence over steps")
     return parser
 
 
@@ -295,8 +298,22 @@ def cmd_analyze(args) -> int:
     texts = {t.name: _task_prompts(t, tokenizer, args.limit) for t in tasks}
     result = analyze(model, texts, args.output, tokenizer=tokenizer)
     print(format_report(result["analysis"]))
+    stats = Path(args.routing_stats) if args.routing_stats else Path(args.adapter).parent / "routing_stats.json"
+    if stats.is_file() or args.routing_stats:
+        result["routing_over_steps"] = _routing_over_steps(stats, Path(args.output))
     print(f"\nFigures written to {Path(args.output)}/: " + ", ".join(p.name for k, p in result.items() if k != "analysis"))
     return 0
+
+
+def _routing_over_steps(stats: Path, folder: Path) -> Path:
+    """Draw (and print) the routing statistics a training run logged over its steps."""
+    from .analysis import FIGURES, plot_routing_over_steps, routing_over_steps_table
+    from .routing_stats import load_stats
+
+    records = load_stats(stats)
+    print(f"\n== Routing over training ({FIGURES['routing_over_steps']}, from {stats}) ==")
+    print(routing_over_steps_table(records))
+    return plot_routing_over_steps(records, folder / FIGURES["routing_over_steps"])
 
 
 def _figures_after_training(cfg, result) -> Path:
@@ -312,6 +329,9 @@ def _figures_after_training(cfg, result) -> Path:
     texts = {t.name: _task_prompts(t, tokenizer, FIGURE_PROMPTS) for t in eval_tasks}
     folder = Path(cfg.output) / "figures"
     analyze(model, texts, folder, tokenizer=tokenizer)
+    stats = Path(cfg.output) / "routing_stats.json"
+    if stats.is_file():
+        _routing_over_steps(stats, folder)
     return folder
 
 
