@@ -68,8 +68,9 @@ FIGURES = {
     "routing_by_task_layers": "routing_by_task_layers.png",
     "parameters_vs_experts": "parameters_vs_experts.png",
     "rank_spectrum": "rank_spectrum.png",
-    "routing_over_steps": "routing_over_steps.png",
 }
+#: Drawn from a training run's routing_stats.json (not by ``analyze``, which needs no run).
+ROUTING_OVER_STEPS = "routing_over_steps.png"
 NUMBERS_NAME = "analysis.json"
 DPI = 120
 

@@ -307,13 +307,13 @@ def cmd_analyze(args) -> int:
 
 def _routing_over_steps(stats: Path, folder: Path) -> Path:
     """Draw (and print) the routing statistics a training run logged over its steps."""
-    from .analysis import FIGURES, plot_routing_over_steps, routing_over_steps_table
+    from .analysis import ROUTING_OVER_STEPS, plot_routing_over_steps, routing_over_steps_table
     from .routing_stats import load_stats
 
     records = load_stats(stats)
-    print(f"\n== Routing over training ({FIGURES['routing_over_steps']}, from {stats}) ==")
+    print(f"\n== Routing over training ({ROUTING_OVER_STEPS}, from {stats}) ==")
     print(routing_over_steps_table(records))
-    return plot_routing_over_steps(records, folder / FIGURES["routing_over_steps"])
+    return plot_routing_over_steps(records, folder / ROUTING_OVER_STEPS)
 
 
 def _figures_after_training(cfg, result) -> Path:
