@@ -43,7 +43,25 @@ SETTINGS = {
     "topk2": ({"router": "topk", "top_k": 2}, {}),
     "balanced": ({"router": "balanced", "balance_coef": 0.01}, {}),
     "lr100_init10": ({}, {"router_lr_multiplier": 100.0, "router_init_scale": 10.0}),
+    # experts made distinct at init: Omega = 1 + N(0, 0.5^2) instead of the default std 0.1
+    # (the expert scales are re-drawn before step 1 by ExpertScaleInit; no eval, routing only)
+    "omega05": ({}, {"evaluate": False}),
 }
+EXPERT_SCALE_STD = {"omega05": 0.5}
+
+
+class ExpertScaleInit(TrainerCallback):
+    """Re-draws every expert scale vector (Omega_A, Omega_B) as 1 + N(0, std^2) before training."""
+
+    def __init__(self, std: float, seed: int = 0):
+        self.std, self.seed = std, seed
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        g = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "expert_scales" in name:
+                    p.copy_(1.0 + self.std * torch.randn(p.shape, generator=g))
 PROBE_STEPS = {1, 2, 5, 10, 20, 30, 40, 60, 80, 100}
 
 
@@ -85,22 +103,26 @@ class RouterDiagnostics(TrainerCallback):
 def run(name: str, steps: int, out: Path, base_dtype: str, batch_size: int = 8) -> dict:
     spec_kw, cfg_kw = SETTINGS[name]
     spec = AdapterSpec(method="mor", r=8, num_experts=8, **spec_kw)
+    options = {"evaluate": True, **cfg_kw}
     cfg = TrainConfig(model=None, adapter=spec, output=str(Path("runs") / "routing_remedies" / name),
                       max_steps=steps, batch_size=batch_size, lr=1e-3, logging_steps=10, save_steps=10 ** 6,
-                      evaluate=True, evaluate_before=False, builtin_eval_size=40, base_dtype=base_dtype,
-                      routing_stats_steps=10, **cfg_kw)
+                      evaluate_before=False, builtin_eval_size=40, base_dtype=base_dtype,
+                      routing_stats_steps=10, **options)
     diag = RouterDiagnostics()
+    extra = [ExpertScaleInit(EXPERT_SCALE_STD[name])] if name in EXPERT_SCALE_STD else []
     tic = time.perf_counter()
-    result = run_training(cfg, callbacks=[diag])
+    result = run_training(cfg, callbacks=[*extra, diag])
     records = json.loads((Path(cfg.output) / "routing_stats.json").read_text())
     losses = [r["loss"] for r in result.log_history if "loss" in r]
     row = {
-        "setting": name, "adapter": spec.to_dict(), **cfg_kw, "steps": result.global_step, "batch_size": batch_size,
+        "setting": name, "adapter": spec.to_dict(), **{k: v for k, v in cfg_kw.items() if k != "evaluate"}, "steps": result.global_step, "batch_size": batch_size,
         "base_dtype": base_dtype,
         "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - tic,
         "eval_seconds": result.eval_seconds, "final_loss_logged": losses[-1] if losses else None,
-        "acc": result.after["average"]["acc"], "acc_stderr": result.after["average"].get("acc_stderr"),
-        "acc_tasks": {t: r["acc"] for t, r in result.after["tasks"].items()},
+        "acc": result.after and result.after["average"]["acc"],
+        "acc_stderr": result.after and result.after["average"].get("acc_stderr"),
+        "acc_tasks": result.after and {t: r["acc"] for t, r in result.after["tasks"].items()},
+        "expert_scale_std": EXPERT_SCALE_STD.get(name, 0.1),
         "routing_first": result.routing_stats and result.routing_stats["first"],
         "routing_last": result.routing_stats and result.routing_stats["last"],
         "routing_over_steps": [{"step": r["step"], "entropy_bits": r["entropy_bits"], "jsd_bits": r["jsd_bits"],
@@ -122,7 +144,7 @@ def table(rows: list[dict]) -> str:
             r["setting"], f"{first.get('entropy_bits', float('nan')):.3f}", f"{last.get('entropy_bits', float('nan')):.3f}",
             f"{last.get('entropy_normalized', float('nan')):.3f}", f"{last.get('load_top_max', float('nan')):.3f}",
             f"{last.get('jsd_bits', float('nan')):.2g}", "-" if moved is None else f"{moved:.3g}",
-            f"{r['acc']:.3f} +- {r['acc_stderr'] or 0:.3f}"]))
+            "-" if r["acc"] is None else f"{r['acc']:.3f} +- {r['acc_stderr'] or 0:.3f}"]))
     return "\n".join(lines)
 
 
