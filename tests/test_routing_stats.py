@@ -155,3 +155,23 @@ def test_base_dtype_names():
     assert resolve_base_dtype("auto") in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="fp32, bf16 or auto"):
         resolve_base_dtype("fp16")
+
+
+def test_train_flags_reach_the_config(monkeypatch):
+    import mor.train as train_module
+    from mor.cli import main as cli_main
+
+    seen = {}
+
+    def fake_run(cfg):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train_module, "run_training", fake_run)
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--base-dtype", "bf16", "--group-by-length", "--router-lr-multiplier", "30",
+                  "--router-init-scale", "5", "--routing-stats-steps", "7", "--no-eval"])
+    cfg = seen["cfg"]
+    assert (cfg.base_dtype, cfg.group_by_length, cfg.router_lr_multiplier, cfg.router_init_scale,
+            cfg.routing_stats_steps) == ("bf16", True, 30.0, 5.0, 7)
+    assert training_arguments(cfg).train_sampling_strategy == "group_by_length"
