@@ -19,6 +19,8 @@ Settings (``--only a,b`` runs a subset; each finished run writes <out>/<setting>
     topk2         softmax on the top-2 logits
     balanced      Switch-style load-balancing loss, coefficient 0.01
     lr100_init10  both
+    omega05       expert scales re-drawn as 1 + N(0, 0.5^2) (default std 0.1): experts distinct at init
+    lr100_balanced, lr10_balanced   router lr x100 / x10 with the balance loss (coefficient 0.01)
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ SETTINGS = {
     # experts made distinct at init: Omega = 1 + N(0, 0.5^2) instead of the default std 0.1
     # (the expert scales are re-drawn before step 1 by ExpertScaleInit; no eval, routing only)
     "omega05": ({}, {"evaluate": False}),
+    # the mixture-of-experts combination: a fast router held back from collapse by the balance loss
+    "lr100_balanced": ({"router": "balanced", "balance_coef": 0.01}, {"router_lr_multiplier": 100.0}),
+    "lr10_balanced": ({"router": "balanced", "balance_coef": 0.01}, {"router_lr_multiplier": 10.0}),
 }
 EXPERT_SCALE_STD = {"omega05": 0.5}
 
@@ -104,7 +109,7 @@ def run(name: str, steps: int, out: Path, base_dtype: str, batch_size: int = 8) 
     spec_kw, cfg_kw = SETTINGS[name]
     spec = AdapterSpec(method="mor", r=8, num_experts=8, **spec_kw)
     options = {"evaluate": True, **cfg_kw}
-    cfg = TrainConfig(model=None, adapter=spec, output=str(Path("runs") / "routing_remedies" / name),
+    cfg = TrainConfig(model=None, adapter=spec, output=str(Path("runs") / out.name / name),
                       max_steps=steps, batch_size=batch_size, lr=1e-3, logging_steps=10, save_steps=10 ** 6,
                       evaluate_before=False, builtin_eval_size=40, base_dtype=base_dtype,
                       routing_stats_steps=10, **options)
