@@ -27,6 +27,7 @@ def test_statistics_match_hand_computed_values():
     load = expert_load(torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]]))
     assert load["top"] == pytest.approx([0.25, 0.75])
     assert load["mean"] == pytest.approx([0.4, 0.6])
+    assert expert_load(torch.tensor([[0.5, 0.5], [1.0, 0.0]]))["top"] == pytest.approx([0.75, 0.25])
     assert js_divergence(torch.tensor([[1.0, 0.0], [0.0, 1.0]])) == pytest.approx(1.0)
     assert js_divergence(torch.tensor([[0.3, 0.7], [0.3, 0.7]])) == pytest.approx(0.0)
     # JSD([1,0], [.5,.5]) = H(.75, .25) - (0 + 1) / 2
@@ -64,6 +65,7 @@ def test_mean_router_has_uniform_entropy(tiny_llama):
     model = _mor(tiny_llama, router="mean")
     stats = measure_routing_stats(model, {"a": [{"input_ids": torch.tensor([[5, 6, 7]])}]})
     assert stats["entropy_normalized"] == pytest.approx(1.0)
+    assert stats["load_top_max"] == pytest.approx(1 / 3)  # ties split evenly: no expert is "top"
 
 
 def test_recorder_rejects_a_mask_of_the_wrong_size(tiny_llama):

@@ -3,7 +3,8 @@
 For a router's gates G(x) in R^N over the real (non-padding) tokens of a probe set:
 
     entropy      mean over tokens of H(G(x)) = -sum_i G_i log2 G_i      (bits; log2 N = uniform)
-    load_top     share of tokens whose top expert is i                  (N,), sums to 1
+    load_top     share of tokens whose top expert is i (a tie splits the token evenly, so a
+                 uniform router shows 1/N each)                           (N,), sums to 1
     load_mean    mean gate of expert i                                   (N,), sums to 1
     jsd          generalised Jensen-Shannon divergence of the tasks' mean gates, equal weights:
                  H(mean_t g_t) - mean_t H(g_t)                            (bits; 0 = tasks route alike)
@@ -52,8 +53,14 @@ def token_entropy_bits(gates: torch.Tensor) -> float:
 def expert_load(gates: torch.Tensor) -> dict[str, list[float]]:
     """``{"top": share of tokens whose top expert is i, "mean": mean gate of expert i}`` for gates (T, N)."""
     flat = gates.reshape(-1, gates.shape[-1]).double()
-    top = torch.bincount(flat.argmax(-1), minlength=flat.shape[-1]).double() / max(flat.shape[0], 1)
+    top = top_expert_share(flat).sum(0) / max(flat.shape[0], 1)
     return {"top": top.tolist(), "mean": flat.mean(0).tolist()}
+
+
+def top_expert_share(gates: torch.Tensor) -> torch.Tensor:
+    """(T, N): 1 for each token's top expert, ties split evenly (rows sum to 1)."""
+    top = (gates == gates.max(-1, keepdim=True).values).double()
+    return top / top.sum(-1, keepdim=True)
 
 
 # -- measuring with hooks ------------------------------------------------------------------------
@@ -88,7 +95,7 @@ class _Accumulator:
     def add(self, gates: torch.Tensor) -> None:  # gates (T, N), real tokens only
         gates = gates.double()
         self.gate_sum += gates.sum(0)
-        self.top_count += torch.bincount(gates.argmax(-1), minlength=gates.shape[-1]).double()
+        self.top_count += top_expert_share(gates).sum(0)
         self.entropy_sum += float(entropy_bits(gates).sum())
         self.tokens += gates.shape[0]
 
