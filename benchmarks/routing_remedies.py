@@ -71,7 +71,7 @@ PROBE_STEPS = {1, 2, 5, 10, 20, 30, 40, 60, 80, 100}
 
 
 class RouterDiagnostics(TrainerCallback):
-    """Router vs shared-B gradient norms at a few steps; the router weights' relative movement."""
+    """Router vs shared-B gradient norms (after clipping) at a few steps; the router weights' relative movement."""
 
     def __init__(self):
         self.grads: list[dict] = []
