@@ -56,6 +56,7 @@ from torch import nn
 from .layer import MoRAdapter
 from .routing import RoutingProfile
 from .params import layer_parameter_count, target_shapes
+from .routing_stats import entropy_bits, js_divergence  # noqa: F401  (re-exported: analysis.entropy_bits)
 
 DEFAULT_EXPERTS = (1, 2, 4, 8, 12, 16)
 #: Numeric rank: singular values above RANK_RTOL * sigma_max count.
@@ -67,6 +68,8 @@ FIGURES = {
     "parameters_vs_experts": "parameters_vs_experts.png",
     "rank_spectrum": "rank_spectrum.png",
 }
+#: Drawn from a training run's routing_stats.json (not by ``analyze``, which needs no run).
+ROUTING_OVER_STEPS = "routing_over_steps.png"
 NUMBERS_NAME = "analysis.json"
 DPI = 120
 
@@ -104,19 +107,6 @@ def task_routing_profiles(model, task_batches: Mapping[str, Iterable], tokenizer
         except RuntimeError as err:
             raise RuntimeError(f"task {task!r}: {err}") from err
     return profiles
-
-
-def entropy_bits(p: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy in bits along the last dimension (0 log 0 = 0)."""
-    p = p.double()
-    return -(torch.where(p > 0, p * torch.log2(p.clamp_min(1e-300)), torch.zeros_like(p))).sum(-1)
-
-
-def js_divergence(dists: torch.Tensor) -> float:
-    """Generalised Jensen-Shannon divergence (bits) of T distributions (T, N), equal weights:
-    H(mean) - mean H. For two distributions this is the usual JSD, in [0, 1]."""
-    dists = torch.as_tensor(dists).double()
-    return max(float(entropy_bits(dists.mean(0)) - entropy_bits(dists).mean()), 0.0)
 
 
 def _layer_names(profiles: Mapping[str, RoutingProfile]) -> list[str]:
@@ -570,6 +560,53 @@ def _plot_routing_layers(s: dict, path: PathLike) -> Path:
                    + (f"; colours saturate at +-{span:.2g}, max |dev| {full:.2g})" if clipped else ")"))
     fig.suptitle(f"Mean router weight per layer and expert, by task ({l_count} layers x {n} experts)", fontsize=11)
     return _save(fig, path)
+
+
+def plot_routing_over_steps(records: Sequence[Mapping], path: PathLike) -> Path:
+    """Routing during training, from ``routing_stats.json`` (mor.routing_stats): per-token
+    entropy (bits), Jensen-Shannon divergence between tasks (bits) and the busiest expert's share
+    of tokens, against the optimiser step; one thin line per layer (colour = depth), the mean over
+    layers thick."""
+    if not records:
+        raise ValueError("no routing records to draw (routing_stats.json is empty)")
+    from matplotlib import colormaps
+
+    steps = [r["step"] for r in records]
+    layers = list(records[0]["layers"])
+    cmap = colormaps["viridis"]
+    fig = _figure(15.0, 4.2)
+    axes = fig.subplots(1, 3)
+    panels = [("entropy_bits", "entropy_bits", "mean per-token routing entropy (bits)"),
+              ("jsd_bits", "jsd_bits", "JSD between tasks' mean routing (bits)"),
+              ("load_top_max", None, "share of tokens of the busiest expert")]
+    for ax, (key, layer_key, title) in zip(axes, panels):
+        for i, layer in enumerate(layers):
+            values = [(r["layers"][layer][layer_key] if layer_key else max(r["layers"][layer]["load_top"]))
+                      for r in records]
+            ax.plot(steps, values, color=cmap(i / max(len(layers) - 1, 1)), lw=0.6, alpha=0.6)
+        ax.plot(steps, [r[key] for r in records], color="k", lw=2.2, label="mean over layers")
+        ax.set_xlabel("optimiser step")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    n = records[0]["num_experts"]
+    axes[0].axhline(records[0]["uniform_entropy_bits"], color="C3", ls="--", lw=1, label=f"uniform (log2 {n})")
+    axes[2].axhline(1 / n, color="C3", ls="--", lw=1, label=f"even load (1/{n})")
+    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax in (axes[0], axes[2]):
+        ax.legend(fontsize=8)
+    tasks = ", ".join(records[-1].get("tasks", {}))
+    fig.suptitle(f"Routing over training ({len(layers)} layers, thin lines coloured shallow->deep; probe tasks: {tasks})",
+                 fontsize=11)
+    return _save(fig, path)
+
+
+def routing_over_steps_table(records: Sequence[Mapping]) -> str:
+    """One line per measured step: mean entropy, entropy / log2 N, JSD between tasks, busiest share."""
+    lines = ["step  H(bits)  H/log2N  JSD(bits)  top share"]
+    for r in records:
+        lines.append(f"{r['step']:>4}  {r['entropy_bits']:7.4f}  {r['entropy_normalized']:7.4f}  {r['jsd_bits']:9.3g}  "
+                     f"{r['load_top_max']:9.3f}")
+    return "\n".join(lines)
 
 
 def plot_parameter_scaling(data: dict, path: PathLike) -> Path:

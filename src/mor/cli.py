@@ -113,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     t.add_argument("--eval-limit", type=int, default=None)
     t.add_argument("--no-figures", action="store_true", help="skip the routing figures after training a MoR adapter")
+    t.add_argument("--base-dtype", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="dtype of the frozen base (adapter and optimizer stay fp32); auto: bf16 where the "
+                        "hardware runs it natively (CPU with AVX512-BF16/AMX, GPU with bf16)")
+    t.add_argument("--group-by-length", action="store_true", help="batch examples of similar length (less padding)")
+    t.add_argument("--router-lr-multiplier", type=float, default=1.0, help="router learning rate = lr times this")
+    t.add_argument("--router-init-scale", type=float, default=1.0,
+                   help="multiply the router's initial weights by this (1/temperature of its logits at init)")
+    t.add_argument("--routing-stats-steps", type=int, default=None,
+                   help="measure routing entropy/load/divergence every N steps (default: every logging step; 0: off)")
 
     e = sub.add_parser("eval", help="zero-shot multiple-choice accuracy per task")
     _add_model(e)
@@ -143,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(a, required=True)
     a.add_argument("--limit", type=_at_least_one, default=100, help="records per task used to measure routing")
     a.add_argument("--output", default="figures")
+    a.add_argument("--routing-stats", default=None,
+                   help="routing_stats.json of a training run (default: the one beside --adapter, if any): "
+                        "draws routing entropy and divergence over steps")
     _add_overwrite(a)
     _add_export_and_generate(sub)
     _add_convert(sub)
@@ -168,7 +180,9 @@ def cmd_train(args) -> int:
                       save_steps=args.save_steps, gradient_checkpointing=args.gradient_checkpointing,
                       load_in_4bit=args.load_in_4bit,
                       evaluate=not args.no_eval, eval_limit=args.eval_limit,
-                      builtin_eval_size=BUILTIN_EVAL_SIZE if builtin else None)
+                      builtin_eval_size=BUILTIN_EVAL_SIZE if builtin else None, base_dtype=args.base_dtype,
+                      group_by_length=args.group_by_length, router_lr_multiplier=args.router_lr_multiplier,
+                      router_init_scale=args.router_init_scale, routing_stats_steps=args.routing_stats_steps)
     if builtin:
         print(f"No --data given: training on the built-in multi-task suite (written to "
               f"{builtin_data_folder(args.output)}).")
@@ -325,11 +339,25 @@ def cmd_analyze(args) -> int:
         raise SystemExit(f"{args.adapter} is not a MoR/MoE-LoRA adapter: routing analysis needs a router")
     tasks = load_eval_tasks(args.data, args.skip_bad)
     texts = {t.name: _task_prompts(t, tokenizer, args.limit) for t in tasks}
+    stats = Path(args.routing_stats) if args.routing_stats else Path(args.adapter).parent / "routing_stats.json"
     with atomic_folder(args.output) as tmp:  # a whole new folder: no stale figures next to new ones
         result = analyze(model, texts, tmp, tokenizer=tokenizer)
+        if stats.is_file() or args.routing_stats:
+            _routing_over_steps(stats, Path(tmp))
     print(format_report(Path(args.output) / result["analysis"].name))
     print(f"\nFigures written to {Path(args.output)}/: " + ", ".join(p.name for k, p in result.items() if k != "analysis"))
     return 0
+
+
+def _routing_over_steps(stats: Path, folder: Path) -> Path:
+    """Draw (and print) the routing statistics a training run logged over its steps."""
+    from .analysis import ROUTING_OVER_STEPS, plot_routing_over_steps, routing_over_steps_table
+    from .routing_stats import load_stats
+
+    records = load_stats(stats)
+    print(f"\n== Routing over training ({ROUTING_OVER_STEPS}, from {stats}) ==")
+    print(routing_over_steps_table(records))
+    return plot_routing_over_steps(records, folder / ROUTING_OVER_STEPS)
 
 
 def _figures_after_training(cfg, result) -> Path:
@@ -345,6 +373,9 @@ def _figures_after_training(cfg, result) -> Path:
     texts = {t.name: _task_prompts(t, tokenizer, FIGURE_PROMPTS) for t in eval_tasks}
     folder = Path(cfg.output) / "figures"
     analyze(model, texts, folder, tokenizer=tokenizer)
+    stats = Path(cfg.output) / "routing_stats.json"
+    if stats.is_file():
+        _routing_over_steps(stats, folder)
     return folder
 
 

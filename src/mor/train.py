@@ -72,10 +72,17 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     load_in_4bit: bool = False  # a bitsandbytes nf4 frozen base (QLoRA-style)
     evaluate: bool = True  # score the eval tasks before and after training
+    evaluate_before: bool = True  # also score with the adapter off (the "before" column)
     eval_limit: Union[int, None] = None
     eval_batch_size: int = 16
     builtin_train_size: Union[int, None] = None  # sizes of the built-in suite (None: its defaults)
     builtin_eval_size: Union[int, None] = None
+    base_dtype: str = "fp32"  # frozen base weights: fp32 | bf16 | auto (bf16 where the hardware has it); adapter stays fp32
+    group_by_length: bool = False  # batches of similar lengths (less padding); changes the example order
+    router_lr_multiplier: float = 1.0  # the router's learning rate is lr times this (own optimizer group)
+    router_init_scale: float = 1.0  # router weights multiplied by this after init (1/temperature of the logits)
+    routing_stats_steps: Union[int, None] = None  # measure routing every this many steps; None: logging_steps; 0: off
+    routing_probe_size: int = 8  # probe prompts per task for the routing statistics
 
     @property
     def scoring(self) -> str:
@@ -208,7 +215,37 @@ class AdapterTrainer(Trainer):
         aux = getattr(self._adapter_model(), "last_router_aux_loss", None)
         if aux is not None and "loss" in logs:
             logs["router_aux_loss"] = round(aux, 5)
+        stats = getattr(self, "routing_stats", None)
+        if stats is not None and "loss" in logs:
+            logs.update(stats.pop_scalars())
         super().log(logs, *args, **kwargs)
+
+    router_lr_multiplier: float = 1.0
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, with the router's parameters (names containing "router") moved to
+        their own groups at lr * ``router_lr_multiplier``."""
+        optimizer = super().create_optimizer(model)
+        if self.router_lr_multiplier != 1.0:
+            split_router_groups(optimizer, self.model if model is None else model, self.router_lr_multiplier)
+        return optimizer
+
+
+def split_router_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module, multiplier: float) -> None:
+    """Move parameters whose name contains "router" into groups of their own whose lr is the
+    original group's lr times ``multiplier`` (the scheduler then scales every group alike)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for group in optimizer.param_groups:
+        router = [p for p in group["params"] if "router" in names.get(id(p), "")]
+        rest = [p for p in group["params"] if "router" not in names.get(id(p), "")]
+        if rest:
+            groups.append({**group, "params": rest})
+        if router:
+            groups.append({**group, "params": router, "lr": group["lr"] * multiplier, "router": True})
+    if not any(g.get("router") for g in groups):
+        logger.warning("--router-lr-multiplier: the model has no parameter named *router*; nothing changed")
+    optimizer.param_groups = groups
 
 
 class CompleteCheckpointCallback(TrainerCallback):
@@ -293,6 +330,7 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         dataloader_num_workers=0,
         disable_tqdm=False,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
     )
 
 
@@ -311,6 +349,10 @@ class TrainResult:
     world_size: int = 1  # processes that trained together
     ranks: list | None = None  # per process: examples it trained on (indices into the mixed stream), adapter sha256
     warnings: list[str] = field(default_factory=list)  # e.g. a loss that ended far above its start
+    routing_stats: dict | None = None  # first/last routing statistics (full records: routing_stats.json)
+    log_history: list | None = None  # the trainer's logs (loss per logging step, routing scalars)
+    eval_seconds: dict | None = None  # wall time of the before/after evaluations
+    base_dtype: str = "fp32"
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -327,13 +369,69 @@ def evaluate_model(model, tokenizer, tasks: list[Task], scoring: str, batch_size
     return evaluate_tasks(model, tokenizer, items, batch_size=batch_size, limit=limit, scoring=scoring)
 
 
+def resolve_base_dtype(name: str) -> torch.dtype:
+    """torch dtype of the frozen base for ``--base-dtype``: fp32, bf16, or auto (bf16 on a GPU
+    with bf16, or a CPU with native bf16 matmuls -- AVX512-BF16 or AMX -- else fp32)."""
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if name != "auto":
+        raise ValueError(f"base_dtype={name!r}: choose fp32, bf16 or auto")
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    cpu = getattr(torch, "cpu", None)
+    native = any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.bfloat16 if native else torch.float32
+
+
+def cast_frozen_base(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast every frozen (requires_grad=False) floating parameter to ``dtype`` in place; the
+    trainable adapter parameters keep their dtype. Returns how many parameters were cast."""
+    cast = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
+
+
+def scale_router_init(model: torch.nn.Module, scale: float) -> int:
+    """Multiply every router weight by ``scale`` (logits scale alike: a temperature of 1/scale at
+    init). Returns how many router tensors were scaled."""
+    from .routing_stats import find_routers
+
+    scaled = 0
+    with torch.no_grad():
+        for router in find_routers(model).values():
+            for param in router.parameters():
+                param.mul_(scale)
+                scaled += 1
+    return scaled
+
+
+def routing_probes(tasks: list[Task], tokenizer, cfg: TrainConfig) -> dict[str, list[dict]]:
+    """A fixed probe set for the routing statistics: the first ``routing_probe_size`` training
+    examples (prompt and target) of every task, tokenised and right-padded."""
+    probes = {}
+    for task in tasks:
+        examples = training_examples(task, target=cfg.target, tokenizer=tokenizer,
+                                     skipped=[] if cfg.skip_bad else None)[: cfg.routing_probe_size]
+        features = list(tokenize_examples(examples, tokenizer, cfg.max_length).features)
+        if features:
+            batch = collate(features, tokenizer.pad_token_id)
+            probes[task.name] = [{"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}]
+    return probes
+
+
 def resume_settings(cfg: TrainConfig) -> dict:
     """The settings a ``--resume`` must share with the run it continues."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE_SETTINGS and k != "adapter"}
     return {**settings, "adapter": cfg.adapter.to_dict()}
 
 
-def run_training(cfg: TrainConfig) -> TrainResult:
+
+def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     """Train ``cfg.adapter`` on ``cfg.data``; save it to ``<output>/adapter``; evaluate before/after.
 
     The output folder must be new or empty, or hold this same run (``resume``, same settings),
@@ -342,13 +440,13 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     check_train_numbers(cfg)
     created = claim_run_folder(cfg.output, resume_settings(cfg), overwrite=cfg.overwrite, resume=cfg.resume)
     try:
-        return _run_training(cfg)
+        return _run_training(cfg, callbacks)
     except BaseException:
         release_failed_run_folder(cfg.output, created)
         raise
 
 
-def _run_training(cfg: TrainConfig) -> TrainResult:
+def _run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     from transformers import set_seed
 
     set_seed(cfg.seed)
@@ -365,11 +463,21 @@ def _run_training(cfg: TrainConfig) -> TrainResult:
         cfg.adapter.init_seed = cfg.seed
     model = apply_adapter(base, cfg.adapter)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base_dtype = resolve_base_dtype(cfg.base_dtype)
+    if base_dtype != torch.float32:
+        cast_frozen_base(model, base_dtype)
+        logger.info("frozen base in %s; adapter parameters stay %s", base_dtype,
+                    sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}))
+    if cfg.router_init_scale != 1.0 and not cfg.resume:
+        scale_router_init(model, cfg.router_init_scale)
 
     before = None
-    if cfg.evaluate and eval_tasks and not cfg.resume:
+    eval_seconds = {}
+    if cfg.evaluate and cfg.evaluate_before and eval_tasks and not cfg.resume:
+        tic = time.perf_counter()
         with model.disable_adapter():
             before = evaluate_model(model, tokenizer, eval_tasks, cfg.scoring, cfg.eval_batch_size, cfg.eval_limit)
+        eval_seconds["before"] = time.perf_counter() - tic
 
     args = training_arguments(cfg)
     resume_from = None
@@ -388,9 +496,17 @@ def _run_training(cfg: TrainConfig) -> TrainResult:
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         data_collator=collate_with_indices,
-        callbacks=[CompleteCheckpointCallback(), FiniteCheckCallback()],
+        callbacks=[CompleteCheckpointCallback(), FiniteCheckCallback(), *(callbacks or [])],
     )
     trainer.add_callback(LaunchCheckCallback(trainer))
+    trainer.router_lr_multiplier = cfg.router_lr_multiplier
+    stats_every = cfg.logging_steps if cfg.routing_stats_steps is None else cfg.routing_stats_steps
+    from .routing_stats import STATS_NAME, RoutingStatsCallback, find_routers
+
+    if stats_every and find_routers(model):
+        trainer.routing_stats = RoutingStatsCallback(routing_probes(train_tasks, tokenizer, cfg), output / STATS_NAME,
+                                                     stats_every).attach(trainer)
+        trainer.add_callback(trainer.routing_stats)
     start = time.perf_counter()
     finished = _finished_run_state(trainer, resume_from, cfg) if resume_from else None
     if finished is not None:  # Trainer would take one step past the end of a finished run
@@ -429,13 +545,19 @@ def _run_training(cfg: TrainConfig) -> TrainResult:
                        "run `mor eval --adapter %s` on one process", adapter_dir)
     if cfg.evaluate and eval_tasks and trainer.is_world_process_zero() and not sharded:
         model.eval()
+        tic = time.perf_counter()
         after = evaluate_model(model, tokenizer, eval_tasks, cfg.scoring, cfg.eval_batch_size, cfg.eval_limit)
+        eval_seconds["after"] = time.perf_counter() - tic
         if before is None and cfg.resume:
             with model.disable_adapter():
                 before = evaluate_model(model, tokenizer, eval_tasks, cfg.scoring, cfg.eval_batch_size,
                                         cfg.eval_limit)
+    stats = getattr(trainer, "routing_stats", None)
     result = TrainResult(adapter_dir, trainable, seconds, outcome.global_step, outcome.training_loss,
-                         data_report, before, after, world_size(), ranks, warnings)
+                         data_report, before, after, world_size(), ranks, warnings,
+                         routing_stats=stats.summary() if stats else None,
+                         log_history=trainer.state.log_history, eval_seconds=eval_seconds or None,
+                         base_dtype=str(base_dtype).replace("torch.", ""))
     if trainer.is_world_process_zero():
         atomic_write_text(output / "result.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
