@@ -208,10 +208,19 @@ def test_train_flags_come_from_the_config():
     assert spec.alpha == 32.0 and MoRConfig(r=16).alpha == 32.0  # one default: alpha = 2r everywhere
 
 
-def test_cli_trains_on_a_four_bit_base_and_converts_legacy_folders(tmp_path, tiny_model_dir):
+def test_cli_trains_on_a_four_bit_base_and_converts_legacy_folders(tmp_path):
     pytest.importorskip("bitsandbytes")
     from mor.cli import main
     from mor.loading import load_model
+
+    # hidden 64: bitsandbytes' CPU kernel repacks nf4 weights in blocks of 64 inputs, so a layer
+    # with fewer inputs (the 32-wide tiny model) fails inside bitsandbytes on a no-grad forward
+    tiny_model_dir = tmp_path / "base64"
+    tok = make_tiny_tokenizer()
+    base = make_tiny_llama(vocab_size=len(tok), hidden=64)
+    base.config.pad_token_id = tok.pad_token_id
+    base.save_pretrained(tiny_model_dir)
+    tok.save_pretrained(tiny_model_dir)
 
     data = tmp_path / "task.json"
     data.write_text(json.dumps([{"instruction": f"Is {i} even or odd?", "input": "", "output": "even" if i % 2 == 0
