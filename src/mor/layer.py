@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -82,14 +83,19 @@ class MoRAdapter(ExpertMixture):
             scales.copy_(1.0 + torch.randn(scales.shape, generator=generator) * std)
         self.router.reset_parameters(generator)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_i G_i(x) D_i x, plus ``base_out`` (W x) when given."""
         gates = self.router(x)  # G(x): (..., N)
-        h = self.dropout(x) @ self.lora_A.T  # A x: (..., r), once for all experts
+        h = F.linear(self.dropout(x), self.lora_A)  # A x: (..., r), once for all experts
         z = (gates.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # G_i * A x: (..., N*r)
-        return z @ self.stacked_up().T  # sum_i G_i U_i A x: (..., d_out)
+        if base_out is None:
+            return z @ self.stacked_up_t()  # sum_i G_i U_i A x = U z: (..., d_out)
+        # W x + U z as one addmm: one pass over the (tokens, d_out) output instead of two
+        out = torch.addmm(base_out.reshape(-1, self.out_features), z.reshape(-1, z.shape[-1]), self.stacked_up_t())
+        return out.view(base_out.shape)
 
-    def stacked_up(self) -> torch.Tensor:
-        """U = (alpha/r) [diag(Omega_B[i]) B diag(Omega_A[i])]_i: (d_out, N*r).
+    def stacked_up_t(self) -> torch.Tensor:
+        """U^T, with U = (alpha/r) [diag(Omega_B[i]) B diag(Omega_A[i])]_i: (N*r, d_out), row-major.
 
         It does not depend on the tokens. When no gradient is needed (generation, evaluation) it is
         built once and reused until B or the scales change: at one decoded token, rebuilding it
@@ -97,16 +103,16 @@ class MoRAdapter(ExpertMixture):
         """
         params = (self.lora_B, self.expert_scales_in, self.expert_scales_out)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return self._build_stacked_up()
+            return self._build_stacked_up_t()
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         if self._up_cache is None or self._up_cache[0] != key:
-            self._up_cache = (key, self._build_stacked_up().detach())
+            self._up_cache = (key, self._build_stacked_up_t().detach())
         return self._up_cache[1]
 
-    def _build_stacked_up(self) -> torch.Tensor:
+    def _build_stacked_up_t(self) -> torch.Tensor:
         _, up = self.expert_factors()  # (N, d_out, r): diag(Omega_B[i]) B
         up = self.scaling * up * self.expert_scales_in.unsqueeze(1)  # ... diag(Omega_A[i]), times alpha/r
-        return up.permute(1, 0, 2).reshape(self.out_features, self.num_experts * self.r)
+        return up.transpose(1, 2).reshape(self.num_experts * self.r, self.out_features)  # [U_i^T]_i stacked
 
     def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(down (N, r, d_in), up (N, d_out, r)) with D_i = scaling * up[i] @ down[i]."""
@@ -194,8 +200,8 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
             return result
         for name in self.active_adapters:
             if name in self.mor:
-                adapter = self.mor[name]
-                result = result + adapter(x.to(adapter.dtype)).to(result.dtype)
+                adapter = self.mor[name]  # runs in its own dtype (fp32 over a bf16 / 4-bit base)
+                result = adapter(x.to(adapter.dtype), base_out=result.to(adapter.dtype)).to(result.dtype)
         return result
 
     # -- merging with fixed routing -----------------------------------------------------------------

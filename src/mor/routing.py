@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Mapping, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -50,7 +51,7 @@ class Router(nn.Module):
         if self.weight is None:
             return x.new_full((*lead, self.num_experts), 1.0 / self.num_experts)
         # fp32 whatever the activations' dtype: softmax over a few logits is cheap, bf16 logits are noisy
-        logits = x.float() @ self.weight.float().T  # (..., N)
+        logits = F.linear(x.float(), self.weight.float())  # W_g x: (..., N)
         probs = torch.softmax(logits, dim=-1)
         if self.strategy == "topk" and self.top_k < self.num_experts:
             kept = torch.topk(logits, self.top_k, dim=-1).indices

@@ -41,12 +41,17 @@ class MoELoRAAdapter(ExpertMixture):
         self.lora_B.zero_()
         self.router.reset_parameters(generator)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_i G_i(x) B_i A_i x (times alpha/r), plus ``base_out`` (W x) when given."""
         gates = self.router(x)  # (..., N)
         codes = self.dropout(x) @ self.lora_A.flatten(0, 1).T  # [A_i x]_i: (..., N*r)
         z = (gates.repeat_interleave(self.r, dim=-1) * codes)  # (..., N*r)
         up = self.lora_B.permute(1, 0, 2).flatten(1)  # B~ = [B_1, ..., B_N]: (d_out, N*r)
-        return self.scaling * (z @ up.T)
+        if base_out is None:
+            return self.scaling * (z @ up.T)
+        out = torch.addmm(base_out.reshape(-1, self.out_features), z.reshape(-1, z.shape[-1]), up.T,
+                          alpha=self.scaling)  # W x + (alpha/r) B~ z in one pass over the output
+        return out.view(base_out.shape)
 
     def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(down (N, r, d_in), up (N, d_out, r)) with D_i = scaling * up[i] @ down[i]."""
