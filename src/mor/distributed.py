@@ -40,7 +40,20 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def check_launch(trainer_world_size: int, fsdp: bool = False, deepspeed: bool = False) -> None:
+def check_launch_before_start(trainer_world_size: int) -> None:
+    """``check_launch`` at the very start of a run, on every process alike, before anything is
+    read or written: a launcher's WORLD_SIZE against the processes the Trainer's arguments see
+    (``trainer_world_size``: ``TrainingArguments.world_size``). (Checked only
+    at the Trainer's start, one process could fail on something else first and the launcher would
+    stop the others before they said what was wrong.)"""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1:
+        on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")  # drops FSDP / DeepSpeed
+        check_launch(trainer_world_size, fsdp=not on_cpu, deepspeed=not on_cpu, launched=launched)
+
+
+def check_launch(trainer_world_size: int, fsdp: bool = False, deepspeed: bool = False,
+                 launched: int | None = None) -> None:
     """RuntimeError when the launch is not what it seems; two traps of accelerate on CPU:
 
     - the Trainer sees fewer processes than torch.distributed runs (torchrun without
@@ -50,20 +63,21 @@ def check_launch(trainer_world_size: int, fsdp: bool = False, deepspeed: bool = 
       ``ACCELERATE_USE_DEEPSPEED``) but the Trainer runs without it (``ACCELERATE_USE_CPU=true``
       drops both silently).
     """
-    if world_size() != trainer_world_size:
-        raise RuntimeError(
-            f"torch.distributed runs {world_size()} processes but the Trainer (accelerate) sees "
-            f"{trainer_world_size}: the data would not be split and every process would write the adapter. "
-            "On CPU launch with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N` or "
-            "`ACCELERATE_USE_CPU=true torchrun` (DDP); DeepSpeed and FSDP through the Trainer need GPUs "
-            "(README: Several processes)."
-        )
     for name, enabled in (("FSDP", fsdp), ("DEEPSPEED", deepspeed)):
         if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true") and not enabled:
             raise RuntimeError(
                 f"accelerate was asked for {name} (ACCELERATE_USE_{name}=true) but the Trainer runs without it "
                 "(ACCELERATE_USE_CPU=true drops it): on CPU, train with DDP instead (README: Several processes)."
             )
+    running = world_size() if launched is None else launched
+    if running != trainer_world_size:
+        raise RuntimeError(
+            f"torch.distributed runs {running} processes but the Trainer (accelerate) sees "
+            f"{trainer_world_size}: the data would not be split and every process would write the adapter. "
+            "On CPU launch with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N` or "
+            "`ACCELERATE_USE_CPU=true torchrun` (DDP); DeepSpeed and FSDP through the Trainer need GPUs "
+            "(README: Several processes)."
+        )
 
 
 def all_gather_objects(value) -> list:

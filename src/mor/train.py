@@ -28,7 +28,8 @@ from transformers import Trainer, TrainerCallback, TrainerState, TrainingArgumen
 from .config import WEIGHTS_NAME
 from .data import (DataError, Task, has_split, load_eval_tasks, collate, load_hub_task, load_task_records, mix_tasks, multiple_choice_items, split_records,
                    tokenize_examples, training_examples)
-from .distributed import (adapter_checksum, all_gather_objects, check_launch, checkpoint_state,
+from .distributed import (adapter_checksum, all_gather_objects, check_launch, check_launch_before_start,
+                          checkpoint_state,
                           gather_adapter_state_dict, load_adapter_file, save_adapter, world_size)
 from .loading import load_model, load_tokenizer
 from .methods import AdapterSpec, apply_adapter
@@ -438,6 +439,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
     or ``overwrite`` must be set (see :func:`mor.safety.claim_run_folder`).
     """
     check_train_numbers(cfg)
+    check_launch_before_start(training_arguments(cfg).world_size)
     created = claim_run_folder(cfg.output, resume_settings(cfg), overwrite=cfg.overwrite, resume=cfg.resume)
     try:
         return _run_training(cfg, callbacks)
