@@ -123,14 +123,7 @@ def multiple_choice_items(
         build = lambda r: _label_item(task.name, r, tokenizer)  # noqa: E731
     else:
         raise ValueError(f"scoring must be 'text' or 'label', not {scoring!r}")
-    items = []
-    for record in task.records:
-        try:
-            items.append(build(record))
-        except DataError as err:
-            if skipped is None:
-                raise
-            skipped.append(str(err))
+    items = _build_each(task.records, build, skipped)
     if not items and skipped is not None:
         raise DataError(f"{task.name}: no record is multiple choice ({len(skipped or [])} skipped; first: "
                         f"{(skipped or ['-'])[0]}); eval needs records with choices.")
@@ -183,12 +176,18 @@ def training_examples(
         build = lambda r: _text_example(task.name, r, template)  # noqa: E731
     else:
         raise ValueError(f"target must be 'output' or 'text', not {target!r}")
-    examples = []
-    for record in task.records:
+    return _build_each(task.records, build, skipped)
+
+
+def _build_each(records: list[Record], build, skipped: list[str] | None) -> list:
+    """``build(record)`` for every record; a DataError raises, or with ``skipped`` (--skip-bad)
+    is recorded there as "file:line: reason" and the record left out."""
+    built = []
+    for record in records:
         try:
-            examples.append(build(record))
+            built.append(build(record))
         except DataError as err:
             if skipped is None:
                 raise
             skipped.append(str(err))
-    return examples
+    return built
