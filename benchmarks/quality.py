@@ -1,545 +1,621 @@
-"""Quality of MoR against LoRA, DoRA and MoE-LoRA on a multi-task commonsense mix.
+"""The quality study: MoR against LoRA, DoRA and MoE-LoRA on a multi-task commonsense mix.
 
-    python benchmarks/quality.py                    # the full comparison (~1 h on a 2-core CPU)
-    python benchmarks/quality.py --quick            # a few minutes: 2 tasks, 16 steps, 3 methods, 1 seed
-    python benchmarks/quality.py --device cuda --steps 400 --train-per-task 2000 --test-per-task 1000 \\
-        --seeds 0 1 2                               # the same comparison, scaled up on a GPU (bf16)
+    python benchmarks/quality.py --workers 2        # run or resume the study (many hours on 2 cores)
+    python benchmarks/quality.py --report           # table, verdicts and figures from the finished runs
+    python benchmarks/quality.py --ablations --workers 2   # N and r sweeps, 1 seed, small budget
+    python benchmarks/quality.py --quick            # a smoke: minutes
 
-Trains every method on the same multi-task mix (answer-text targets), picks each method's
-learning rate on validation, scores answer-text log-likelihood (acc, acc_norm) and, for MoR, the
-merged model too. A rerun with the same settings reuses finished runs. Prints a Markdown table;
-``--out`` gets every number as JSON and a PNG bar chart next to it. How it is built (splits,
-learning-rate choice, seeds, ties, resume) and why: docs/benchmarks.md, section "Quality".
+Every run (method x seed) trains on the same mix of four tasks, is scored on their test records
+and on a fifth task nobody trains on (forgetting), and writes one JSON under results/quality/
+with its per-record scores the moment it finishes -- so the study resumes across sessions and
+any two runs can be compared record by record. ``--report`` (also printed after the runs)
+computes paired differences with their standard errors and says better / worse / tie per
+comparison. How it is built and why: docs/benchmarks.md, section "Quality".
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as _dt
 import math
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: python benchmarks/quality.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_line, read_json, settings_hash, write_json  # noqa: E402
+from benchmarks.common import machine_line, markdown_table, read_json, settings_hash, write_json  # noqa: E402
 
-DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
-ALL_TASKS = ("boolq", "ARC-Easy", "openbookqa", "piqa", "social_i_qa")
-QUICK_TASKS = ("ARC-Easy", "piqa")
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data" / "commonsense"
 
-# name -> (label, AdapterSpec kwargs); None = the base model, zero-shot
-METHODS: dict[str, tuple[str, dict | None]] = {
-    "base": ("base model, zero-shot", None),
-    "lora": ("LoRA r=16", dict(method="lora", r=16)),
-    "dora": ("DoRA r=16", dict(method="dora", r=16)),
-    "moelora": ("MoE-LoRA N=8 r=2", dict(method="moelora", r=2, num_experts=8)),
-    "mor": ("MoR r=8 N=8", dict(method="mor", r=8, num_experts=8)),
-    "moelora-r8": ("MoE-LoRA N=8 r=8 (larger ref.)", dict(method="moelora", r=8, num_experts=8)),
-    "mor-mean": ("MoR r=8 N=8, router=mean", dict(method="mor", r=8, num_experts=8, router="mean")),
-    "mor-balanced": ("MoR r=8 N=8, router=balanced", dict(method="mor", r=8, num_experts=8, router="balanced")),
+# name -> (label, AdapterSpec kwargs or None for the base model, TrainConfig extras)
+CHOSEN_ROUTER = dict(router_lr_multiplier=100.0)  # the remedy measured in results/routing_remedies/
+METHODS: dict[str, tuple[str, dict | None, dict]] = {
+    "base": ("base model, zero-shot", None, {}),
+    "lora": ("LoRA r=16", dict(method="lora", r=16), {}),
+    "dora": ("DoRA r=16", dict(method="dora", r=16), {}),
+    "moelora": ("MoE-LoRA N=8 r=2", dict(method="moelora", r=2, num_experts=8), {}),
+    "mor": ("MoR r=8 N=8, balanced, router lr x100",
+            dict(method="mor", r=8, num_experts=8, router="balanced"), CHOSEN_ROUTER),
+    "mor-softmax": ("MoR r=8 N=8, plain softmax (paper)", dict(method="mor", r=8, num_experts=8), {}),
+    "mor-mean": ("MoR r=8 N=8, mean router (no routing)", dict(method="mor", r=8, num_experts=8, router="mean"), {}),
+    "mor-fp32": ("MoR (as 'mor') on an fp32 base", dict(method="mor", r=8, num_experts=8, router="balanced"),
+                 dict(CHOSEN_ROUTER, base_dtype="fp32")),
 }
-MATCHED = ("lora", "dora", "moelora", "mor")  # the matched trainable-parameter budget
-QUICK_METHODS = ("base", "lora", "moelora", "mor")
+STUDY_METHODS = ("base", "mor", "lora", "mor-softmax", "dora", "moelora", "mor-mean")
+CONTROL_SEED0 = ("mor-fp32",)  # seed 0 only: is the bf16 base a fair stand-in for fp32?
+# (a, b): is a better than b?
+COMPARISONS = (("mor", "lora"), ("mor", "dora"), ("mor", "moelora"), ("mor", "mor-softmax"), ("mor", "mor-mean"),
+               ("mor-softmax", "lora"), ("mor-mean", "lora"), ("dora", "lora"), ("moelora", "lora"), ("lora", "base"),
+               ("mor", "base"), ("mor-fp32", "mor"))
 
 
-# -- arguments --------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    """What every run of one study shares (its hash names the study's result files)."""
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="hub id, local folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="folder with one sub-folder per task")
-    p.add_argument("--tasks", nargs="+", default=None, help=f"default: {' '.join(ALL_TASKS)}")
-    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), help="default: all")
-    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 (matched methods; others use the first)")
-    p.add_argument("--lr-grid", nargs="+", type=float, default=None, help="default: 3e-4 1e-3 (chosen on validation)")
-    p.add_argument("--train-per-task", type=int, default=None, help="training records per task (default 240)")
-    p.add_argument("--val-per-task", type=int, default=None, help="validation records per task (default 24)")
-    p.add_argument("--test-per-task", type=int, default=None, help="held-back test records per task (default 60)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 40)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 8")
-    p.add_argument("--max-length", type=int, default=None, help="training tokens per example (default 128)")
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--split-seed", type=int, default=1234, help="seed of the fixed train/val/test carve")
-    p.add_argument("--routing-prompts", type=int, default=64, help="train prompts per task for the MoR routing profile")
-    p.add_argument("--label-scoring", action="store_true", help="also score labels (secondary column)")
-    p.add_argument("--no-merged", action="store_true", help="skip the merged-with-fixed-routing MoR evaluation")
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (bf16 autocast on cuda)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 when the machine's load average already fills its cores -- "
-                        "oversubscribed OpenMP threads spin and run 3-30x slower -- else torch's default)")
-    p.add_argument("--out", default="results/quality.json", help="JSON with all numbers; the PNG goes next to it")
-    p.add_argument("--runs-dir", default=None, help="one folder per run (default: <out without .json>_runs)")
-    p.add_argument("--quick", action="store_true", help="a few minutes: 2 tasks, 16 steps, 30 test, 1 seed, 3 methods")
-    p.add_argument("--verbose", action="store_true", help="show the evaluation progress bars")
-    args = p.parse_args(argv)
-    quick = dict(tasks=list(QUICK_TASKS), methods=list(QUICK_METHODS), seeds=[0], lr_grid=[1e-3],
-                 train_per_task=64, val_per_task=8, test_per_task=30, steps=16, batch_size=8, max_length=128)
-    full = dict(tasks=list(ALL_TASKS), methods=list(METHODS), seeds=[0, 1], lr_grid=[3e-4, 1e-3],
-                train_per_task=240, val_per_task=24, test_per_task=60, steps=40, batch_size=8, max_length=128)
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    tasks: list = field(default_factory=lambda: ["boolq", "ARC-Easy", "openbookqa", "social_i_qa"])
+    heldout: list = field(default_factory=lambda: ["piqa"])  # scored, never trained on: forgetting
+    train_per_task: int = 1000
+    test_per_task: int = 800  # capped by the task's test split (openbookqa: 500)
+    heldout_size: int = 600
+    steps: int = 300
+    batch_size: int = 8
+    max_length: int = 128
+    lr: float = 3e-4  # one common rate for every method (stated, not tuned per method)
+    warmup_ratio: float = 0.06
+    base_dtype: str = "bf16"  # frozen base in bf16 while training, adapters fp32; scoring is fp32
+    group_by_length: bool = True
+    split_seed: int = 1234
+    routing_prompts: int = 64  # test prompts per task for the routing profile after training
+    model: str | None = None
 
 
-# -- helpers ----------------------------------------------------------------------------------------
-
-def _std(values):
-    return statistics.stdev(values) if len(values) >= 2 else None
-
-
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+QUICK = dict(tasks=["ARC-Easy"], heldout=["piqa"], train_per_task=16, test_per_task=12, heldout_size=8, steps=4,
+             batch_size=2, max_length=64, lr=1e-3, routing_prompts=4)
+ABLATION = dict(steps=100, test_per_task=300, heldout_size=300)
+ABLATION_GRID = [("N", n, dict(method="mor", r=8, num_experts=n, router="balanced")) for n in (2, 4, 8, 16)] + \
+                [("r", r, dict(method="mor", r=r, num_experts=8, router="balanced")) for r in (4, 16, 32)]
 
 
-def _f(value, digits=3):
-    return "-" if value is None else f"{value:.{digits}f}"
+@dataclass(frozen=True)
+class Run:
+    name: str  # file stem under the results folder
+    method: str
+    seed: int | None
+    label: str
+    adapter: dict | None
+    extras: tuple = ()  # TrainConfig fields beyond the shared ones, as sorted (key, value) pairs
+
+
+def study_plan(methods, seeds) -> list[Run]:
+    """Seed-major: every method's first seed before anyone's second, so an unfinished study
+    already compares every method."""
+    runs = [Run("base", "base", None, METHODS["base"][0], None)] if "base" in methods else []
+    for seed in seeds:
+        for m in methods:
+            if m == "base" or (m in CONTROL_SEED0 and seed != seeds[0]):
+                continue
+            label, adapter, extras = METHODS[m]
+            runs.append(Run(f"{m}_seed{seed}", m, seed, label, adapter, tuple(sorted(extras.items()))))
+    return runs
+
+
+def ablation_plan(seed: int) -> list[Run]:
+    extras = tuple(sorted(CHOSEN_ROUTER.items()))
+    return [Run(f"ablation_{axis}{value}", f"mor-{axis}{value}", seed,
+                f"MoR r={a['r']} N={a['num_experts']}", a, extras) for axis, value, a in ABLATION_GRID]
 
 
 # -- data -------------------------------------------------------------------------------------------
 
-def prepare_data(args, folder: Path) -> dict:
-    """Carve the fixed splits and write ``folder/<task>/train.json`` (what run_training reads);
-    return ``{"train"|"val"|"test": {task: Task}, "provenance": {task: text}}``."""
+def prepare_data(s: Settings, data_root: Path, folder: Path) -> dict:
+    """The fixed carve: ``{"train"|"test": {task: Task}, "provenance": {task: text}}``; train records are
+    written to ``folder/<task>/train.json`` (what run_training reads)."""
     from mor.data import Task, load_task_records, split_records
 
-    root = Path(args.data_root)
-    out = {"train": {}, "val": {}, "test": {}, "provenance": {}}
-    for name in args.tasks:
-        tdir = root / name
+    out = {"train": {}, "test": {}, "provenance": {}}
+    for name in list(s.tasks) + list(s.heldout):
+        tdir = data_root / name
         if not tdir.is_dir():
-            raise SystemExit(f"--data-root {root}: no task folder {name!r} (have: {sorted(p.name for p in root.iterdir() if p.is_dir())})")
-        has_train = (tdir / "train.json").is_file() or (tdir / "train.jsonl").is_file()
+            have = sorted(p.name for p in data_root.iterdir() if p.is_dir()) if data_root.is_dir() else []
+            raise SystemExit(f"error: --data-root {data_root}: no task folder {name!r} (have: {have})")
+        size = s.heldout_size if name in s.heldout else s.test_per_task
         test_all = load_task_records(tdir, split="test")
-        if args.test_per_task < len(test_all):
-            rest_of_test, test = split_records(test_all, eval_size=args.test_per_task, seed=args.split_seed)
+        if size < len(test_all):
+            rest, test = split_records(test_all, eval_size=size, seed=s.split_seed)
         else:
-            rest_of_test, test = Task(test_all.name, []), test_all
-        if has_train:
-            pool = load_task_records(tdir, split="train")
-            where = f"train.json ({len(pool)}) -> train + validation; test.json ({len(test_all)}) -> test"
-        else:
-            pool = rest_of_test
-            where = f"no train split: test.json ({len(test_all)}) carved into test / validation / train (seed {args.split_seed})"
-        if len(pool) < args.val_per_task + 1:
-            raise SystemExit(f"task {name}: {len(pool)} records left for train+validation; lower --val-per-task/--test-per-task")
-        pool, val = split_records(pool, eval_size=args.val_per_task, seed=args.split_seed + 1)
-        if args.train_per_task < len(pool):
-            _, train = split_records(pool, eval_size=args.train_per_task, seed=args.split_seed + 2)
-        else:
-            train = pool
-        out["train"][name], out["val"][name], out["test"][name] = train, val, test
-        out["provenance"][name] = f"{where}; used: {len(train)} train, {len(val)} val, {len(test)} test"
+            rest, test = Task(test_all.name, []), test_all
+        out["test"][name] = test
+        if name in s.heldout:
+            out["provenance"][name] = f"held out (never trained): {len(test)} of test.json ({len(test_all)})"
+            continue
+        has_train = (tdir / "train.json").is_file() or (tdir / "train.jsonl").is_file()
+        pool = load_task_records(tdir, split="train") if has_train else rest
+        train = split_records(pool, eval_size=s.train_per_task, seed=s.split_seed + 2)[1] \
+            if s.train_per_task < len(pool) else pool
+        out["train"][name] = train
+        where = "train.json" if has_train else f"the rest of test.json (no train split; seed {s.split_seed})"
+        out["provenance"][name] = f"{len(train)} train from {where}; {len(test)} test of test.json ({len(test_all)})"
         dest = folder / name / "train.json"
         if not dest.is_file():
             write_json(dest, [r.data for r in train.records])
     return out
 
 
-# -- evaluation -------------------------------------------------------------------------------------
+# -- one run ----------------------------------------------------------------------------------------
 
-class Evaluator:
-    def __init__(self, args, data: dict, device: str):
-        self.args, self.data, self.device = args, data, device
-        self._tokenizer = None
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from mor.loading import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.args.model)
-        return self._tokenizer
-
-    def _autocast(self):
-        import contextlib
-
-        import torch
-
-        if self.device == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def score(self, model, split: str, scoring: str = "text", tasks=None) -> dict:
-        from mor.data import multiple_choice_items
-        from mor.evaluate import evaluate_tasks
-
-        tasks = tasks or list(self.data[split])
-        items = {t: multiple_choice_items(self.data[split][t], scoring=scoring, tokenizer=self.tokenizer) for t in tasks}
-        with self._autocast():
-            return evaluate_tasks(model, self.tokenizer, items, batch_size=self.args.eval_batch_size,
-                                  progress=self.args.verbose)
-
-    def load(self, adapter_dir: Path | None):
-        from mor.loading import load_model
-        from mor.model import load_adapter
-
-        model = load_model(self.args.model)
-        if adapter_dir is not None:
-            model = load_adapter(model, adapter_dir)
-        return model.to(self.device).eval()
-
-    def merged_scores(self, model) -> dict:
-        """Per task: routing profile on that task's train prompts, merge, score its test examples."""
-        from mor.data import training_examples
-
-        tasks, profiles = {}, {}
-        for name, train in self.data["train"].items():
-            prompts = [ex.prompt for ex in training_examples(train, target="text")][: self.args.routing_prompts]
-            profile = model.measure_routing(prompts, tokenizer=self.tokenizer, batch_size=self.args.eval_batch_size,
-                                            max_length=self.args.max_length)
-            try:
-                twin = copy.deepcopy(model)
-            except Exception:  # noqa: BLE001 -- fall back to a fresh load
-                twin = None
-            merged = (twin if twin is not None else model).merge_and_unload(profile)
-            res = self.score(merged, "test", tasks=[name])
-            tasks[name] = res["tasks"][name]
-            profiles[name] = [round(float(x), 4) for x in profile.mean()]
-            if twin is None:
-                raise RuntimeError("deepcopy of the MoR model failed; cannot merge without destroying it")
-            del merged, twin
-        avg = {k: _mean([t[k] for t in tasks.values()]) for k in ("acc", "acc_norm")}
-        return {"tasks": tasks, "average": avg, "routing_mean_per_task": profiles}
+def run_key(s: Settings, run: Run) -> dict:
+    return dict(settings=asdict(s), method=run.method, adapter=run.adapter, extras=dict(run.extras), seed=run.seed)
 
 
-# -- runs -------------------------------------------------------------------------------------------
+def execute(run: Run, s: Settings, data: dict, data_dir: Path, work: Path, result_path: Path,
+            eval_batch_size: int, log) -> dict:
+    """Train (resuming a killed attempt), score every test record in fp32, measure routing; write
+    ``result_path`` last, atomically."""
+    import torch
 
-def run_one(args, ev: Evaluator, data_dir: Path, runs: Path, method: str, lr: float, seed: int, need: set,
-            log) -> dict:
-    """Train (unless result.json exists) and evaluate what ``need`` asks for (unless in bench.json)."""
+    from mor.data import multiple_choice_items
+    from mor.evaluate import evaluate_tasks
+    from mor.loading import load_model, load_tokenizer
     from mor.methods import AdapterSpec
+    from mor.model import load_adapter
     from mor.train import TrainConfig, last_complete_checkpoint, run_training
 
-    label, kwargs = METHODS[method]
-    spec = AdapterSpec(**kwargs)
-    train_key = dict(model=args.model, spec=spec.to_dict(), tasks=args.tasks, train=args.train_per_task,
-                     val=args.val_per_task, test=args.test_per_task, split_seed=args.split_seed, steps=args.steps,
-                     batch=args.batch_size, max_length=args.max_length, warmup=args.warmup_ratio, lr=lr, seed=seed)
-    folder = runs / method / f"lr{lr:g}_seed{seed}_{settings_hash(train_key)}"
-    result_path, bench_path = folder / "result.json", folder / "bench.json"
-    bench = read_json(bench_path) or {}
-    result = read_json(result_path)
-    if result is None:
-        log(f"train {method} lr={lr:g} seed={seed} -> {folder}")
-        cfg = TrainConfig(model=args.model, adapter=copy.deepcopy(spec), data=[str(data_dir / t) for t in args.tasks],
-                          target="text", output=str(folder), max_steps=args.steps, batch_size=args.batch_size,
-                          lr=lr, warmup_ratio=args.warmup_ratio, scheduler="cosine", max_length=args.max_length,
-                          seed=seed, save_steps=max(10, args.steps // 2), logging_steps=max(1, args.steps // 4),
-                          evaluate=False)
-        cfg.resume = last_complete_checkpoint(folder / "checkpoints") is not None
-        cfg.overwrite = not cfg.resume  # no result.json: what an earlier attempt left there is ours to replace
-        result = run_training(cfg).to_dict()
-        bench = {}
+    record = dict(run=run.name, method=run.method, label=run.label, seed=run.seed, key=run_key(s, run),
+                  key_hash=settings_hash(run_key(s, run)), machine=machine_line("cpu"), threads=torch.get_num_threads(),
+                  started=_dt.datetime.now().astimezone().isoformat(timespec="seconds"))
+    adapter_dir = None
+    if run.adapter is not None:
+        out = work / run.name
+        extras = dict(run.extras)
+        cfg = TrainConfig(model=s.model, adapter=AdapterSpec(**run.adapter), target="text", output=str(out),
+                          data=[str(data_dir / t) for t in s.tasks], max_steps=s.steps, batch_size=s.batch_size,
+                          lr=s.lr, warmup_ratio=s.warmup_ratio, scheduler="cosine", max_length=s.max_length,
+                          seed=run.seed, save_steps=max(10, s.steps // 6), logging_steps=max(1, s.steps // 30),
+                          evaluate=False, base_dtype=extras.pop("base_dtype", s.base_dtype),
+                          group_by_length=s.group_by_length, **extras)
+        cfg.resume = last_complete_checkpoint(out / "checkpoints") is not None
+        cfg.overwrite = not cfg.resume  # no result file yet: what an earlier attempt left there is ours
+        log(f"train {run.name}" + (" (resuming)" if cfg.resume else ""))
+        result = run_training(cfg)
+        adapter_dir = result.adapter_dir
+        record.update(trainable_parameters=result.trainable_parameters,
+                      parameters_closed_form=AdapterSpec(**run.adapter).parameter_count(load_model(s.model)),
+                      train_seconds=result.train_seconds, global_step=result.global_step,
+                      final_loss=result.final_loss, base_dtype=result.base_dtype, train_settings=dict(
+                          router_lr_multiplier=cfg.router_lr_multiplier, group_by_length=cfg.group_by_length),
+                      losses=[(h["step"], round(h["loss"], 5)) for h in result.log_history or [] if "loss" in h],
+                      routing_during_training=result.routing_stats)
     else:
-        log(f"reuse {method} lr={lr:g} seed={seed} (result.json exists)")
-    bench.update(method=method, label=label, lr=lr, seed=seed, folder=str(folder), train_key=train_key,
-                 trainable_parameters=result["trainable_parameters"], train_seconds=result["train_seconds"],
-                 final_loss=result["final_loss"], global_step=result["global_step"])
-    todo = [k for k in sorted(need) if k not in bench]
-    if todo:
-        start = time.perf_counter()
-        model = ev.load(Path(result["adapter_dir"]))
-        if "val" in todo:
-            bench["val"] = ev.score(model, "val")
-        if "test" in todo:
-            bench["test"] = ev.score(model, "test")
-        if "test_label" in todo:
-            bench["test_label"] = ev.score(model, "test", scoring="label")
-        if "merged" in todo:
-            bench["merged"] = ev.merged_scores(model)
-        bench["eval_seconds"] = bench.get("eval_seconds", 0.0) + time.perf_counter() - start
-        del model
-    write_json(bench_path, bench)
-    return bench
+        record.update(trainable_parameters=0, train_seconds=0.0)
+
+    log(f"score {run.name}")
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(s.model)
+    model = load_model(s.model)
+    if adapter_dir is not None:
+        model = load_adapter(model, adapter_dir)
+    model.eval()
+    tasks = list(s.tasks) + list(s.heldout)
+    items = {t: multiple_choice_items(data["test"][t], scoring="text", tokenizer=tokenizer) for t in tasks}
+    with torch.no_grad():
+        res = evaluate_tasks(model, tokenizer, items, batch_size=eval_batch_size, progress=False, log_samples=True)
+    record["tasks"] = {t: {k: v for k, v in res["tasks"][t].items()} for t in tasks}
+    # per record, 1/0 as a string (a few KB): acc_norm and acc, in the test split's order
+    record["records"] = {t: {"acc_norm": "".join(str(int(x["acc_norm"])) for x in res["samples"][t]),
+                             "acc": "".join(str(int(x["acc"])) for x in res["samples"][t])} for t in tasks}
+    record["eval_seconds"] = time.perf_counter() - start
+    if run.adapter is not None and run.adapter["method"] in ("mor", "moelora"):
+        record["routing"] = routing_by_task(model, tokenizer, data, s, tasks)
+    record["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    write_json(result_path, record)
+    return record
 
 
-def run_base(args, ev: Evaluator, runs: Path, label_scoring: bool, log) -> dict:
-    key = dict(model=args.model, tasks=args.tasks, test=args.test_per_task, split_seed=args.split_seed)
-    path = runs / "base" / f"zero-shot_{settings_hash(key)}" / "bench.json"
-    bench = read_json(path) or {}
-    need = ["test"] + (["test_label"] if label_scoring else [])
-    if all(k in bench for k in need):
-        log("reuse base zero-shot")
-    else:
-        log("score base model zero-shot")
-        start = time.perf_counter()
-        model = ev.load(None)
-        if "test" not in bench:
-            bench["test"] = ev.score(model, "test")
-        if label_scoring and "test_label" not in bench:
-            bench["test_label"] = ev.score(model, "test", scoring="label")
-        bench["eval_seconds"] = bench.get("eval_seconds", 0.0) + time.perf_counter() - start
-    bench.update(method="base", label=METHODS["base"][0], trainable_parameters=0, train_seconds=0.0, lr=None, seed=None)
-    write_json(path, bench)
-    return bench
+def routing_by_task(model, tokenizer, data: dict, s: Settings, tasks: list[str]) -> dict:
+    """Routing statistics on each task's test prompts: entropy, between-task divergence, and the
+    mean gate per task and layer (what the routing-by-task figure draws)."""
+    from mor.routing_stats import measure_routing_stats, probe_batches
+
+    texts = {t: [it.contexts[0] for it in _items(data["test"][t], tokenizer)][: s.routing_prompts] for t in tasks}
+    stats = measure_routing_stats(model, probe_batches(texts, tokenizer, max_length=s.max_length), gate_means=True)
+    layers = stats.pop("layers")
+    stats["jsd_bits_per_layer"] = {k: round(v["jsd_bits"], 6) for k, v in layers.items()}
+    stats["entropy_bits_per_layer"] = {k: round(v["entropy_bits"], 5) for k, v in layers.items()}
+    return stats
 
 
-# -- summary ----------------------------------------------------------------------------------------
+def _items(task, tokenizer):
+    from mor.data import multiple_choice_items
 
-def summarise(method: str, runs: list[dict], val_by_lr: dict, param_formula: int | None) -> dict:
-    tests = [r["test"] for r in runs]
-    tasks = list(tests[0]["tasks"])
-    row = {
-        "method": method, "label": METHODS[method][0], "matched_budget": method in MATCHED,
-        "trainable_parameters": runs[0]["trainable_parameters"], "parameters_closed_form": param_formula,
-        "lr": runs[0]["lr"], "val_avg_acc_norm_by_lr": val_by_lr, "seeds": [r["seed"] for r in runs],
-        "per_task_acc_norm": {t: _mean([x["tasks"][t]["acc_norm"] for x in tests]) for t in tasks},
-        "per_task_acc": {t: _mean([x["tasks"][t]["acc"] for x in tests]) for t in tasks},
-        "avg_acc": _mean([x["average"]["acc"] for x in tests]),
-        "avg_acc_norm": _mean([x["average"]["acc_norm"] for x in tests]),
-        "avg_acc_norm_per_seed": [x["average"]["acc_norm"] for x in tests],
-        "avg_acc_norm_seed_std": _std([x["average"]["acc_norm"] for x in tests]),
-        "avg_acc_seed_std": _std([x["average"]["acc"] for x in tests]),
-        "avg_acc_norm_stderr": _mean([x["average"].get("acc_norm_stderr") for x in tests]),
-        "chance": tests[0]["average"].get("chance"),
-        "train_seconds_per_run": _mean([r.get("train_seconds") for r in runs]),
-        "eval_seconds_per_run": _mean([r.get("eval_seconds") for r in runs]),
-        "final_loss": _mean([r.get("final_loss") for r in runs]),
-        "runs": [{k: r.get(k) for k in ("seed", "lr", "folder", "final_loss", "train_seconds", "eval_seconds", "test",
-                                         "test_label", "merged", "val")} for r in runs],
-    }
-    if all("test_label" in r for r in runs):
-        row["label_avg_acc"] = _mean([r["test_label"]["average"]["acc"] for r in runs])
-    if all("merged" in r for r in runs):
-        row["merged_avg_acc"] = _mean([r["merged"]["average"]["acc"] for r in runs])
-        row["merged_avg_acc_norm"] = _mean([r["merged"]["average"]["acc_norm"] for r in runs])
-        row["merged_avg_acc_norm_seed_std"] = _std([r["merged"]["average"]["acc_norm"] for r in runs])
-    return row
+    return multiple_choice_items(task, scoring="text", tokenizer=tokenizer)
 
 
-def verdicts(rows: list[dict]) -> tuple[dict, list[str]]:
-    """Gap to the best method: a tie when smaller than the seed spread or 2 standard errors."""
-    best = max(rows, key=lambda r: r["avg_acc_norm"])
+# -- workers: claim a run with a lock file, so several processes share one plan ------------------------
 
-    def threshold(a, b):
-        spread = max([x for x in (a["avg_acc_norm_seed_std"], b["avg_acc_norm_seed_std"]) if x is not None], default=0.0)
-        se = math.sqrt((a["avg_acc_norm_stderr"] or 0) ** 2 + (b["avg_acc_norm_stderr"] or 0) ** 2)
-        return max(spread, 2 * se), spread, se
-
-    out = {}
-    for r in rows:
-        if r is best:
-            out[r["method"]] = "best"
-            continue
-        gap = best["avg_acc_norm"] - r["avg_acc_norm"]
-        thr, _, _ = threshold(best, r)
-        out[r["method"]] = f"tie ({-gap:+.3f})" if gap < thr else f"below ({-gap:+.3f})"
-    lines = []
-    by = {r["method"]: r for r in rows}
-    if "mor" in by:
-        for other in ("lora", "dora", "moelora", "moelora-r8", "mor-mean", "mor-balanced", "base"):
-            if other not in by:
+def _claim(lock: Path) -> bool:
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                os.kill(pid, 0)
+                return False  # a live process holds it
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # a dead holder: take it over
                 continue
-            a, b = by["mor"], by[other]
-            diff = a["avg_acc_norm"] - b["avg_acc_norm"]
-            thr, spread, se = threshold(a, b)
-            word = "TIE" if abs(diff) < thr else ("MoR better" if diff > 0 else "MoR worse")
-            spread_text = f"{spread:.3f}" if len(a["seeds"]) > 1 or len(b["seeds"]) > 1 else "n/a (1 seed)"
-            lines.append(f"MoR vs {b['label']}: {diff:+.3f} avg acc_norm; seed spread {spread_text}, "
-                         f"2 x s.e. of the difference {2 * se:.3f} -> {word}")
-    return out, lines
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
 
 
-def markdown_table(rows: list[dict], tasks: list[str], verdict: dict, label_scoring: bool) -> str:
-    head = ["method", "trainable params", "lr"] + [f"{t} acc_norm" for t in tasks] + \
-           ["avg acc", "avg acc_norm ± seed sd (s.e.)", "seeds", "merged avg acc_norm (MoR)"]
-    if label_scoring:
-        head.append("label-scoring avg acc")
-    head += ["train s/run", "eval s/run", "vs best"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def result_of(path: Path, run: Run, s: Settings) -> dict | None:
+    """The finished run's record, or None; a record made under other settings is an error."""
+    record = read_json(path)
+    if record is None:
+        return None
+    if record.get("key_hash") != settings_hash(run_key(s, run)):
+        raise SystemExit(f"error: {path} was made with other settings than this study's; pass another --results "
+                         "folder (or delete that file to redo the run)")
+    return record
+
+
+def work_loop(plan: list[Run], s: Settings, args, log) -> int:
+    data_root, results, work = Path(args.data_root), Path(args.results), Path(args.work)
+    data_dir = work / f"data_{settings_hash(dict(root=str(data_root.resolve()), **asdict(s)))}"
+    data = None
+    done = 0
+    for run in plan:
+        path = results / f"{run.name}.json"
+        if result_of(path, run, s) is not None:
+            continue
+        lock = work / "locks" / f"{run.name}.lock"
+        if not _claim(lock):
+            log(f"skip {run.name} (another worker has it)")
+            continue
+        try:
+            if result_of(path, run, s) is None:  # finished while we were claiming?
+                data = data or prepare_data(s, data_root, data_dir)
+                execute(run, s, data, data_dir, work, path, args.eval_batch_size, log)
+                log(f"finished {run.name} -> {path}")
+                done += 1
+        finally:
+            lock.unlink(missing_ok=True)
+    return done
+
+
+# -- the report ---------------------------------------------------------------------------------------
+
+def _bits(record: dict, task: str, metric: str = "acc_norm") -> list[int]:
+    return [int(c) for c in record["records"][task][metric]]
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def paired(a: list[dict], b: list[dict], tasks: list[str]) -> dict:
+    """a minus b on the tasks' average acc_norm, paired record by record.
+
+    Per task t and record j, d_tj = (a's score averaged over its seeds) - (b's, likewise); the
+    difference of the averages is mean_t mean_j d_tj and its test-sampling standard error
+    sqrt(sum_t var_j(d_tj) / n_t) / T. When both have several seeds (paired by seed), the
+    seed-to-seed spread of the per-seed difference adds var/S: se = sqrt(se_records^2 + sd_seeds^2 / S)."""
+    common = {r["seed"] for r in a} & {r["seed"] for r in b} - {None}
+    if common:  # both trained: compare the seeds both have, seed with seed
+        a, b = [r for r in a if r["seed"] in common], [r for r in b if r["seed"] in common]
+    T = len(tasks)
+    diff, var_sum, disc, n_total = 0.0, 0.0, 0, 0
+    for t in tasks:
+        sa = [_bits(r, t) for r in a]
+        sb = [_bits(r, t) for r in b]
+        n = len(sa[0])
+        d = [sum(x[j] for x in sa) / len(sa) - sum(x[j] for x in sb) / len(sb) for j in range(n)]
+        mean_d = sum(d) / n
+        diff += mean_d / T
+        var_sum += statistics.pvariance(d) / n if n > 1 else 0.0
+        disc += sum(1 for x in d if x != 0)
+        n_total += n
+    se_records = math.sqrt(var_sum) / T
+    per_seed = []
+    if len(common) >= 2:
+        for seed in sorted(common):
+            ra = next(r for r in a if r["seed"] == seed)
+            rb = next(r for r in b if r["seed"] == seed)
+            per_seed.append(sum(_task_acc(ra, t) - _task_acc(rb, t) for t in tasks) / T)
+    sd_seeds = statistics.stdev(per_seed) if len(per_seed) >= 2 else None
+    se = math.sqrt(se_records ** 2 + (sd_seeds ** 2 / len(per_seed) if sd_seeds is not None else 0.0))
+    verdict = "tie" if abs(diff) <= 2 * se else ("better" if diff > 0 else "worse")
+    return dict(diff=diff, se_records=se_records, sd_seeds=sd_seeds, per_seed=per_seed, se=se, two_se=2 * se,
+                discordant=disc / max(n_total, 1), n=n_total, seeds_a=len(a), seeds_b=len(b), verdict=verdict)
+
+
+def _task_acc(record: dict, task: str) -> float:
+    bits = _bits(record, task)
+    return sum(bits) / len(bits)
+
+
+def summarise(runs: dict[str, list[dict]], s: Settings) -> tuple[list[dict], list[dict]]:
+    rows = []
+    for method, recs in runs.items():
+        per_task = {t: _mean([_task_acc(r, t) for r in recs]) for t in list(s.tasks) + list(s.heldout)}
+        avgs = [sum(_task_acc(r, t) for t in s.tasks) / len(s.tasks) for r in recs]
+        rows.append(dict(method=method, label=recs[0]["label"], seeds=[r["seed"] for r in recs],
+                         trainable_parameters=recs[0]["trainable_parameters"], per_task_acc_norm=per_task,
+                         avg_acc_norm=_mean(avgs), avg_acc_norm_per_seed=avgs,
+                         seed_sd=statistics.stdev(avgs) if len(avgs) > 1 else None,
+                         forgetting=_mean([per_task[t] for t in s.heldout]) if s.heldout else None,
+                         train_seconds=_mean([r.get("train_seconds") for r in recs]),
+                         eval_seconds=_mean([r.get("eval_seconds") for r in recs]),
+                         final_loss=_mean([r.get("final_loss") for r in recs]),
+                         routing_jsd_bits=_mean([r.get("routing", {}).get("jsd_bits") for r in recs]),
+                         routing_entropy_normalized=_mean([r.get("routing", {}).get("entropy_normalized")
+                                                           for r in recs])))
+    comps = []
+    for a, b in COMPARISONS:
+        if a in runs and b in runs:
+            trained = paired(runs[a], runs[b], list(s.tasks))
+            forget = paired(runs[a], runs[b], list(s.heldout)) if s.heldout else None
+            comps.append(dict(a=a, b=b, trained=trained, heldout=forget))
+    return rows, comps
+
+
+def _pts(x):
+    return "-" if x is None else f"{100 * x:+.1f}"
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def tables(rows: list[dict], comps: list[dict], s: Settings) -> str:
+    head = ["method", "trainable params", "seeds"] + [f"{t}" for t in s.tasks] + \
+        [f"avg ({len(s.tasks)} trained)", "seed sd"] + [f"{t} (held out)" for t in s.heldout] + \
+        ["routing JSD (bits)", "train s/run"]
+    body = []
     for r in rows:
-        sd = r["avg_acc_norm_seed_std"]
-        cell = f"{r['avg_acc_norm']:.3f} ± {_f(sd)} ({_f(r['avg_acc_norm_stderr'])})"
-        cells = [r["label"], f"{r['trainable_parameters']:,}", "-" if r["lr"] is None else f"{r['lr']:g}"]
-        cells += [_f(r["per_task_acc_norm"].get(t)) for t in tasks]
-        cells += [_f(r["avg_acc"]), cell, str(len(r["seeds"])) if r["seeds"] != [None] else "-",
-                  _f(r.get("merged_avg_acc_norm"))]
-        if label_scoring:
-            cells.append(_f(r.get("label_avg_acc")))
-        cells += [f"{r['train_seconds_per_run']:.0f}", _f(r["eval_seconds_per_run"], 0), verdict[r["method"]]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append([r["label"], f"{r['trainable_parameters']:,}", str(len(r["seeds"])) if r["seeds"] != [None] else "-"]
+                    + [_pct(r["per_task_acc_norm"][t]) for t in s.tasks]
+                    + [_pct(r["avg_acc_norm"]), "-" if r["seed_sd"] is None else f"{100 * r['seed_sd']:.1f}"]
+                    + [_pct(r["per_task_acc_norm"][t]) for t in s.heldout]
+                    + ["-" if r["routing_jsd_bits"] is None else f"{r['routing_jsd_bits']:.4f}",
+                       f"{r['train_seconds']:.0f}" if r["train_seconds"] else "-"])
+    label = {r["method"]: r["label"] for r in rows}
+    chead = ["comparison", "seeds", "diff, trained avg (pts)", "2 s.e. (pts)", "discordant records", "verdict",
+             "diff, held out (pts)", "2 s.e.", "verdict (held out)"]
+    cbody = []
+    for c in comps:
+        t, h = c["trained"], c["heldout"]
+        cbody.append([f"{label[c['a']]} vs {label[c['b']]}", f"{t['seeds_a']} / {t['seeds_b']}", _pts(t["diff"]),
+                      f"{100 * t['two_se']:.1f}", f"{100 * t['discordant']:.0f}% of {t['n']}", t["verdict"]]
+                     + ([_pts(h["diff"]), f"{100 * h['two_se']:.1f}", h["verdict"]] if h else ["-"] * 3))
+    return "accuracy (acc_norm, %)\n\n" + markdown_table(head, body) + "\n\npaired comparisons\n\n" + \
+        markdown_table(chead, cbody)
 
 
-def bar_chart(rows: list[dict], path: Path, title: str) -> Path:
+# -- figures -------------------------------------------------------------------------------------------
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r["label"] for r in rows]
-    values = [r["avg_acc_norm"] for r in rows]
-    errs = [r["avg_acc_norm_seed_std"] if r["avg_acc_norm_seed_std"] is not None else (r["avg_acc_norm_stderr"] or 0)
-            for r in rows]
-    colors = ["#888888" if r["method"] == "base" else ("#1f77b4" if r["matched_budget"] else "#ff7f0e") for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
-    ax.bar(range(len(rows)), values, yerr=errs, capsize=4, color=colors)
-    for i, r in enumerate(rows):
-        if r.get("merged_avg_acc_norm") is not None:
-            ax.plot([i - 0.35, i + 0.35], [r["merged_avg_acc_norm"]] * 2, "k--", lw=1)
-    chance = rows[0].get("chance")
-    if chance:
-        ax.axhline(chance, color="red", lw=0.8, ls=":", label=f"chance {chance:.3f}")
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("average acc_norm (answer-text scoring)")
-    lo = min(values + ([chance] if chance else [])) - 0.05
-    ax.set_ylim(max(0.0, lo), min(1.0, max(v + e for v, e in zip(values, errs)) + 0.05))
-    ax.set_title(title, fontsize=9)
-    fig.text(0.01, 0.01, "error bars: seed s.d. (2+ seeds) else test s.e.; dashed: MoR merged with per-task fixed routing; "
-             "blue = matched budget", fontsize=6)
+    return plt
+
+
+def accuracy_figure(rows: list[dict], s: Settings, path: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(width_ratios=[3, 2]))
+    for ax, key, title in ((axes[0], "avg_acc_norm_per_seed", f"average of the {len(s.tasks)} trained tasks"),
+                           (axes[1], "heldout", f"{', '.join(s.heldout)} (never trained: forgetting)")):
+        for i, r in enumerate(rows):
+            vals = r[key] if key != "heldout" else [None]
+            if key == "heldout":
+                vals = [r["per_task_acc_norm"][s.heldout[0]]] if s.heldout else []
+            ax.bar(i, 100 * sum(vals) / len(vals), color="#888888" if r["method"] == "base" else "#1f77b4", alpha=0.7)
+            ax.plot([i] * len(vals), [100 * v for v in vals], "k.", ms=5)
+        ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=35, ha="right", fontsize=7)
+        ax.set_ylabel("acc_norm (%)")
+        ax.set_title(title, fontsize=9)
+        lo = min(100 * v for r in rows for v in (r["avg_acc_norm_per_seed"] if key != "heldout" else
+                                                  [r["per_task_acc_norm"][s.heldout[0]]] if s.heldout else [50]))
+        ax.set_ylim(max(0, lo - 5), None)
+    fig.text(0.01, 0.01, "bars: mean over seeds; dots: one per seed", fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-# -- main -------------------------------------------------------------------------------------------
+def routing_figure(runs: dict[str, list[dict]], path: Path) -> Path | None:
+    """Per MoR variant: mean gate of each expert per task (layer average), and the between-task
+    divergence per layer."""
+    variants = [m for m in ("mor", "mor-softmax") if m in runs and "routing" in runs[m][0]]
+    if not variants:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(variants) + 1, figsize=(4.5 * (len(variants) + 1), 3.8))
+    for ax, m in zip(axes, variants):
+        rt = runs[m][0]["routing"]
+        tasks = list(rt["tasks"])
+        gates = [[sum(col) / len(col) for col in zip(*rt["tasks"][t]["gate_mean"].values())] for t in tasks]
+        im = ax.imshow(gates, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+        ax.set_xlabel("expert")
+        ax.set_title(f"{runs[m][0]['label']}\nmean gate per task (seed {runs[m][0]['seed']})", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    ax = axes[-1]
+    for m in variants:
+        per_layer = list(runs[m][0]["routing"]["jsd_bits_per_layer"].values())
+        ax.plot(range(len(per_layer)), per_layer, marker=".", label=runs[m][0]["label"])
+    ax.set_yscale("log")
+    ax.set_xlabel("adapted layer (model order)")
+    ax.set_ylabel("between-task JS divergence (bits)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def ablation_figure(records: list[dict], path: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, axis, xlabel in ((axes[0], "N", "experts N (r=8)"), (axes[1], "r", "rank r (N=8)")):
+        pts = sorted((_axis_value(r, axis), r) for r in records if _axis_value(r, axis) is not None)
+        xs = [x for x, _ in pts]
+        ys = [100 * r["avg"] for _, r in pts]
+        ax.plot(xs, ys, "o-")
+        for x, (_, r) in zip(xs, pts):
+            ax.annotate(f"{r['trainable_parameters'] / 1e6:.2f}M", (x, 100 * r["avg"]), fontsize=7,
+                        textcoords="offset points", xytext=(0, 6), ha="center")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel(xlabel)
+        ax.set_title("avg acc_norm (labels: trainable parameters)", fontsize=8)
+    axes[0].set_ylabel("acc_norm (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _axis_value(record: dict, axis: str):
+    a = record["key"]["adapter"]
+    if axis == "N" and a["r"] == 8:
+        return a["num_experts"]
+    if axis == "r" and a["num_experts"] == 8:
+        return a["r"]
+    return None
+
+
+# -- main -----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="hub id, local folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="folder with one sub-folder per task")
+    p.add_argument("--results", default=None, help="one JSON per finished run (default: results/quality, "
+                   "results/quality_ablations with --ablations)")
+    p.add_argument("--work", default=None, help="checkpoints and adapters (default: runs/quality)")
+    p.add_argument("--methods", nargs="+", default=list(STUDY_METHODS) + list(CONTROL_SEED0), choices=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300)")
+    p.add_argument("--lr", type=float, default=None, help="the common learning rate (default 3e-4)")
+    p.add_argument("--ablations", action="store_true", help="the N and r sweeps instead of the study")
+    p.add_argument("--report", action="store_true", help="no training: report what has finished")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the plan (each with --threads)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / workers)")
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--quick", action="store_true", help="a smoke in minutes: 1 task, 4 steps, 2 methods")
+    p.add_argument("--out", default=None, help="summary JSON (default: <results>.json); figures go beside it")
+    return p.parse_args(argv)
+
+
+def settings_of(args) -> Settings:
+    s = Settings(model=args.model)
+    if args.quick:
+        s = replace(s, **QUICK)
+    if args.ablations:
+        s = replace(s, **ABLATION)
+    if args.steps is not None:
+        s = replace(s, steps=args.steps)
+    if args.lr is not None:
+        s = replace(s, lr=args.lr)
+    return s
+
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else \
-        shlex.join(["python", "benchmarks/quality.py", *argv])
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # run_training's Trainer picks CUDA whenever it sees one
+    command = shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    default_name = "quality_ablations" if args.ablations else ("quality_quick" if args.quick else "quality")
+    args.results = args.results or str(REPO / "results" / default_name)
+    args.work = args.work or str(REPO / "runs" / default_name)
+    s = settings_of(args)
+    plan = ablation_plan(args.seeds[0]) if args.ablations else study_plan(args.methods, args.seeds)
 
-    import torch
-    from tqdm.auto import tqdm
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    threads = args.threads
-    if threads is None and device == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1):
-        threads = 1
-    if threads:
-        torch.set_num_threads(threads)
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    methods = [m for m in METHODS if m in args.methods]  # canonical order
-
-    out = Path(args.out)
-    runs = Path(args.runs_dir) if args.runs_dir else out.with_name(out.stem + "_runs")
-    started = _dt.datetime.now().astimezone()
-    header = [f"# MoR quality benchmark -- {started:%Y-%m-%d %H:%M %Z}", f"machine: {machine_line(device)}",
-              f"command: {command}"]
-    print("\n".join(header), flush=True)
-
-    data_key = dict(root=str(Path(args.data_root).resolve()), tasks=args.tasks, train=args.train_per_task,
-                    val=args.val_per_task, test=args.test_per_task, split_seed=args.split_seed)
-    data_dir = runs / f"data_{settings_hash(data_key)}"
-    data = prepare_data(args, data_dir)
-    ev = Evaluator(args, data, device)
-
-    adapter_methods = [m for m in methods if m != "base"]
-    seeds_of = {m: (args.seeds if m in MATCHED else args.seeds[:1]) for m in adapter_methods}
-    n_runs = sum(len(args.lr_grid) + len([s for s in seeds_of[m] if s != seeds_of[m][0]]) for m in adapter_methods)
-    n_runs += "base" in methods
-    print(f"{len(adapter_methods)} adapter methods, lr grid {args.lr_grid}, seeds {args.seeds} -> {n_runs} runs "
-          f"({args.steps} steps x batch {args.batch_size} x {args.max_length} tokens each)", flush=True)
-
-    bar = tqdm(total=n_runs, desc="quality benchmark", unit="run", position=0, leave=True, dynamic_ncols=True)
-    log = lambda msg: bar.write(f"[{time.strftime('%H:%M:%S')}] {msg}")  # noqa: E731
-    wall0 = time.perf_counter()
-
-    results: dict[str, list[dict]] = {}
-    val_scores: dict[str, dict] = {}
-    if "base" in methods:
-        results["base"] = [run_base(args, ev, runs, args.label_scoring, log)]
-        bar.update(1)
-
-    param_formula = {}
-    if adapter_methods:
-        from mor.loading import load_model
-        from mor.methods import AdapterSpec
-
-        probe = load_model(args.model)
-        param_formula = {m: AdapterSpec(**METHODS[m][1]).parameter_count(probe) for m in adapter_methods}
-        del probe
-
-    for method in adapter_methods:
-        seeds = seeds_of[method]
-        final_need = {"test"} | ({"test_label"} if args.label_scoring else set())
-        if METHODS[method][1]["method"] == "mor" and not args.no_merged:
-            final_need.add("merged")
-        by_lr = {}
-        if len(args.lr_grid) > 1:
-            for lr in args.lr_grid:
-                bar.set_postfix_str(f"{method} lr={lr:g} seed={seeds[0]}")
-                by_lr[lr] = run_one(args, ev, data_dir, runs, method, lr, seeds[0], {"val"}, log)
-                bar.update(1)
-            best_lr = max(args.lr_grid, key=lambda lr: (by_lr[lr]["val"]["average"]["acc_norm"], -lr))
-            val_scores[method] = {f"{lr:g}": by_lr[lr]["val"]["average"]["acc_norm"] for lr in args.lr_grid}
-            log(f"{method}: validation avg acc_norm by lr {val_scores[method]} -> lr {best_lr:g}")
+    if not args.report:
+        if args.workers > 1 and not os.environ.get("MOR_QUALITY_WORKER"):
+            threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+            child = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv),
+                     "--workers", "1", "--threads", str(threads)]
+            env = dict(os.environ, MOR_QUALITY_WORKER="1")
+            procs = [subprocess.Popen(child, env=env) for _ in range(args.workers)]
+            if any(p.wait() != 0 for p in procs):
+                print("error: a worker failed (its output is above)", file=sys.stderr)
+                return 1
         else:
-            best_lr = args.lr_grid[0]
-            val_scores[method] = {f"{best_lr:g}": None}
-        results[method] = []
-        for seed in seeds:
-            bar.set_postfix_str(f"{method} lr={best_lr:g} seed={seed}")
-            results[method].append(run_one(args, ev, data_dir, runs, method, best_lr, seed, final_need, log))
-            if not (len(args.lr_grid) > 1 and seed == seeds[0]):
-                bar.update(1)
-    bar.close()
-    wall = time.perf_counter() - wall0
+            import torch
+            from transformers.utils import logging as hf_logging
 
-    rows = []
-    for method in methods:
-        if method == "base":
-            rows.append(summarise("base", results["base"], {}, 0))
-        else:
-            rows.append(summarise(method, results[method], val_scores[method], param_formula[method]))
-    verdict, vs_lines = verdicts(rows)
-    table = markdown_table(rows, args.tasks, verdict, args.label_scoring)
-    budget = ", ".join(f"{r['label']} {r['trainable_parameters']:,}" for r in rows if r["matched_budget"])
-    notes = [
-        "Training: answer-text targets; scoring: answer-text log-likelihood (acc, acc_norm = per-character), "
-        "lm-eval style" + ("; label scoring as a secondary column" if args.label_scoring else "") + ".",
-        f"Steps {args.steps} x batch {args.batch_size}, max {args.max_length} tokens, cosine, warm-up "
-        f"{args.warmup_ratio:g}; AdamW; " + (f"lr chosen per method from {args.lr_grid} on validation "
-        f"({args.val_per_task}/task) with seed {args.seeds[0]}." if len(args.lr_grid) > 1 else
-        f"one fixed lr {args.lr_grid[0]:g} (no grid search)."),
-        f"Matched budget: {budget}.",
-        "Ties: a gap to the best smaller than the seed s.d. or 2 s.e. of the test mean is a tie.",
-        "Data: " + "; ".join(f"{t}: {p}" for t, p in data["provenance"].items()),
-    ]
-    print()
-    print(table)
-    print()
-    for line in notes + vs_lines:
-        print("- " + line)
-    print(f"\nwall time: {wall / 60:.1f} min", flush=True)
+            hf_logging.set_verbosity_error()
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            log = lambda msg: print(f"[{time.strftime('%H:%M:%S')} pid {os.getpid()}] {msg}", flush=True)  # noqa: E731
+            log(f"{len(plan)} runs planned; {machine_line('cpu')}")
+            work_loop(plan, s, args, log)
+            if os.environ.get("MOR_QUALITY_WORKER"):
+                return 0
+    return report(plan, s, args, command)
 
-    png = out.with_suffix(".png")
-    record = {
-        "header": {"date": started.isoformat(), "machine": machine_line(device), "command": command,
-                   "wall_seconds": wall},
-        "settings": {k: v for k, v in vars(args).items()},
-        "data": data["provenance"],
-        "rows": rows, "verdict": verdict, "comparisons": vs_lines, "notes": notes, "table_markdown": table,
-        "png": str(png),
-    }
-    write_json(out, record)
-    bar_chart(rows, png, f"SmolLM2 FFN adapters, {len(args.tasks)} tasks, {args.steps} steps "
-              f"({started:%Y-%m-%d})" if args.model is None else f"{args.model}, {args.steps} steps")
+
+def report(plan: list[Run], s: Settings, args, command: str) -> int:
+    finished = {}
+    for run in plan:
+        rec = result_of(Path(args.results) / f"{run.name}.json", run, s)
+        if rec is not None:
+            finished.setdefault(run.method, []).append(rec)
+    print(f"# MoR quality {'ablations' if args.ablations else 'study'} -- "
+          f"{_dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}\ncommand: {command}\n"
+          f"finished: {sum(map(len, finished.values()))} of {len(plan)} runs ({args.results})")
+    if not finished:
+        print("nothing finished yet")
+        return 0
+    out = Path(args.out) if args.out else Path(args.results).with_suffix(".json")
+    if args.ablations:
+        recs = [dict(r, avg=sum(_task_acc(r, t) for t in s.tasks) / len(s.tasks)) for v in finished.values() for r in v]
+        body = [[r["label"], f"{r['trainable_parameters']:,}"] + [_pct(_task_acc(r, t)) for t in s.tasks] +
+                [_pct(r["avg"])] + [_pct(_task_acc(r, t)) for t in s.heldout] for r in recs]
+        text = markdown_table(["adapter", "trainable params", *s.tasks, "avg", *(f"{t} (held out)" for t in s.heldout)],
+                              body)
+        png = ablation_figure(recs, out.with_suffix(".png"))
+        summary = dict(rows=[{k: r[k] for k in ("run", "label", "trainable_parameters", "avg")} for r in recs])
+    else:
+        rows, comps = summarise(finished, s)
+        text = tables(rows, comps, s)
+        png = accuracy_figure(rows, s, out.with_suffix(".png"))
+        routing_png = routing_figure(finished, out.with_name(out.stem + "_routing.png"))
+        summary = dict(rows=rows, comparisons=comps, routing_png=str(routing_png) if routing_png else None)
+    print(text)
+    print(f"\nsettings: {json_line(asdict(s))}")
+    write_json(out, dict(command=command, settings=asdict(s), table_markdown=text, png=str(png), **summary))
     print(f"wrote {out} and {png}")
     return 0
 
 
+def json_line(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items())
+
+
 if __name__ == "__main__":
-    repo = Path(__file__).resolve().parents[1]
-    if str(repo / "src") not in sys.path and (repo / "src" / "mor").is_dir():
-        sys.path.insert(0, str(repo / "src"))
+    src = REPO / "src"
+    if str(src) not in sys.path and (src / "mor").is_dir():
+        sys.path.insert(0, str(src))
     sys.exit(main())

@@ -110,61 +110,81 @@ def _tiny_commonsense(root: Path) -> Path:
     return root
 
 
-def test_quality_benchmark_quick_smoke(tmp_path, capsys, tiny_model_dir):
-    """``benchmarks/quality.py`` end to end on a tiny config-built LLaMA and a few tiny records:
-    every method trains, is scored (text, label, merged MoR), the table prints, the JSON and the
-    PNG are written, and a rerun reuses every finished run."""
+def test_quality_study_quick_smoke(tmp_path, capsys, tiny_model_dir):
+    """``benchmarks/quality.py --quick`` end to end on a tiny LLaMA and a few records: every run
+    trains, scores every test record of the trained and the held-out task, writes its own result
+    file at once; the report compares runs record by record; a rerun trains nothing; a result
+    made under other settings is refused."""
     quality = pytest.importorskip("benchmarks.quality")
     data = _tiny_commonsense(tmp_path / "commonsense")
-    out_json = tmp_path / "quality.json"
-    argv = ["--model", str(tiny_model_dir), "--data-root", str(data), "--tasks", "ARC-Easy", "piqa",
-            "--steps", "2", "--batch-size", "2", "--max-length", "64", "--train-per-task", "6",
-            "--val-per-task", "2", "--test-per-task", "4", "--seeds", "0", "1", "--lr-grid", "1e-3",
-            "--routing-prompts", "4", "--eval-batch-size", "4", "--label-scoring", "--device", "cpu",
-            "--out", str(out_json)]
+    results = tmp_path / "results"
+    argv = ["--quick", "--model", str(tiny_model_dir), "--data-root", str(data), "--methods", "base", "mor",
+            "lora", "--seeds", "0", "1", "--results", str(results), "--work", str(tmp_path / "work"),
+            "--eval-batch-size", "4"]
     assert quality.main(argv) == 0
     printed = capsys.readouterr().out
+    assert "finished: 5 of 5 runs" in printed and "paired comparisons" in printed
+    assert sorted(p.name for p in results.iterdir()) == [
+        "base.json", "lora_seed0.json", "lora_seed1.json", "mor_seed0.json", "mor_seed1.json"]
+    runs = {p.stem: json.loads(p.read_text()) for p in results.iterdir()}
+    for name, rec in runs.items():
+        # every test record of the trained task (8) and of the held-out one (quick: 8 of 20)
+        assert {t: len(v["acc_norm"]) for t, v in rec["records"].items()} == {"ARC-Easy": 8, "piqa": 8}
+        assert rec["tasks"]["ARC-Easy"]["acc_norm"] == pytest.approx(rec["records"]["ARC-Easy"]["acc_norm"].count("1") / 8)
+        assert (rec["trainable_parameters"] > 0) == (name != "base")
+    assert runs["mor_seed0"]["trainable_parameters"] == runs["mor_seed0"]["parameters_closed_form"]
+    assert runs["mor_seed0"]["losses"] and "gate_mean" in runs["mor_seed0"]["routing"]["tasks"]["piqa"]
+    assert "routing" not in runs["lora_seed0"]
 
-    assert "MoR quality benchmark" in printed and "machine:" in printed and "command:" in printed
-    assert "| method | trainable params |" in printed
-    for label, _ in quality.METHODS.values():
-        assert f"| {label} |" in printed
-    report = json.loads(out_json.read_text())
-    rows = {row["method"]: row for row in report["rows"]}
-    assert set(rows) == set(quality.METHODS)
-    assert out_json.with_suffix(".png").stat().st_size > 0
-    for method, row in rows.items():
-        assert set(row["per_task_acc_norm"]) == {"ARC-Easy", "piqa"}
-        assert 0.0 <= row["avg_acc_norm"] <= 1.0 and "label_avg_acc" in row
-        if method == "base":
-            assert row["trainable_parameters"] == 0
-            continue
-        # the closed-form count is what was actually trained
-        assert row["trainable_parameters"] == row["parameters_closed_form"] > 0
-        assert row["lr"] == 1e-3
-        assert len(row["seeds"]) == (2 if method in quality.MATCHED else 1)
-        if method.startswith("mor"):
-            assert 0.0 <= row["merged_avg_acc_norm"] <= 1.0
-    assert rows["mor"]["avg_acc_norm_seed_std"] is not None
-    assert any(line.startswith("MoR vs LoRA") for line in report["comparisons"])
-    assert "piqa" in report["data"] and "no train split" in report["data"]["piqa"]
+    summary = json.loads(results.with_suffix(".json").read_text())
+    (comp,) = [c for c in summary["comparisons"] if (c["a"], c["b"]) == ("mor", "lora")]
+    by_seed = [sum(map(int, runs[f"mor_seed{s}"]["records"]["ARC-Easy"]["acc_norm"])) / 8 -
+               sum(map(int, runs[f"lora_seed{s}"]["records"]["ARC-Easy"]["acc_norm"])) / 8 for s in (0, 1)]
+    assert comp["trained"]["diff"] == pytest.approx(sum(by_seed) / 2)
+    assert comp["trained"]["per_seed"] == pytest.approx(by_seed)
+    assert results.with_suffix(".png").stat().st_size > 0 and Path(summary["routing_png"]).stat().st_size > 0
 
-    # resume: a second call trains nothing and gives the same numbers
-    assert quality.main(argv) == 0
-    again = capsys.readouterr()
-    assert "] train " not in again.out + again.err and "reuse mor lr=0.001 seed=1" in again.out + again.err
-    rerun = json.loads(out_json.read_text())
-    assert [r["avg_acc_norm"] for r in rerun["rows"]] == [r["avg_acc_norm"] for r in report["rows"]]
+    assert quality.main(argv) == 0  # resume: nothing trains again
+    assert "] train " not in capsys.readouterr().out
 
-    # a learning-rate grid: the 1e-3 run is reused, only 3e-4 trains; the lr is picked on validation
-    grid = argv[:argv.index("--seeds")] + ["--seeds", "0", "--lr-grid", "1e-3", "3e-4", "--methods", "lora",
-                                          "--routing-prompts", "4", "--eval-batch-size", "4", "--device", "cpu",
-                                          "--out", str(out_json)]
-    assert quality.main(grid) == 0
-    logs = "".join(capsys.readouterr())
-    assert "reuse lora lr=0.001 seed=0" in logs and "] train lora lr=0.0003 seed=0" in logs
-    (row,) = json.loads(out_json.read_text())["rows"]
-    assert set(row["val_avg_acc_norm_by_lr"]) == {"0.001", "0.0003"} and row["lr"] in (1e-3, 3e-4)
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.main(argv + ["--steps", "3"])
+
+
+def test_quality_paired_difference_arithmetic():
+    """The paired difference and its standard error, by hand: one task, two runs a side."""
+    quality = pytest.importorskip("benchmarks.quality")
+
+    def rec(seed, bits):
+        return {"seed": seed, "records": {"t": {"acc_norm": bits}}}
+
+    a = [rec(0, "1100"), rec(1, "1110")]
+    b = [rec(0, "1000"), rec(1, "1000")]
+    out = quality.paired(a, b, ["t"])
+    d = [0.0, 1.0, 0.5, 0.0]  # per record: mean over a's seeds minus b's
+    assert out["diff"] == pytest.approx(sum(d) / 4)
+    var = sum((x - sum(d) / 4) ** 2 for x in d) / 4
+    assert out["se_records"] == pytest.approx((var / 4) ** 0.5)
+    assert out["per_seed"] == pytest.approx([0.25, 0.5]) and out["sd_seeds"] == pytest.approx(0.125 * 2 ** 0.5)
+    assert out["se"] == pytest.approx((out["se_records"] ** 2 + out["sd_seeds"] ** 2 / 2) ** 0.5)
+    assert out["verdict"] == "tie"  # 0.375 < 2 s.e. with 4 records
+    many = quality.paired([rec(0, "1" * 400)], [rec(0, "0" * 200 + "1" * 200)], ["t"])
+    assert many["diff"] == pytest.approx(0.5) and many["verdict"] == "better"
+    assert quality.paired([rec(0, "0" * 200 + "1" * 200)], [rec(0, "1" * 400)], ["t"])["verdict"] == "worse"
+
+
+def test_quality_workers_claim_runs_with_lock_files(tmp_path):
+    """Two workers never take the same run; a lock left by a dead process is taken over."""
+    import subprocess
+
+    quality = pytest.importorskip("benchmarks.quality")
+    lock = tmp_path / "locks" / "mor_seed0.lock"
+    assert quality._claim(lock) and lock.read_text() == str(__import__("os").getpid())
+    assert not quality._claim(lock)  # held by a live process (this one)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(str(dead.pid))
+    assert quality._claim(lock)
 
 
 def test_lm_eval_agreement_quick_smoke(tmp_path, capsys, tiny_model_dir):

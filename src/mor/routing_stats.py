@@ -130,6 +130,11 @@ class RoutingRecorder:
             task.setdefault(name, _Accumulator(flat.shape[-1])).add(flat.cpu())
         return hook
 
+    def gate_means(self) -> dict[str, dict[str, list[float]]]:
+        """Per task and layer, the mean gate over the task's real tokens (N values)."""
+        return {task: {layer: (acc.gate_sum / max(acc.tokens, 1)).tolist() for layer, acc in layers.items()}
+                for task, layers in self.sums.items()}
+
     def summary(self) -> dict:
         """Statistics per layer (over all tasks' tokens) and per task, plus their layer averages."""
         if not self.sums:
@@ -171,9 +176,11 @@ def _mean(values: Iterable[float]) -> float:
 
 
 @torch.no_grad()
-def measure_routing_stats(model: nn.Module, probes: Mapping[str, Sequence[Mapping[str, torch.Tensor]]]) -> dict:
+def measure_routing_stats(model: nn.Module, probes: Mapping[str, Sequence[Mapping[str, torch.Tensor]]],
+                          gate_means: bool = False) -> dict:
     """Routing statistics of ``model`` on ``probes`` ({task: [batches with input_ids, attention_mask]}),
-    in eval mode without gradients; the model's train/eval mode is restored afterwards."""
+    in eval mode without gradients; the model's train/eval mode is restored afterwards.
+    ``gate_means`` adds each task's mean gate per layer under ``["tasks"][task]["gate_mean"]``."""
     was_training = model.training
     model.eval()
     try:
@@ -186,7 +193,11 @@ def measure_routing_stats(model: nn.Module, probes: Mapping[str, Sequence[Mappin
                     recorder.mask = mask
                     model(input_ids=batch["input_ids"].to(device),
                           attention_mask=None if mask is None else mask.to(device))
-        return recorder.summary()
+        summary = recorder.summary()
+        if gate_means:
+            for task, means in recorder.gate_means().items():
+                summary["tasks"][task]["gate_mean"] = means
+        return summary
     finally:
         model.train(was_training)
 
