@@ -78,6 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from mor.data import MultipleChoiceItem
+from mor.report import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -636,15 +637,7 @@ def format_table(results: Mapping[str, Any], stderr: bool = True) -> str:
                 _fmt(row.get("chance")),
             ]
         )
-    widths = [max(len(h), *(len(r[k]) for r in rows)) if rows else len(h) for k, h in enumerate(header)]
-
-    def line(cells):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    out = [f"Scoring: {results.get('scoring', SCORING)}", "", line(header)]
-    out.append("| " + " | ".join("-" * w for w in widths) + " |")
-    out.extend(line(r) for r in rows)
-    return "\n".join(out)
+    return f"Scoring: {results.get('scoring', SCORING)}\n\n" + markdown_table(header, rows)
 
 
 def write_results_json(results: Mapping[str, Any], path: str | Path) -> Path:
