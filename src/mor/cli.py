@@ -351,7 +351,8 @@ def cmd_analyze(args) -> int:
 
 def _routing_over_steps(stats: Path, folder: Path) -> Path:
     """Draw (and print) the routing statistics a training run logged over its steps."""
-    from .analysis import ROUTING_OVER_STEPS, plot_routing_over_steps, routing_over_steps_table
+    from .analysis import routing_over_steps_table
+    from .plots import ROUTING_OVER_STEPS, plot_routing_over_steps
     from .routing_stats import load_stats
 
     records = load_stats(stats)
