@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from .layer import MoRAdapter
-from .params import layer_parameter_count, target_shapes
+from .params import count_trainable_parameters, layer_parameter_count, target_shapes
 from .plots import FIGURES, draw_figures, short_layer_name
 from .report import text_table
 from .routing import RoutingProfile
@@ -240,8 +240,8 @@ def parameter_scaling(model: nn.Module, r: int, experts: Sequence[int] = DEFAULT
         cfg = model.mor_config
         data["this_adapter"] = {"method": cfg.method, "r": cfg.r, "num_experts": cfg.num_experts,
                                 "router": cfg.router,
-                                "parameters": sum(p.numel() for a in model.mor_adapters().values()
-                                                  for p in a.parameters())}
+                                "parameters": sum(count_trainable_parameters(a, include_frozen=True)
+                                                  for a in model.mor_adapters().values())}
     return data
 
 
