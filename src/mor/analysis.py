@@ -1,45 +1,11 @@
-"""Analyses of a MoR adapter: router specialisation by task, parameter scaling, rank spectrum.
+"""Analyses of a MoR adapter, as numbers: routing by task, parameter scaling, rank spectrum.
 
-Pure functions compute the numbers (JSON-able dicts); separate ``plot_*`` functions draw them
-(matplotlib's object API with the Agg canvas: no pyplot, no global backend switch). ``analyze``
-runs everything and writes ``analysis.json`` next to the PNGs; ``format_report`` prints the
-numbers behind every figure.
-
-1. Router specialisation (the paper's router figure). For each task, the mean router weight
-   per expert over the task's real tokens, per layer (``MoRModel.measure_routing``). Numbers:
-   per task the entropy of the routing (bits, averaged over layers; log2 N is uniform), and the
-   Jensen-Shannon divergence between tasks' routing distributions (bits, log base 2):
-   pairwise, and the generalised JSD of all tasks with equal weights,
-   ``JSD = H(mean_t g_t) - mean_t H(g_t)``, computed per layer and averaged over layers. It is 0
-   when every task routes alike and at most log2(#tasks) (1 bit for two tasks).
-
-2. Parameter scaling. Closed-form trainable parameters (``mor.params``) against the number of
-   experts N, for MoR, MoE-LoRA of the same r, LoRA of rank r (flat) and LoRA of rank N*r
-   (MoE-LoRA's expanded rank, without the router).
-
-3. Rank spectrum. For a mixture layer with expert updates D_i = (alpha/r) up_i down_i and a
-   fixed routing g: singular values of the mixed update dW(g) = sum_i g_i D_i, of each D_i, of
-   the shared LoRA pair (alpha/r) B A (MoR only: "a LoRA of the same shared rank", the
-   structural reference used when no trained LoRA model is given), of the experts side by
-   side [D_1 ... D_N] (the output subspace the mixture can reach over all routings), of the
-   experts stacked [D_1; ...; D_N] (the input subspace it reads), and, when a peft LoRA model
-   is given, of that LoRA's (alpha/r) B A on the same module.
-
-   Every singular value is computed in float64 from the low-rank factors (two thin QRs and
-   an SVD of the small core), never from a dense float32 product: the structural zeros then
-   sit near 1e-16 * sigma_max, and the numeric rank counts sigma > ``rtol`` * sigma_max with
-   ``rtol = 1e-6`` (far above float64 round-off, far below any real direction of an adapter
-   stored in bf16/fp32). The effective rank is Roy & Vetterli's (2007) exp(entropy of
-   sigma / sum sigma).
-
-   What the spectrum shows for MoR, and why: every D_i = (alpha/r) diag(Omega_B[i]) B
-   diag(Omega_A[i]) A has its rows in the row space of the shared A, so for ANY fixed g the
-   mixed update is M(g) A with M(g) of size d_out x r: rank(dW(g)) <= r, exactly like a LoRA of
-   rank r (its column space differs from B's and moves with g). The N*r expanded rank of the
-   paper lives in the output space only: [D_1 ... D_N] has rank up to N*r, so an
-   input-dependent router can send different tokens to up to N*r output directions, but a
-   merged (fixed-routing) MoR layer is a rank-r update. MoE-LoRA (independent A_i) reaches
-   rank N*r even for a fixed g.
+Pure functions return JSON-able dicts: ``routing_stats`` (per-task entropy, JSD between tasks,
+bits), ``parameter_scaling`` (closed-form trainable parameters vs N experts), ``rank_spectrum``
+(float64 singular values of each layer's mixed update, experts and shared B A; numeric rank =
+#sigma > RANK_RTOL * sigma_max). ``*_table`` functions print them; ``analyze`` measures, computes,
+draws (``mor.plots``) and writes ``analysis.json``; ``format_report`` prints that file.
+What each number means and why MoR's mixed update has rank <= r: docs/method.md, sections 4 and 9.
 """
 
 from __future__ import annotations
@@ -326,7 +292,8 @@ def _resolve_layers(layer_names: list[str], layers, max_layers: int) -> list[str
 
 @torch.no_grad()
 def layer_spectrum(layer: nn.Module, g: torch.Tensor, lora: tuple | None = None, rtol: float = RANK_RTOL) -> dict:
-    """Spectra of one mixture layer for routing g (N,); see the module docstring."""
+    """Spectra of one mixture layer for routing g (N,): mixed update, each expert, experts side by
+    side and stacked, shared (alpha/r) B A (MoR), a LoRA model's (alpha/r) B A (docs/method.md, section 9)."""
     n, r, s = layer.num_experts, layer.r, layer.scaling
     if isinstance(layer, MoRAdapter):  # rebuild the factors in float64: an fp32 diag(Omega_A[i]) A rounds each
         a, b = layer.lora_A.detach().double().cpu(), layer.lora_B.detach().double().cpu()  # entry and leaves A's
@@ -367,7 +334,7 @@ def layer_spectrum(layer: nn.Module, g: torch.Tensor, lora: tuple | None = None,
 
 def rank_spectrum(model, profile=None, layers=None, lora_model: nn.Module | None = None, max_layers: int = 3,
                   rtol: float = RANK_RTOL) -> dict:
-    """Singular-value spectra of a few mixture layers (see the module docstring).
+    """Singular-value spectra of a few mixture layers (``layer_spectrum`` of each).
 
     ``profile``: the routing g per layer: a RoutingProfile, one (N,) tensor, a mapping, a saved
     profile's path, or None / "uniform" (1/N). ``layers``: names, indices into
