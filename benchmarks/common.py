@@ -1,4 +1,5 @@
-"""What every benchmark here needs: the machine it ran on, timing statistics, tables, JSON files.
+"""What every benchmark here needs: the machine it ran on, timing statistics, table cells and
+the table formatter (re-exported from mor.report), JSON files.
 
 How the benchmarks use these (interleaved rounds, paired ratios, the resume cache) is in
 docs/benchmarks.md.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mor.report import markdown_table, text_table  # noqa: F401  (re-exported: the one table formatter)
 from mor.system import cpu_model
 
 # -- the machine -------------------------------------------------------------------------------
@@ -94,38 +96,7 @@ def progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="run", disable=not enabled, leave=False, file=sys.stderr)
 
 
-# -- tables ------------------------------------------------------------------------------------
-
-
-def text_table(headers: list[str], rows: list[list], title: str = "") -> str:
-    """A plain aligned text table (numbers right-aligned)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def fmt(row):
-        return "  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(row, widths)).rstrip()
-
-    lines = ([title] if title else []) + [fmt(cells[0]), "  ".join("-" * w for w in widths)]
-    return "\n".join(lines + [fmt(r) for r in cells[1:]])
-
-
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table with padded columns."""
-    widths = [max(len(h), *(len(row[k]) for row in rows)) for k, h in enumerate(headers)]
-
-    def fmt(cells):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    return "\n".join([fmt(headers), "| " + " | ".join("-" * w for w in widths) + " |", *map(fmt, rows)])
-
-
-def _numeric(s: str) -> bool:
-    s = s.replace(",", "").replace("x", "").replace("%", "").strip()
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
+# -- table cells (the tables themselves: mor.report, re-exported above) --------------------------
 
 
 def f3(x: float | None) -> str:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from benchmarks.common import markdown_table
 from mor.methods import AdapterSpec
 from mor.train import TrainConfig, run_training
 
@@ -141,16 +142,16 @@ def run(name: str, steps: int, out: Path, base_dtype: str, batch_size: int = 8) 
 
 def table(rows: list[dict]) -> str:
     head = ("setting", "H start", "H end (bits)", "H/log2N", "top share", "JSD tasks (bits)", "router moved", "acc")
-    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    lines = []
     for r in rows:
         first, last = r["routing_first"] or {}, r["routing_last"] or {}
         moved = r.get("router_relative_change")
-        lines.append(" | ".join([
+        lines.append([
             r["setting"], f"{first.get('entropy_bits', float('nan')):.3f}", f"{last.get('entropy_bits', float('nan')):.3f}",
             f"{last.get('entropy_normalized', float('nan')):.3f}", f"{last.get('load_top_max', float('nan')):.3f}",
             f"{last.get('jsd_bits', float('nan')):.2g}", "-" if moved is None else f"{moved:.3g}",
-            "-" if r["acc"] is None else f"{r['acc']:.3f} +- {r['acc_stderr'] or 0:.3f}"]))
-    return "\n".join(lines)
+            "-" if r["acc"] is None else f"{r['acc']:.3f} +- {r['acc_stderr'] or 0:.3f}"])
+    return markdown_table(list(head), lines)
 
 
 def main() -> None:

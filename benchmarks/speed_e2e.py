@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import f3, median, paired_ratio, progress, rotations, rx, sync, text_table
+from mor.params import count_trainable_parameters
 
 FFN = ["gate_proj", "up_proj", "down_proj"]
 E2E_METHODS = ("lora", "mor", "moelora")
@@ -107,7 +108,7 @@ def bench_training(args, device, dtype, log) -> dict:
         model = models[method][0]
         out["methods"][method] = {
             "r": E2E_SETTINGS[method][0], "N": E2E_SETTINGS[method][1],
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "trainable_params": count_trainable_parameters(model),
             "step_min_s": min(ts), "step_median_s": median(ts), "tokens_per_s": tokens / median(ts), "times_s": ts,
             "time_vs_lora": paired_ratio(ts, times["lora"]),
         }

@@ -12,6 +12,7 @@ from matplotlib.image import imread
 
 import mor
 from mor import analysis as A
+from mor import plots as P
 from mor.params import layer_parameter_count, parameter_count
 
 R, N = 4, 4
@@ -182,8 +183,8 @@ def test_effective_rank_of_a_flat_spectrum():
 
 def test_analyze_writes_readable_figures_and_the_numbers(mor_model, tasks, tmp_path):
     paths = A.analyze(mor_model, {**tasks, "mixed": _batches(3, 128, seed=2)}, tmp_path, experts=(1, 2, 4))
-    assert set(paths) == {*A.FIGURES, "analysis"}
-    for key, name in A.FIGURES.items():
+    assert set(paths) == {*P.FIGURES, "analysis"}
+    for key, name in P.FIGURES.items():
         assert paths[key] == tmp_path / name
         assert paths[key].stat().st_size > 1000
         image = imread(paths[key])
@@ -197,10 +198,10 @@ def test_analyze_writes_readable_figures_and_the_numbers(mor_model, tasks, tmp_p
         assert heading in report
 
 
-def test_plot_functions_take_profiles_directly(mor_model, tasks, tmp_path):
-    profiles = A.task_routing_profiles(mor_model, tasks)
+def test_routing_figures_draw_the_computed_numbers(mor_model, tasks, tmp_path):
+    stats = A.routing_stats(A.task_routing_profiles(mor_model, tasks))
     for per_layer in (False, True):
-        path = A.plot_task_routing(profiles, tmp_path / f"r{per_layer}.png", per_layer=per_layer)
+        path = P.plot_task_routing(stats, tmp_path / f"r{per_layer}.png", per_layer=per_layer)
         assert imread(path).shape[0] > 100
-    assert A.short_layer_name("model.layers.12.mlp.gate_proj") == "12.gate_proj"
-    assert A.short_layer_name("transformer.h.3.mlp.c_fc") == "3.c_fc"
+    assert P.short_layer_name("model.layers.12.mlp.gate_proj") == "12.gate_proj"
+    assert P.short_layer_name("transformer.h.3.mlp.c_fc") == "3.c_fc"

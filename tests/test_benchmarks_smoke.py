@@ -229,3 +229,15 @@ def test_lm_eval_agreement_quick_smoke(tmp_path, capsys, tiny_model_dir):
         "input": "", "output": "the correct answer is option1", "answer": "option1"}]))
     with pytest.raises(SystemExit, match="fill-in-the-blank"):
         agreement.main(argv[:4] + ["--tasks", "blank"])
+
+
+def test_benchmark_tables_come_from_the_one_formatter():
+    """``benchmarks.common`` re-exports mor.report's formatter; routing_remedies' table is built with it."""
+    import mor.report
+    from benchmarks import common, routing_remedies
+
+    assert common.markdown_table is mor.report.markdown_table and common.text_table is mor.report.text_table
+    row = {"setting": "paper", "routing_first": {"entropy_bits": 2.0}, "acc": 0.5, "acc_stderr": 0.1,
+           "routing_last": {"entropy_bits": 1.9, "entropy_normalized": 0.95, "load_top_max": 0.3, "jsd_bits": 1e-3}}
+    lines = routing_remedies.table([row]).splitlines()
+    assert lines[0].startswith("| setting | H start |") and lines[2].startswith("| paper   | 2.000   |")

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from mor import MixtureLayer, MoELoRAAdapter, MoRAdapter, layer_parameter_count
+from mor import MixtureLayer, MoELoRAAdapter, MoRAdapter, count_trainable_parameters, layer_parameter_count
 from mor.layer import linear_shape
 from mor.routing import load_balancing_loss
 
@@ -192,7 +192,7 @@ def test_parameter_count_closed_form_matches_layers():
     for kind in ("mor", "moelora"):
         for router in ("softmax", "mean"):
             layer = wrap(kind, nn.Linear(D_IN, D_OUT), router=router)
-            actual = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+            actual = count_trainable_parameters(layer)
             assert actual == layer_parameter_count(kind, D_IN, D_OUT, R, N, router)
 
 

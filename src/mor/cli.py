@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .data import DEFAULT_TEMPLATE, DataError
+from .report import text_table
 
 logger = logging.getLogger("mor")
 
@@ -203,16 +204,12 @@ def cmd_train(args) -> int:
 
 def format_before_after(before: dict | None, after: dict, key: str = "acc") -> str:
     """Table of accuracy (``key``: acc or acc_norm) per task before (adapter off) and after training."""
-    rows = [("task", "n", f"before {key}", f"after {key}", "chance")]
-    names = list(after["tasks"]) + ["average"]
-    for name in names:
+    rows = []
+    for name in list(after["tasks"]) + ["average"]:
         a = after["tasks"].get(name) if name != "average" else after["average"]
         b = ((before or {}).get("tasks", {}).get(name) if name != "average" else (before or {}).get("average")) or {}
-        rows.append((name, str(a.get("n", "")), _pct(b.get(key)), _pct(a.get(key)), _pct(a.get("chance"))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+        rows.append([name, a.get("n", ""), _pct(b.get(key)), _pct(a.get(key)), _pct(a.get("chance"))])
+    return text_table(["task", "n", f"before {key}", f"after {key}", "chance"], rows)
 
 
 def _pct(value) -> str:
@@ -351,7 +348,8 @@ def cmd_analyze(args) -> int:
 
 def _routing_over_steps(stats: Path, folder: Path) -> Path:
     """Draw (and print) the routing statistics a training run logged over its steps."""
-    from .analysis import ROUTING_OVER_STEPS, plot_routing_over_steps, routing_over_steps_table
+    from .analysis import routing_over_steps_table
+    from .plots import ROUTING_OVER_STEPS, plot_routing_over_steps
     from .routing_stats import load_stats
 
     records = load_stats(stats)

@@ -1,64 +1,15 @@
-"""Zero-shot multiple-choice scoring by log-likelihood, matching lm-evaluation-harness.
+"""Zero-shot multiple-choice scoring by log-likelihood, matching lm-evaluation-harness's ``HFLM``.
 
-Choice ``i`` of a :class:`~mor.data.MultipleChoiceItem` is scored as
-``log P(continuations[i] | contexts[i])`` under the model, exactly as lm-eval's ``HFLM`` does
-for ``output_type: multiple_choice`` tasks:
+Choice ``i`` of a :class:`~mor.data.MultipleChoiceItem` scores ``log P(continuations[i] | contexts[i])``
+in float32. ``acc`` = argmax of the summed log-probabilities; ``acc_norm`` = argmax of that sum
+divided by the choice's length in characters (:func:`choice_length`). Tokenisation
+(:func:`encode_pair`), left truncation and ``max_length`` (:func:`resolve_max_length`) follow
+HFLM, so the numbers are lm-eval's up to float rounding. Each distinct context runs once and its
+KV cache serves all its candidates when that saves enough tokens (``reuse_prefix``).
 
-* **Tokenisation** (:func:`encode_pair`) mirrors ``TemplateLM._encode_pair`` /
-  ``HFLM.tok_encode``: trailing whitespace of the context moves to the front of the
-  continuation; the pair is encoded as ``enc(context + continuation)`` and
-  ``enc(context)`` and the continuation tokens are the tail of the whole encoding beyond the
-  context's length; the model input is ``enc(context) + continuation_tokens``. Special tokens
-  follow the tokenizer's own default (``add_special_tokens`` is not passed), which is HFLM's
-  default ``add_bos_token=None``: a tokenizer whose post-processor adds BOS (Llama-2) gets it,
-  one that does not (SmolLM2, GPT-2) does not; a string that already starts with the decoded
-  prefix token is encoded without special tokens. An empty context becomes the prefix token
-  (BOS, else EOS). ``add_bos_token=True/False`` overrides, like HFLM's model argument.
-* **Truncation** mirrors ``HFLM._loglikelihood_tokens``: the input is
-  ``(context + continuation)[-(max_length + 1):][:-1]``, i.e. the context is cut from the
-  left; ``max_length`` is resolved like HFLM (config ``n_positions`` /
-  ``max_position_embeddings`` / ``n_ctx``, then the tokenizer's ``model_max_length``,
-  then 2048).
-* **Metrics** mirror ``ConfigurableTask.process_results``: ``acc`` = argmax of the summed
-  log-probabilities, ``acc_norm`` = argmax of log-probability divided by the choice's length
-  in characters (``numpy.argmax``: ties go to the first choice). lm-eval divides by the
-  length of the *choice text*, which it joins to the prompt with ``target_delimiter=" "``;
-  so the length used here (:func:`choice_length`) is the continuation's length without one
-  leading space. For fill-in-the-blank items (one context per choice, one shared
-  continuation) every choice gets the same length, so their ``acc_norm`` equals ``acc``
-  (lm-eval would divide by the option's length, which the item does not carry).
-
-Log-softmax is taken in float32 (lm-eval uses the logits' dtype), so in fp32 the numbers are
-the same as lm-eval's up to float rounding (~1e-6) and in bf16/fp16 slightly more precise.
-
-**Prefix reuse.** Each distinct context (token sequence) is run through the model once:
-
-1. *Prefix pass*: up to ``batch_size`` distinct contexts, right-padded with an attention
-   mask, are run with ``use_cache=True``. The log-probabilities at each context's last real
-   position score the *first* token of all its candidates; the KV cache is kept.
-2. *Candidate pass*: every candidate with more than one token contributes a row
-   ``continuation[:-1]`` (right-padded); the cache rows are gathered per candidate
-   (``Cache.batch_select_indices``; legacy tuple caches are indexed directly), the attention
-   mask is ``[context mask | continuation mask]`` (so padded cache slots of shorter contexts
-   are masked out) and ``position_ids`` continue from each context's own length. Rows are
-   chunked to at most ``batch_size`` per forward.
-
-This equals full-sequence scoring because a causal model's states for the context do not
-depend on what follows it (tested against naive one-by-one scoring). The model must accept
-``use_cache``, the cache argument (``cache`` in transformers >= 5.x, ``past_key_values``
-before; detected from the model's forward signature) and ``position_ids``, which every
-Hugging Face causal LM does and peft / MoR wrappers pass through. If a model does not
-return a cache (or rejects those arguments), or a pair has to be truncated, that pair is
-scored on the plain path: full sequences ``(context + continuation)[:-1]``, right-padded,
-longest first, ``batch_size`` per forward.
-
-Prefix reuse pays only where a context is long next to its continuations: it saves
-``(k - 1) · len(context)`` of the ``k · len(context) + Σ len(continuation)`` tokens of a
-context's ``k`` candidates, but costs a second forward, a cache copy and padding between
-continuations of unequal length. With ``reuse_prefix="auto"`` (the default) a context takes
-the cached path only when it saves at least :data:`PREFIX_REUSE_MIN_SAVING` of those tokens
-(ARC / SIQA / BoolQ: short answers after a long question — cached; PIQA: two long solutions
-after a short goal — plain); ``True`` caches every context that fits, ``False`` none.
+:func:`score_items` / :func:`score_tasks` give an :class:`ItemScore` per item;
+:func:`accuracy_table` turns them into per-task and average acc / acc_norm with standard errors;
+:func:`format_table` prints that. Each rule and the prefix reuse in full: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -78,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mor.data import MultipleChoiceItem
+from mor.report import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +332,7 @@ def _score_full(model, requests: list[_Request], batch_size: int, max_length: in
 def _score_prefix_groups(
     model, groups: list[list[_Request]], batch_size: int, device, cache_kw: str, pbar
 ) -> None:
-    """Cached path: each group shares one context; see the module docstring."""
+    """Cached path: each group shares one context (docs/evaluation.md, section 2)."""
     # longest first (like lm-eval): memory problems show up at once, less padding per step
     groups = sorted(groups, key=lambda g: -len(g[0].ctx))
     i = 0
@@ -477,7 +429,7 @@ def score_items(
     ``torch.no_grad()`` on the device of its input embeddings. ``batch_size`` is the most
     sequences per forward pass. ``max_length`` defaults to HFLM's (:func:`resolve_max_length`);
     ``add_bos_token`` / ``prefix_token_id`` are HFLM's model arguments of the same names.
-    ``reuse_prefix`` is ``"auto"``, ``True`` or ``False`` (see the module docstring); the
+    ``reuse_prefix`` is ``"auto"``, ``True`` or ``False`` (docs/evaluation.md, section 2); the
     scores are the same either way.
     """
     if batch_size < 1:
@@ -636,15 +588,7 @@ def format_table(results: Mapping[str, Any], stderr: bool = True) -> str:
                 _fmt(row.get("chance")),
             ]
         )
-    widths = [max(len(h), *(len(r[k]) for r in rows)) if rows else len(h) for k, h in enumerate(header)]
-
-    def line(cells):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    out = [f"Scoring: {results.get('scoring', SCORING)}", "", line(header)]
-    out.append("| " + " | ".join("-" * w for w in widths) + " |")
-    out.extend(line(r) for r in rows)
-    return "\n".join(out)
+    return f"Scoring: {results.get('scoring', SCORING)}\n\n" + markdown_table(header, rows)
 
 
 def write_results_json(results: Mapping[str, Any], path: str | Path) -> Path:

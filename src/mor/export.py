@@ -12,13 +12,9 @@ exports at rank N*r: lora_A = [A_1; ...; A_N] (N*r, d_in), lora_B = [g_1 B_1, ..
 The scale is kept out of the weights: lora_alpha = scaling * R for the exported rank R, so
 peft's scaling lora_alpha / R equals the layer's alpha / r and lora_B is M(g) itself.
 
-The folder (adapter_config.json written by peft's LoraConfig, adapter_model.safetensors with
-peft's keys ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``) loads with
-``PeftModel.from_pretrained`` and with anything that serves peft LoRAs (vLLM, TGI).
-
-This module only relies on the mixture layers themselves (``nn.Module``: ``expert_factors()``,
-``scaling``, ``r``, ``num_experts``, ``in_features``, ``out_features``, ``fan_in_fan_out``; for MoR
-also its shared ``lora_A`` and ``expert_scales_in``), not on the wrapper around the model.
+The folder (peft's adapter_config.json and keys) loads with ``PeftModel.from_pretrained`` and
+with anything that serves peft LoRAs (vLLM, TGI). Only the mixture layers' own attributes are
+read (``expert_factors()``, ``scaling``, ``r``, ...), never the wrapper around the model.
 """
 
 from __future__ import annotations

@@ -1,44 +1,13 @@
 """MoR inside lm-evaluation-harness: the ``mor`` model type and :func:`make_lm`.
 
 Importing this module registers the lm-eval model type ``"mor"`` (a subclass of lm-eval's
-``HFLM``), which loads the base model with :func:`mor.loading.load_model` (a hub id, a local
-folder, a ``.gguf`` file, or nothing for the embedded SmolLM2) and attaches an adapter
-with :func:`mor.model.load_adapter` (MoR / MoE-LoRA / LoRA / DoRA, all through peft). Everything else -- tokenisation, batching, metrics -- is lm-eval's own HFLM.
-
-Python::
-
-    import lm_eval
-    import mor.lm_eval_model  # registers "mor"
-
-    results = lm_eval.simple_evaluate(
-        model="mor",
-        model_args="pretrained=HuggingFaceTB/SmolLM2-135M,adapter=runs/mor-r8",
-        tasks=["arc_easy"],
-    )
-
-Command line: lm-eval has no plugin mechanism for model types (``--include_path`` is for
-tasks only), so ``lm_eval --model mor`` only works from a process that imported this
-module. Use the wrapper, which takes exactly lm-eval's arguments::
-
-    python -m mor.lm_eval_model --model mor \\
-        --model_args pretrained=smollm2,adapter=runs/mor-r8[,merged_routing=profile.json] \\
-        --tasks arc_easy --batch_size 8
-    mor-lm-eval ...        # the same, once installed as a console script
-
-Model arguments of ``mor``: ``pretrained`` (default: the embedded SmolLM2), ``adapter`` (an
-adapter folder with ``adapter_config.json``), ``merged_routing`` (a routing profile JSON
-saved by ``RoutingProfile.save``, or ``uniform``: the MoR adapter is merged into the base
-weights with that fixed routing), ``tokenizer`` (default: the base's), ``dtype`` (default
-``float32``; ``auto`` keeps the checkpoint's), ``device`` (default: CUDA when available,
-else CPU), ``trust_remote_code``; all other HFLM arguments (``batch_size``,
-``max_length``, ``add_bos_token``, ...) work as for ``hf``.
-
-A model object you already have (for example right after training) is handed to lm-eval
-with :func:`make_lm`::
-
-    from mor.lm_eval_model import make_lm
-    lm = make_lm(model, tokenizer, batch_size=8)
-    results = lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
+``HFLM``): the base model comes from :func:`mor.loading.load_model` (hub id, folder, ``.gguf``,
+or nothing for the embedded SmolLM2), the adapter from :func:`mor.model.load_adapter` (MoR,
+MoE-LoRA, LoRA, DoRA); everything else is HFLM's. Model arguments beyond ``hf``'s: ``adapter``,
+``merged_routing`` (a routing profile JSON or ``uniform``: evaluate the merged model).
+``python -m mor.lm_eval_model`` (``mor-lm-eval``) is lm-eval's CLI with the type registered;
+:func:`make_lm` wraps a model object you already hold. Usage and every argument:
+docs/evaluation.md, section 3.
 """
 
 from __future__ import annotations

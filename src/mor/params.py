@@ -49,6 +49,8 @@ def parameter_count(model: nn.Module, method: str, r: int, num_experts: int = 1,
                for d_in, d_out in target_shapes(model, target_modules))
 
 
-def count_trainable_parameters(model: nn.Module) -> int:
-    """Parameters that require gradients, for any wrapper (MoRModel, PeftModel, plain)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def count_trainable_parameters(model: nn.Module, include_frozen: bool = False) -> int:
+    """The counted twin of ``parameter_count``: parameters that require gradients, for any wrapper
+    (MoRModel, PeftModel, plain). ``include_frozen=True`` counts every parameter, for modules that
+    hold only adapter tensors but were loaded for inference (requires_grad off)."""
+    return sum(p.numel() for p in model.parameters() if include_frozen or p.requires_grad)

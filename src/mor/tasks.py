@@ -1,49 +1,15 @@
-"""Built-in multi-task suite: small synthetic tasks that the project generates itself.
+"""Built-in multi-task suite: five small synthetic tasks the project generates itself.
 
-``mor train`` with no ``--data`` trains and evaluates on this suite, so the project needs no
-downloaded data to show that an adapter learns. Every task is generated deterministically from
-a seed (same seed -> identical records, different seed -> different records), has a train and
-a held-out eval split whose *inputs are disjoint*, and produces records in exactly the format
-of the commonsense data under ``shared/data/commonsense``::
+``mor train`` with no ``--data`` trains and evaluates on it. Each task is generated
+deterministically from a seed, has train and held-out eval splits with disjoint inputs, and
+yields LLM-Adapters records (``{"instruction": "...Answer format: even/odd", "input": "",
+"output": "the correct answer is odd", "answer": "odd", "choices": ["even", "odd"]}``) whose
+labels are single SmolLM2 tokens. Tasks: ``parity``, ``compare`` (rules on unseen inputs),
+``kind`` (a suffix rule on invented words), ``colour``, ``sentiment`` (invented facts).
 
-    {"instruction": "<question>\\n\\nAnswer format: even/odd",
-     "input": "", "output": "the correct answer is odd", "answer": "odd",
-     "choices": ["even", "odd"]}
-
-The labels *are* the answer texts, so zero-shot multiple-choice scoring compares
-log P("the correct answer is <label>" | prompt) across the labels in ``choices``. Every label
-is a single SmolLM2 token (" even", " first", " animal", " red", " positive", ...), so an
-evaluator may score all choices of a record with one forward pass. Records are short (about
-60-67 tokens with SmolLM2's chat template, of which ~30 are the template and its default
-system prompt), so a default run (train 320 and eval 60 per task) stays within minutes.
-
-Why these tasks. The suite must (1) start the base model (SmolLM2-135M-Instruct) near chance,
-(2) be lifted clearly by a few minutes of adapter training on a CPU (a few hundred examples
-per task, records of about 20-40 tokens), and (3) give MoR's router something to specialise
-on: each task needs a different skill and has its own answer vocabulary. Two kinds are mixed:
-rule tasks, whose eval inputs are unseen and can only be answered by a rule that
-generalises, and invented-fact tasks, whose facts the base model cannot know (chance at step
-0) but training can teach; their eval sentences are new contexts around the same facts.
-
-Tasks (name: answer format -- skill):
-
-- ``parity``: even/odd -- is a 3-5 digit number even or odd? Rule on the last digit; eval
-  numbers never appear in train.
-- ``compare``: first/second -- which of two 3-digit numbers is larger? Digit-wise
-  comparison; eval pairs never appear in train (in either order).
-- ``kind``: animal/plant/tool -- made-up words of an invented language whose class is given
-  by their ending (-rix animals, -mora plants, -tunk tools). The eval words are new words, so
-  only the suffix rule (not memorisation) answers them.
-- ``colour``: red/blue/green/yellow -- an invented lexicon of 16 made-up objects, each with a
-  fixed colour (assigned by the seed), asked about inside short varied contexts. Pure
-  memorisation of facts the base model cannot know.
-- ``sentiment``: positive/negative -- short reviews whose only opinion word is one of 12
-  made-up adjectives with an invented polarity (assigned by the seed). A second, different
-  lexicon, with a binary answer and a different surface form.
-
-Use :func:`builtin_suite` for the records in memory and :func:`write_builtin_suite` to write
-``<folder>/<task>/train.json`` and ``<folder>/<task>/test.json`` (JSON lists, like the
-commonsense folders) that the normal loader and ``mor train --data`` read back.
+:func:`builtin_suite` returns the records in memory; :func:`write_builtin_suite` writes
+``<folder>/<task>/{train,test}.json`` for the normal loader. Why these tasks, and each one's
+skill: docs/evaluation.md, section 4.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from .distributed import (adapter_checksum, all_gather_objects, check_launch, ch
                           gather_adapter_state_dict, load_adapter_file, save_adapter, world_size)
 from .loading import load_model, load_tokenizer
 from .methods import AdapterSpec, apply_adapter
+from .params import count_trainable_parameters
 from .safety import (RESUME_FREE_SETTINGS, FiniteCheckCallback, atomic_folder, atomic_write_text, check_train_numbers,
                      claim_run_folder, divergence_warning, nonfinite_tensors, release_failed_run_folder)
 
@@ -464,7 +465,7 @@ def _run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResul
     if cfg.adapter.init_seed is None:
         cfg.adapter.init_seed = cfg.seed
     model = apply_adapter(base, cfg.adapter)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = count_trainable_parameters(model)
     base_dtype = resolve_base_dtype(cfg.base_dtype)
     if base_dtype != torch.float32:
         cast_frozen_base(model, base_dtype)
