@@ -179,7 +179,8 @@ def execute(run: Run, s: Settings, data: dict, data_dir: Path, work: Path, resul
         cfg = TrainConfig(model=s.model, adapter=AdapterSpec(**run.adapter), target="text", output=str(out),
                           data=[str(data_dir / t) for t in s.tasks], max_steps=s.steps, batch_size=s.batch_size,
                           lr=s.lr, warmup_ratio=s.warmup_ratio, scheduler="cosine", max_length=s.max_length,
-                          seed=run.seed, save_steps=max(10, s.steps // 6), logging_steps=max(1, s.steps // 30),
+                          seed=run.seed, save_steps=max(10, s.steps // 6), logging_steps=1,  # every loss: bf16 vs fp32 step by step
+                          routing_stats_steps=max(1, s.steps // 30),
                           evaluate=False, base_dtype=extras.pop("base_dtype", s.base_dtype),
                           group_by_length=s.group_by_length, **extras)
         cfg.resume = last_complete_checkpoint(out / "checkpoints") is not None
