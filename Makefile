@@ -28,8 +28,8 @@ test-fast: install
 bench-speed: install
 	$(PYTHON) benchmarks/speed.py
 
-bench-quality: install  ## about 75 min on 2 CPU cores; --quick in a few minutes
-	$(PYTHON) benchmarks/quality.py
+bench-quality: install  ## the quality study: ~25 min a run per worker on 2 CPU cores, 20 runs; resumes; --report any time
+	$(PYTHON) benchmarks/quality.py --workers 2
 
 bench-lm-eval: install  ## mor eval vs lm-eval on the full test splits (about 35 min on 2 CPU cores)
 	$(PYTHON) benchmarks/lm_eval_agreement.py
