@@ -444,8 +444,8 @@ def accuracy_figure(rows: list[dict], s: Settings, path: Path) -> Path:
 
 
 def routing_figure(runs: dict[str, list[dict]], path: Path) -> Path | None:
-    """Per MoR variant: mean gate of each expert per task (layer average), and the between-task
-    divergence per layer."""
+    """Per MoR variant: each task's mean gate per expert in the layer whose routing differs most
+    between tasks, and the between-task divergence of every layer."""
     variants = [m for m in ("mor", "mor-softmax") if m in runs and "routing" in runs[m][0]]
     if not variants:
         return None
@@ -454,11 +454,15 @@ def routing_figure(runs: dict[str, list[dict]], path: Path) -> Path | None:
     for ax, m in zip(axes, variants):
         rt = runs[m][0]["routing"]
         tasks = list(rt["tasks"])
-        gates = [[sum(col) / len(col) for col in zip(*rt["tasks"][t]["gate_mean"].values())] for t in tasks]
+        # expert numbers mean nothing across layers: show the layer whose routing differs most by task
+        layer = max(rt["jsd_bits_per_layer"], key=rt["jsd_bits_per_layer"].get)
+        gates = [rt["tasks"][t]["gate_mean"][layer] for t in tasks]
         im = ax.imshow(gates, aspect="auto", cmap="viridis")
         ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
         ax.set_xlabel("expert")
-        ax.set_title(f"{runs[m][0]['label']}\nmean gate per task (seed {runs[m][0]['seed']})", fontsize=8)
+        short = layer.replace("base_model.model.model.", "").replace(".mor.default", "")
+        ax.set_title(f"{runs[m][0]['label']} (seed {runs[m][0]['seed']})\nmean gate per task, {short} "
+                     f"(JSD {rt['jsd_bits_per_layer'][layer]:.3f} bits)", fontsize=7)
         fig.colorbar(im, ax=ax, fraction=0.046)
     ax = axes[-1]
     for m in variants:
