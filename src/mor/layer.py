@@ -92,15 +92,19 @@ class MoRAdapter(ExpertMixture):
         self.router.reset_parameters(generator)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
-        """sum_i G_i(x) D_i x, plus ``base_out`` (W x) when given."""
+        """sum_i G_i(x) D_i x, plus ``base_out`` (W x) when given; without gradients the sum is
+        written into ``base_out``."""
         factors = self.token_independent_factors()  # U^T (and [W_g; A]^T), cached while no gradient is needed
         tokens = x.reshape(-1, self.in_features)  # (T, d_in)
         gates, h = self.route_and_down(tokens, factors.router_and_down_t)  # G(x): (T, N), A x: (T, r), once
         z = (gates.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # G_i * A x: (T, N*r)
         if base_out is None:
             return (z @ factors.up_t).view(*x.shape[:-1], self.out_features)  # sum_i G_i U_i A x = U z
-        # W x + U z as one addmm: one pass over the (tokens, d_out) output instead of two
-        return torch.addmm(base_out.reshape(-1, self.out_features), z, factors.up_t).view(base_out.shape)
+        # W x + U z as one addmm: one pass over the (tokens, d_out) output instead of two; without
+        # gradients, in place into W x (which the caller hands over): no copy of the output
+        out = base_out.reshape(-1, self.out_features)  # (T, d_out)
+        out = torch.addmm(out, z, factors.up_t) if torch.is_grad_enabled() else out.addmm_(z, factors.up_t)
+        return out.view(base_out.shape)
 
     def route_and_down(self, x: torch.Tensor, router_and_down_t: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,13 +134,15 @@ class MoRAdapter(ExpertMixture):
         product. The cache is keyed on every parameter's storage and version, so any in-place update
         (an optimizer step, load_state_dict, ``.to()``) rebuilds it.
         """
-        router_weight = self.router.weight
-        params = (self.lora_A, self.lora_B, self.expert_scales_in, self.expert_scales_out, router_weight)
-        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+        # the parameter dicts, not attribute access: this runs at every call, 90 times per decoded token
+        params = (*self._parameters.values(), *self.router._parameters.values())  # A, B, Omega_A, Omega_B, W_g
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return TokenIndependentFactors(self._build_stacked_up_t(), None)
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params if p is not None)
+        # new storage (.to(), .data =) changes the pointer; in-place updates bump the version
+        key = [(p.data_ptr(), p._version) for p in params]
         if self._factors_cache is None or self._factors_cache[0] != key:
             with torch.no_grad():
+                router_weight = self.router.weight
                 stack = router_weight is not None and self.lora_A.dtype == router_weight.dtype == torch.float32
                 router_and_down_t = torch.cat([router_weight, self.lora_A]).t() if stack else None
                 self._factors_cache = (key, TokenIndependentFactors(self._build_stacked_up_t(), router_and_down_t))

@@ -47,12 +47,11 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """G(x): (..., N). ``logits``: W_g x (..., N) in fp32 when the caller has it already (a MoR
         adapter at inference gets it from one product with A x)."""
-        lead = x.shape[:-1]
         if self.fixed is not None:
-            return self.fixed.to(x.dtype).expand(*lead, self.num_experts)
-        if self.weight is None:
-            return x.new_full((*lead, self.num_experts), 1.0 / self.num_experts)
+            return self.fixed.to(x.dtype).expand(*x.shape[:-1], self.num_experts)
         if logits is None:
+            if self.weight is None:
+                return x.new_full((*x.shape[:-1], self.num_experts), 1.0 / self.num_experts)
             # fp32 whatever the activations' dtype: softmax over a few logits is cheap, bf16 logits are noisy
             logits = F.linear(x.float(), self.weight.float())  # W_g x: (..., N)
         probs = torch.softmax(logits, dim=-1)
