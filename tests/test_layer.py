@@ -78,6 +78,11 @@ def test_inference_forward_equals_naive_per_expert_formula(no_grad, router):
     with no_grad():
         torch.testing.assert_close(layer(x), expected, atol=ATOL, rtol=1e-5)
         torch.testing.assert_close(adapter(x), expected - layer.base_layer(x), atol=ATOL, rtol=1e-5)  # (..., d_out)
+        for one_token in (x[:1, :1], x[0, :1]):  # (1, 1, d_in) and (1, d_in): the decoding path
+            torch.testing.assert_close(layer(one_token), expected[:1, :1].reshape(one_token.shape[:-1] + (D_OUT,)),
+                                       atol=ATOL, rtol=1e-5)
+            torch.testing.assert_close(adapter(one_token) + layer.base_layer(one_token), layer(one_token),
+                                       atol=ATOL, rtol=1e-5)
         assert (adapter.token_independent_factors().router_and_down_t is None) == (router == "mean")
 
 
@@ -206,6 +211,9 @@ def test_forward_runs_in_low_precision_close_to_fp32(dtype):
     assert out.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(out.float(), ref(x), atol=tol, rtol=tol)
+    with torch.no_grad():  # the cached inference paths, many tokens and one
+        torch.testing.assert_close(low(x.to(dtype)).float(), ref(x), atol=tol, rtol=tol)
+        torch.testing.assert_close(low(x[:1, :1].to(dtype)).float(), ref(x[:1, :1]), atol=tol, rtol=tol)
 
 
 def test_no_tokens_by_experts_by_dout_tensor_is_materialised():
