@@ -75,7 +75,7 @@ class MoRAdapter(ExpertMixture):
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))  # B: (d_out, r)
         self.expert_scales_in = nn.Parameter(torch.empty(num_experts, r, **factory))  # Omega_A: (N, r)
         self.expert_scales_out = nn.Parameter(torch.empty(num_experts, out_features, **factory))  # Omega_B
-        self._factors_cache: tuple[tuple, TokenIndependentFactors] | None = None  # see token_independent_factors
+        self._factors_cache: tuple[list, TokenIndependentFactors] | None = None  # see token_independent_factors
         self.reset_parameters(init, init_scale_std, generator)
 
     @torch.no_grad()
@@ -117,7 +117,7 @@ class MoRAdapter(ExpertMixture):
         """
         if router_and_down_t is None or (self.training and not isinstance(self.dropout, nn.Identity)):
             return self.router(x), F.linear(self.dropout(x), self.lora_A)
-        logits_and_h = x @ router_and_down_t  # [W_g x, A x]: (T, N + r)
+        logits_and_h = torch.mm(x, router_and_down_t)  # [W_g x, A x]: (T, N + r)
         n = self.num_experts
         return self.router(x, logits=logits_and_h[:, :n]), logits_and_h[:, n:]
 
@@ -125,7 +125,7 @@ class MoRAdapter(ExpertMixture):
         """U^T, with U = (alpha/r) [diag(Omega_B[i]) B diag(Omega_A[i])]_i: (N*r, d_out), row-major."""
         return self.token_independent_factors().up_t
 
-    def token_independent_factors(self) -> "TokenIndependentFactors":
+    def token_independent_factors(self) -> TokenIndependentFactors:
         """U^T (N*r, d_out) and, where one product gives what the router computes (fp32, a learned
         router), the stacked [W_g; A]^T (d_in, N + r).
 
