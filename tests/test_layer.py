@@ -66,6 +66,70 @@ def test_efficient_forward_equals_naive_per_expert_formula(kind, base_kind, rout
     torch.testing.assert_close(layer(x), naive_output(layer, x), atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("router", ["softmax", "topk", "mean", "balanced"])
+def test_inference_forward_equals_naive_per_expert_formula(no_grad, router):
+    """Without gradients the layer takes its cached path ([W_g; A] x as one product, U cached)."""
+    torch.manual_seed(0)
+    layer = make("mor", nn.Linear(D_IN, D_OUT), router=router, top_k=2).eval()
+    adapter = layer.mor["default"]
+    x = torch.randn(3, 7, D_IN)
+    expected = naive_output(layer, x)
+    with no_grad():
+        torch.testing.assert_close(layer(x), expected, atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(adapter(x), expected - layer.base_layer(x), atol=ATOL, rtol=1e-5)  # (..., d_out)
+        for one_token in (x[:1, :1], x[0, :1]):  # (1, 1, d_in) and (1, d_in): the decoding path
+            torch.testing.assert_close(layer(one_token), expected[:1, :1].reshape(one_token.shape[:-1] + (D_OUT,)),
+                                       atol=ATOL, rtol=1e-5)
+            torch.testing.assert_close(adapter(one_token) + layer.base_layer(one_token), layer(one_token),
+                                       atol=ATOL, rtol=1e-5)
+        assert (adapter.token_independent_factors().router_and_down_t is None) == (router == "mean")
+
+
+def test_inference_cache_follows_every_parameter_update():
+    torch.manual_seed(0)
+    layer = make("mor", nn.Linear(D_IN, D_OUT)).eval()
+    adapter = layer.mor["default"]
+    x = torch.randn(5, D_IN)
+    with torch.no_grad():
+        layer(x)  # fills the cache
+    for name in ("lora_A", "lora_B", "expert_scales_in", "expert_scales_out", "router.weight"):
+        with torch.no_grad():
+            adapter.get_parameter(name).mul_(1.5)
+            out = layer(x)
+        torch.testing.assert_close(out, naive_output(layer, x), atol=ATOL, rtol=1e-5, msg=f"stale after {name}")
+    layer.double()  # new storage (and a dtype where router and A are not stacked)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.double()), naive_output(layer, x.double()), atol=ATOL, rtol=1e-5)
+
+
+def test_router_hooks_see_the_gates_on_the_inference_path():
+    """Routing profiles and the balance loss read the gates through forward hooks on the router."""
+    torch.manual_seed(0)
+    layer = make("mor", nn.Linear(D_IN, D_OUT)).eval()
+    router = layer.mor["default"].router
+    seen = []
+    router.register_forward_hook(lambda _module, _inputs, gates: seen.append(gates))
+    x = torch.randn(2, 3, D_IN)
+    with torch.inference_mode():
+        layer(x)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0].reshape(6, N), router(x).reshape(6, N).detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_dropout_still_applies_in_training_without_gradients():
+    torch.manual_seed(0)
+    layer = make("mor", nn.Linear(D_IN, D_OUT), dropout=0.5).train()
+    x = torch.randn(4, D_IN)
+    torch.manual_seed(1)
+    with_grad = layer(x)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        without = layer(x)
+    torch.testing.assert_close(without, with_grad.detach(), atol=ATOL, rtol=1e-5)
+    assert not torch.allclose(without, layer.eval()(x).detach(), atol=1e-3)
+
+
 def test_expert_deltas_are_the_papers_rescaled_lora():
     layer = make("mor", nn.Linear(D_IN, D_OUT)).mor["default"]
     deltas = layer.expert_deltas()
@@ -147,6 +211,9 @@ def test_forward_runs_in_low_precision_close_to_fp32(dtype):
     assert out.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(out.float(), ref(x), atol=tol, rtol=tol)
+    with torch.no_grad():  # the cached inference paths, many tokens and one
+        torch.testing.assert_close(low(x.to(dtype)).float(), ref(x), atol=tol, rtol=tol)
+        torch.testing.assert_close(low(x[:1, :1].to(dtype)).float(), ref(x[:1, :1]), atol=tol, rtol=tol)
 
 
 def test_no_tokens_by_experts_by_dout_tensor_is_materialised():

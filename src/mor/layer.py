@@ -19,6 +19,7 @@ The MoE-LoRA baseline (``mor.baselines.moelora.MoELoRAAdapter``) plugs into the 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .routing import Router
+
+
+class TokenIndependentFactors(NamedTuple):
+    """What a MoR forward multiplies by that does not depend on the tokens."""
+
+    up_t: torch.Tensor  # U^T: (N*r, d_out)
+    router_and_down_t: torch.Tensor | None  # [W_g; A]^T: (d_in, N + r), or None: router and A apart
 
 
 class ExpertMixture(nn.Module):
@@ -67,7 +75,7 @@ class MoRAdapter(ExpertMixture):
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))  # B: (d_out, r)
         self.expert_scales_in = nn.Parameter(torch.empty(num_experts, r, **factory))  # Omega_A: (N, r)
         self.expert_scales_out = nn.Parameter(torch.empty(num_experts, out_features, **factory))  # Omega_B
-        self._up_cache: tuple[tuple, torch.Tensor] | None = None
+        self._factors_cache: tuple[list, TokenIndependentFactors] | None = None  # see token_independent_factors
         self.reset_parameters(init, init_scale_std, generator)
 
     @torch.no_grad()
@@ -84,30 +92,61 @@ class MoRAdapter(ExpertMixture):
         self.router.reset_parameters(generator)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
-        """sum_i G_i(x) D_i x, plus ``base_out`` (W x) when given."""
-        gates = self.router(x)  # G(x): (..., N)
-        h = F.linear(self.dropout(x), self.lora_A)  # A x: (..., r), once for all experts
-        z = (gates.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # G_i * A x: (..., N*r)
+        """sum_i G_i(x) D_i x, plus ``base_out`` (W x) when given; without gradients the sum is
+        written into ``base_out``."""
+        factors = self.token_independent_factors()  # U^T (and [W_g; A]^T), cached while no gradient is needed
+        tokens = x.reshape(-1, self.in_features)  # (T, d_in)
+        gates, h = self.route_and_down(tokens, factors.router_and_down_t)  # G(x): (T, N), A x: (T, r), once
+        z = (gates.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # G_i * A x: (T, N*r)
         if base_out is None:
-            return z @ self.stacked_up_t()  # sum_i G_i U_i A x = U z: (..., d_out)
-        # W x + U z as one addmm: one pass over the (tokens, d_out) output instead of two
-        out = torch.addmm(base_out.reshape(-1, self.out_features), z.reshape(-1, z.shape[-1]), self.stacked_up_t())
+            return (z @ factors.up_t).view(*x.shape[:-1], self.out_features)  # sum_i G_i U_i A x = U z
+        # W x + U z as one addmm: one pass over the (tokens, d_out) output instead of two; without
+        # gradients, in place into W x (which the caller hands over): no copy of the output
+        out = base_out.reshape(-1, self.out_features)  # (T, d_out)
+        out = torch.addmm(out, z, factors.up_t) if torch.is_grad_enabled() else out.addmm_(z, factors.up_t)
         return out.view(base_out.shape)
 
-    def stacked_up_t(self) -> torch.Tensor:
-        """U^T, with U = (alpha/r) [diag(Omega_B[i]) B diag(Omega_A[i])]_i: (N*r, d_out), row-major.
+    def route_and_down(self, x: torch.Tensor, router_and_down_t: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G(x) (T, N), A dropout(x) (T, r)) for tokens x (T, d_in).
 
-        It does not depend on the tokens. When no gradient is needed (generation, evaluation) it is
-        built once and reused until B or the scales change: at one decoded token, rebuilding it
-        costs more than the adapter's own product.
+        Given the stacked [W_g; A]^T (d_in, N + r) and with dropout the identity (generation,
+        evaluation), the router logits and A x come from ONE product: at one decoded token a second
+        product costs more than its arithmetic. The router module still runs on the logits, so
+        forward hooks on it (routing profiles, the balance loss) see the gates as always.
         """
-        params = (self.lora_B, self.expert_scales_in, self.expert_scales_out)
+        if router_and_down_t is None or (self.training and not isinstance(self.dropout, nn.Identity)):
+            return self.router(x), F.linear(self.dropout(x), self.lora_A)
+        logits_and_h = torch.mm(x, router_and_down_t)  # [W_g x, A x]: (T, N + r)
+        n = self.num_experts
+        return self.router(x, logits=logits_and_h[:, :n]), logits_and_h[:, n:]
+
+    def stacked_up_t(self) -> torch.Tensor:
+        """U^T, with U = (alpha/r) [diag(Omega_B[i]) B diag(Omega_A[i])]_i: (N*r, d_out), row-major."""
+        return self.token_independent_factors().up_t
+
+    def token_independent_factors(self) -> TokenIndependentFactors:
+        """U^T (N*r, d_out) and, where one product gives what the router computes (fp32, a learned
+        router), the stacked [W_g; A]^T (d_in, N + r).
+
+        When no gradient is needed (generation, evaluation) they are built once and reused until a
+        parameter changes: at one decoded token, rebuilding U costs more than the adapter's own
+        product. The cache is keyed on every parameter's storage and version, so any in-place update
+        (an optimizer step, load_state_dict, ``.to()``) rebuilds it.
+        """
+        # the parameter dicts, not attribute access: this runs at every call, 90 times per decoded token
+        params = (*self._parameters.values(), *self.router._parameters.values())  # A, B, Omega_A, Omega_B, W_g
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return self._build_stacked_up_t()
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._up_cache is None or self._up_cache[0] != key:
-            self._up_cache = (key, self._build_stacked_up_t().detach())
-        return self._up_cache[1]
+            return TokenIndependentFactors(self._build_stacked_up_t(), None)
+        # new storage (.to(), .data =) changes the pointer; in-place updates bump the version
+        key = [(p.data_ptr(), p._version) for p in params]
+        if self._factors_cache is None or self._factors_cache[0] != key:
+            with torch.no_grad():
+                router_weight = self.router.weight
+                stack = router_weight is not None and self.lora_A.dtype == router_weight.dtype == torch.float32
+                router_and_down_t = torch.cat([router_weight, self.lora_A]).t() if stack else None
+                self._factors_cache = (key, TokenIndependentFactors(self._build_stacked_up_t(), router_and_down_t))
+        return self._factors_cache[1]
 
     def _build_stacked_up_t(self) -> torch.Tensor:
         _, up = self.expert_factors()  # (N, d_out, r): diag(Omega_B[i]) B
@@ -201,7 +240,11 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
         for name in self.active_adapters:
             if name in self.mor:
                 adapter = self.mor[name]  # runs in its own dtype (fp32 over a bf16 / 4-bit base)
-                result = adapter(x.to(adapter.dtype), base_out=result.to(adapter.dtype)).to(result.dtype)
+                dtype = adapter.dtype
+                if x.dtype == result.dtype == dtype:  # no casts to call: one decoded token is many small calls
+                    result = adapter(x, base_out=result)
+                else:
+                    result = adapter(x.to(dtype), base_out=result.to(dtype)).to(result.dtype)
         return result
 
     # -- merging with fixed routing -----------------------------------------------------------------

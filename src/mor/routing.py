@@ -44,20 +44,22 @@ class Router(nn.Module):
             with torch.no_grad():
                 self.weight.copy_(values)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
+    def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """G(x): (..., N). ``logits``: W_g x (..., N) in fp32 when the caller has it already (a MoR
+        adapter at inference gets it from one product with A x)."""
         if self.fixed is not None:
-            return self.fixed.to(x.dtype).expand(*lead, self.num_experts)
-        if self.weight is None:
-            return x.new_full((*lead, self.num_experts), 1.0 / self.num_experts)
-        # fp32 whatever the activations' dtype: softmax over a few logits is cheap, bf16 logits are noisy
-        logits = F.linear(x.float(), self.weight.float())  # W_g x: (..., N)
+            return self.fixed.to(x.dtype).expand(*x.shape[:-1], self.num_experts)
+        if logits is None:
+            if self.weight is None:
+                return x.new_full((*x.shape[:-1], self.num_experts), 1.0 / self.num_experts)
+            # fp32 whatever the activations' dtype: softmax over a few logits is cheap, bf16 logits are noisy
+            logits = F.linear(x.float(), self.weight.float())  # W_g x: (..., N)
         probs = torch.softmax(logits, dim=-1)
         if self.strategy == "topk" and self.top_k < self.num_experts:
             kept = torch.topk(logits, self.top_k, dim=-1).indices
             probs = probs * torch.zeros_like(probs).scatter_(-1, kept, 1.0)
             probs = probs / probs.sum(dim=-1, keepdim=True)
-        return probs.to(x.dtype)
+        return probs if probs.dtype == x.dtype else probs.to(x.dtype)
 
     def merge_routing(self) -> torch.Tensor:
         """The fixed weights (N,) a merge folds in: the pinned vector, or uniform for "mean"."""
