@@ -295,12 +295,7 @@ def layer_spectrum(layer: nn.Module, g: torch.Tensor, lora: tuple | None = None,
     """Spectra of one mixture layer for routing g (N,): mixed update, each expert, experts side by
     side and stacked, shared (alpha/r) B A (MoR), a LoRA model's (alpha/r) B A (docs/method.md, section 9)."""
     n, r, s = layer.num_experts, layer.r, layer.scaling
-    if isinstance(layer, MoRAdapter):  # rebuild the factors in float64: an fp32 diag(Omega_A[i]) A rounds each
-        a, b = layer.lora_A.detach().double().cpu(), layer.lora_B.detach().double().cpu()  # entry and leaves A's
-        down = layer.expert_scales_in.detach().double().cpu().unsqueeze(-1) * a  # row space by ~1e-8
-        up = layer.expert_scales_out.detach().double().cpu().unsqueeze(-1) * b
-    else:
-        down, up = (t.detach().double().cpu() for t in layer.expert_factors())  # (N, r, d_in), (N, d_out, r)
+    down, up = (t.detach().cpu() for t in layer.expert_factors(torch.float64))  # (N, r, d_in), (N, d_out, r)
     g = torch.as_tensor(g).double().reshape(n, 1, 1)
     stack_up = lambda u: u.permute(1, 0, 2).reshape(layer.out_features, n * r)  # noqa: E731  (d_out, N*r)
     all_down = down.reshape(n * r, layer.in_features)  # (N*r, d_in)

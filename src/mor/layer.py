@@ -153,11 +153,12 @@ class MoRAdapter(ExpertMixture):
         up = self.scaling * up * self.expert_scales_in.unsqueeze(1)  # ... diag(Omega_A[i]), times alpha/r
         return up.transpose(1, 2).reshape(self.num_experts * self.r, self.out_features)  # [U_i^T]_i stacked
 
-    def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down (N, r, d_in), up (N, d_out, r)) with D_i = scaling * up[i] @ down[i]."""
-        down = self.expert_scales_in.unsqueeze(-1) * self.lora_A  # diag(Omega_A[i]) A
-        up = self.expert_scales_out.unsqueeze(-1) * self.lora_B  # diag(Omega_B[i]) B
-        return down, up
+    def expert_factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down (N, r, d_in), up (N, d_out, r)) with D_i = scaling * up[i] @ down[i], computed in
+        ``dtype`` when given (float64 for spectra: in fp32 diag(Omega_A[i]) A rounds A's row space)."""
+        a, b, omega_a, omega_b = (t if dtype is None else t.to(dtype) for t in
+                                  (self.lora_A, self.lora_B, self.expert_scales_in, self.expert_scales_out))
+        return omega_a.unsqueeze(-1) * a, omega_b.unsqueeze(-1) * b  # diag(Omega_A[i]) A, diag(Omega_B[i]) B
 
 
 # -- the peft tuner layer --------------------------------------------------------------------------

@@ -53,6 +53,6 @@ class MoELoRAAdapter(ExpertMixture):
                           alpha=self.scaling)  # W x + (alpha/r) B~ z in one pass over the output
         return out.view(base_out.shape)
 
-    def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down (N, r, d_in), up (N, d_out, r)) with D_i = scaling * up[i] @ down[i]."""
-        return self.lora_A, self.lora_B
+    def expert_factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down (N, r, d_in), up (N, d_out, r)) with D_i = scaling * up[i] @ down[i], in ``dtype`` when given."""
+        return (self.lora_A, self.lora_B) if dtype is None else (self.lora_A.to(dtype), self.lora_B.to(dtype))
