@@ -100,7 +100,11 @@ def tokenize_examples(examples: Sequence[TrainingExample], tokenizer: Any, max_l
 
 def collate(batch: Sequence[dict], pad_token_id: int) -> dict:
     """Right-pad a batch for a causal LM: ``input_ids`` with ``pad_token_id``, ``attention_mask``
-    with 0, ``labels`` with -100. Returns LongTensors of shape (batch, longest)."""
+    with 0, ``labels`` with -100. Returns LongTensors of shape (batch, longest).
+
+    What ``DataCollatorForSeq2Seq(label_pad_token_id=-100)`` does, except that it pads on the
+    right whatever the tokenizer's ``padding_side``: with left padding and no position ids the
+    training positions would shift by the padding."""
     import torch
 
     if pad_token_id is None:
