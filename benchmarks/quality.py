@@ -608,11 +608,38 @@ def report(plan: list[Run], s: Settings, args, command: str) -> int:
         png = accuracy_figure(rows, s, out.with_suffix(".png"))
         routing_png = routing_figure(finished, out.with_name(out.stem + "_routing.png"))
         summary = dict(rows=rows, comparisons=comps, routing_png=str(routing_png) if routing_png else None)
+        check = bf16_check(finished)
+        if check:
+            text += "\n\n" + check["text"]
+            summary["bf16_check"] = check
     print(text)
     print(f"\nsettings: {json_line(asdict(s))}")
     write_json(out, dict(command=command, settings=asdict(s), table_markdown=text, png=str(png), **summary))
     print(f"wrote {out} and {png}")
     return 0
+
+
+def bf16_check(finished: dict[str, list[dict]], first: int = 50) -> dict | None:
+    """The bf16-base run against its fp32-base twin (same seed, same batches in the same order):
+    step-by-step loss gaps and the training-time ratio."""
+    pairs = [(a, b) for a in finished.get("mor", []) for b in finished.get("mor-fp32", []) if a["seed"] == b["seed"]]
+    if not pairs:
+        return None
+    bf16, fp32 = pairs[0]
+    la, lb = dict(map(tuple, bf16["losses"])), dict(map(tuple, fp32["losses"]))
+    steps = sorted(set(la) & set(lb))
+    gaps = [abs(la[k] - lb[k]) for k in steps]
+    head = [k for k in steps if k <= first]
+    out = dict(seed=bf16["seed"], steps=len(steps), first=first,
+               mean_abs_gap_first=_mean([abs(la[k] - lb[k]) for k in head]),
+               max_abs_gap_first=max((abs(la[k] - lb[k]) for k in head), default=None),
+               mean_abs_gap_all=_mean(gaps), mean_loss_first_fp32=_mean([lb[k] for k in head]),
+               train_seconds_ratio=bf16["train_seconds"] / fp32["train_seconds"])
+    out["text"] = (f"bf16 base vs fp32 base (MoR, seed {out['seed']}, same batches): losses of steps 1-{first} differ by "
+                   f"{out['mean_abs_gap_first']:.4f} on average (max {out['max_abs_gap_first']:.4f}; mean fp32 loss "
+                   f"{out['mean_loss_first_fp32']:.3f}), over all {out['steps']} steps by {out['mean_abs_gap_all']:.4f}; "
+                   f"training time bf16 / fp32 = {out['train_seconds_ratio']:.2f}")
+    return out
 
 
 def json_line(d: dict) -> str:

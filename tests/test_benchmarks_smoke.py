@@ -173,6 +173,18 @@ def test_quality_paired_difference_arithmetic():
     assert quality.paired([rec(0, "0" * 200 + "1" * 200)], [rec(0, "1" * 400)], ["t"])["verdict"] == "worse"
 
 
+def test_quality_bf16_check_compares_the_same_steps():
+    """The bf16-base check pairs the runs of one seed and compares losses step by step."""
+    quality = pytest.importorskip("benchmarks.quality")
+    bf16 = {"seed": 0, "losses": [[1, 2.0], [2, 1.5], [60, 1.0]], "train_seconds": 70.0}
+    fp32 = {"seed": 0, "losses": [[1, 2.1], [2, 1.5], [60, 0.8]], "train_seconds": 100.0}
+    other = {"seed": 1, "losses": [[1, 9.0]], "train_seconds": 1.0}
+    out = quality.bf16_check({"mor": [other, bf16], "mor-fp32": [fp32]})
+    assert out["mean_abs_gap_first"] == pytest.approx(0.05) and out["max_abs_gap_first"] == pytest.approx(0.1)
+    assert out["mean_abs_gap_all"] == pytest.approx(0.3 / 3) and out["train_seconds_ratio"] == pytest.approx(0.7)
+    assert quality.bf16_check({"mor": [bf16]}) is None
+
+
 def test_quality_workers_claim_runs_with_lock_files(tmp_path):
     """Two workers never take the same run; a lock left by a dead process is taken over."""
     import subprocess
