@@ -345,6 +345,12 @@ def paired(a: list[dict], b: list[dict], tasks: list[str]) -> dict:
                 discordant=disc / max(n_total, 1), n=n_total, seeds_a=len(a), seeds_b=len(b), verdict=verdict)
 
 
+def _avg_stderr(record: dict, tasks: list[str]) -> float:
+    """Standard error of one run's task-average accuracy: sqrt(sum_t p_t (1 - p_t) / n_t) / T."""
+    var = sum(_task_acc(record, t) * (1 - _task_acc(record, t)) / len(_bits(record, t)) for t in tasks)
+    return math.sqrt(var) / len(tasks)
+
+
 def _task_acc(record: dict, task: str) -> float:
     bits = _bits(record, task)
     return sum(bits) / len(bits)
@@ -485,14 +491,14 @@ def ablation_figure(records: list[dict], path: Path) -> Path:
         pts = sorted((_axis_value(r, axis), r) for r in records if _axis_value(r, axis) is not None)
         xs = [x for x, _ in pts]
         ys = [100 * r["avg"] for _, r in pts]
-        ax.plot(xs, ys, "o-")
+        ax.errorbar(xs, ys, yerr=[200 * r["avg_se"] for _, r in pts], fmt="o-", capsize=3)
         for x, (_, r) in zip(xs, pts):
             ax.annotate(f"{r['trainable_parameters'] / 1e6:.2f}M", (x, 100 * r["avg"]), fontsize=7,
                         textcoords="offset points", xytext=(0, 6), ha="center")
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel(xlabel)
-        ax.set_title("avg acc_norm (labels: trainable parameters)", fontsize=8)
+        ax.set_title("avg acc_norm ± 2 s.e. (labels: trainable parameters)", fontsize=8)
     axes[0].set_ylabel("acc_norm (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -534,10 +540,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings_of(args) -> Settings:
     s = Settings(model=args.model)
-    if args.quick:
-        s = replace(s, **QUICK)
     if args.ablations:
         s = replace(s, **ABLATION)
+    if args.quick:
+        s = replace(s, **QUICK)
     if args.steps is not None:
         s = replace(s, steps=args.steps)
     if args.lr is not None:
@@ -595,13 +601,14 @@ def report(plan: list[Run], s: Settings, args, command: str) -> int:
         return 0
     out = Path(args.out) if args.out else Path(args.results).with_suffix(".json")
     if args.ablations:
-        recs = [dict(r, avg=sum(_task_acc(r, t) for t in s.tasks) / len(s.tasks)) for v in finished.values() for r in v]
+        recs = [dict(r, avg=sum(_task_acc(r, t) for t in s.tasks) / len(s.tasks), avg_se=_avg_stderr(r, s.tasks))
+                for v in finished.values() for r in v]
         body = [[r["label"], f"{r['trainable_parameters']:,}"] + [_pct(_task_acc(r, t)) for t in s.tasks] +
-                [_pct(r["avg"])] + [_pct(_task_acc(r, t)) for t in s.heldout] for r in recs]
-        text = markdown_table(["adapter", "trainable params", *s.tasks, "avg", *(f"{t} (held out)" for t in s.heldout)],
-                              body)
+                [_pct(r["avg"]), _pct(r["avg_se"])] + [_pct(_task_acc(r, t)) for t in s.heldout] for r in recs]
+        text = markdown_table(["adapter", "trainable params", *s.tasks, "avg", "s.e.",
+                               *(f"{t} (held out)" for t in s.heldout)], body)
         png = ablation_figure(recs, out.with_suffix(".png"))
-        summary = dict(rows=[{k: r[k] for k in ("run", "label", "trainable_parameters", "avg")} for r in recs])
+        summary = dict(rows=[{k: r[k] for k in ("run", "label", "trainable_parameters", "avg", "avg_se")} for r in recs])
     else:
         rows, comps = summarise(finished, s)
         text = tables(rows, comps, s)

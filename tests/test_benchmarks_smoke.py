@@ -151,6 +151,26 @@ def test_quality_study_quick_smoke(tmp_path, capsys, tiny_model_dir):
         quality.main(argv + ["--steps", "3"])
 
 
+def test_quality_ablations_quick_smoke(tmp_path, capsys, tiny_model_dir):
+    """``--ablations --quick``: the N and r sweep trains seven adapters whose parameter counts
+    follow N and r, and the figure and the summary are written."""
+    quality = pytest.importorskip("benchmarks.quality")
+    data = _tiny_commonsense(tmp_path / "commonsense")
+    results = tmp_path / "ablations"
+    argv = ["--ablations", "--quick", "--model", str(tiny_model_dir), "--data-root", str(data),
+            "--results", str(results), "--work", str(tmp_path / "work"), "--eval-batch-size", "4"]
+    assert quality.main(argv) == 0
+    assert "finished: 7 of 7 runs" in capsys.readouterr().out
+    rows = {r["run"]: r for r in json.loads(results.with_suffix(".json").read_text())["rows"]}
+    assert set(rows) == {f"ablation_N{n}" for n in (2, 4, 8, 16)} | {f"ablation_r{r}" for r in (4, 16, 32)}
+    params = [rows[f"ablation_N{n}"]["trainable_parameters"] for n in (2, 4, 8, 16)]
+    assert params == sorted(params) and len(set(params)) == 4
+    assert rows["ablation_r4"]["trainable_parameters"] < rows["ablation_N8"]["trainable_parameters"] < \
+        rows["ablation_r16"]["trainable_parameters"]
+    assert all(0 < r["avg_se"] < 0.5 for r in rows.values())
+    assert results.with_suffix(".png").stat().st_size > 0
+
+
 def test_quality_paired_difference_arithmetic():
     """The paired difference and its standard error, by hand: one task, two runs a side."""
     quality = pytest.importorskip("benchmarks.quality")
