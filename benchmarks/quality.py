@@ -189,7 +189,6 @@ def execute(run: Run, s: Settings, data: dict, data_dir: Path, work: Path, resul
         result = run_training(cfg)
         adapter_dir = result.adapter_dir
         record.update(trainable_parameters=result.trainable_parameters,
-                      parameters_closed_form=AdapterSpec(**run.adapter).parameter_count(load_model(s.model)),
                       train_seconds=result.train_seconds, global_step=result.global_step,
                       final_loss=result.final_loss, base_dtype=result.base_dtype, train_settings=dict(
                           router_lr_multiplier=cfg.router_lr_multiplier, group_by_length=cfg.group_by_length),
@@ -203,41 +202,36 @@ def execute(run: Run, s: Settings, data: dict, data_dir: Path, work: Path, resul
     tokenizer = load_tokenizer(s.model)
     model = load_model(s.model)
     if adapter_dir is not None:
+        record["parameters_closed_form"] = AdapterSpec(**run.adapter).parameter_count(model)
         model = load_adapter(model, adapter_dir)
     model.eval()
     tasks = list(s.tasks) + list(s.heldout)
     items = {t: multiple_choice_items(data["test"][t], scoring="text", tokenizer=tokenizer) for t in tasks}
     with torch.no_grad():
         res = evaluate_tasks(model, tokenizer, items, batch_size=eval_batch_size, progress=False, log_samples=True)
-    record["tasks"] = {t: {k: v for k, v in res["tasks"][t].items()} for t in tasks}
+    record["tasks"] = {t: res["tasks"][t] for t in tasks}
     # per record, 1/0 as a string (a few KB): acc_norm and acc, in the test split's order
     record["records"] = {t: {"acc_norm": "".join(str(int(x["acc_norm"])) for x in res["samples"][t]),
                              "acc": "".join(str(int(x["acc"])) for x in res["samples"][t])} for t in tasks}
     record["eval_seconds"] = time.perf_counter() - start
     if run.adapter is not None and run.adapter["method"] in ("mor", "moelora"):
-        record["routing"] = routing_by_task(model, tokenizer, data, s, tasks)
+        record["routing"] = routing_by_task(model, tokenizer, items, s)
     record["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     write_json(result_path, record)
     return record
 
 
-def routing_by_task(model, tokenizer, data: dict, s: Settings, tasks: list[str]) -> dict:
+def routing_by_task(model, tokenizer, items: dict, s: Settings) -> dict:
     """Routing statistics on each task's test prompts: entropy, between-task divergence, and the
     mean gate per task and layer (what the routing-by-task figure draws)."""
     from mor.routing_stats import measure_routing_stats, probe_batches
 
-    texts = {t: [it.contexts[0] for it in _items(data["test"][t], tokenizer)][: s.routing_prompts] for t in tasks}
+    texts = {t: [it.contexts[0] for it in task_items[: s.routing_prompts]] for t, task_items in items.items()}
     stats = measure_routing_stats(model, probe_batches(texts, tokenizer, max_length=s.max_length), gate_means=True)
     layers = stats.pop("layers")
     stats["jsd_bits_per_layer"] = {k: round(v["jsd_bits"], 6) for k, v in layers.items()}
     stats["entropy_bits_per_layer"] = {k: round(v["entropy_bits"], 5) for k, v in layers.items()}
     return stats
-
-
-def _items(task, tokenizer):
-    from mor.data import multiple_choice_items
-
-    return multiple_choice_items(task, scoring="text", tokenizer=tokenizer)
 
 
 # -- workers: claim a run with a lock file, so several processes share one plan ------------------------
@@ -366,6 +360,7 @@ def summarise(runs: dict[str, list[dict]], s: Settings) -> tuple[list[dict], lis
                          avg_acc_norm=_mean(avgs), avg_acc_norm_per_seed=avgs,
                          seed_sd=statistics.stdev(avgs) if len(avgs) > 1 else None,
                          forgetting=_mean([per_task[t] for t in s.heldout]) if s.heldout else None,
+                         heldout_per_seed=[sum(_task_acc(r, t) for t in s.heldout) / len(s.heldout) for r in recs],
                          train_seconds=_mean([r.get("train_seconds") for r in recs]),
                          eval_seconds=_mean([r.get("eval_seconds") for r in recs]),
                          final_loss=_mean([r.get("final_loss") for r in recs]),
@@ -429,18 +424,15 @@ def accuracy_figure(rows: list[dict], s: Settings, path: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(width_ratios=[3, 2]))
     for ax, key, title in ((axes[0], "avg_acc_norm_per_seed", f"average of the {len(s.tasks)} trained tasks"),
-                           (axes[1], "heldout", f"{', '.join(s.heldout)} (never trained: forgetting)")):
+                           (axes[1], "heldout_per_seed", f"{', '.join(s.heldout)} (never trained: forgetting)")):
         for i, r in enumerate(rows):
-            vals = r[key] if key != "heldout" else [None]
-            if key == "heldout":
-                vals = [r["per_task_acc_norm"][s.heldout[0]]] if s.heldout else []
+            vals = r[key]
             ax.bar(i, 100 * sum(vals) / len(vals), color="#888888" if r["method"] == "base" else "#1f77b4", alpha=0.7)
             ax.plot([i] * len(vals), [100 * v for v in vals], "k.", ms=5)
         ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=35, ha="right", fontsize=7)
         ax.set_ylabel("acc_norm (%)")
         ax.set_title(title, fontsize=9)
-        lo = min(100 * v for r in rows for v in (r["avg_acc_norm_per_seed"] if key != "heldout" else
-                                                  [r["per_task_acc_norm"][s.heldout[0]]] if s.heldout else [50]))
+        lo = min(100 * v for r in rows for v in r[key])
         ax.set_ylim(max(0, lo - 5), None)
     fig.text(0.01, 0.01, "bars: mean over seeds; dots: one per seed", fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
