@@ -69,22 +69,31 @@ def generation_times(model, prompt, steps: int, device) -> tuple[float, float]:
     return prefill, (time.perf_counter() - start) / steps
 
 
-def bench_inference(args, device, dtype, log) -> dict:
-    base = build_model(args.model, dtype, device)
-    dynamic = attach(copy.deepcopy(base), "mor")
-    with torch.no_grad():  # B = 0 at init; give the adapter a non-trivial update
-        for name, p in dynamic.named_parameters():
+def _nonzero_updates(model):
+    """B = 0 at init: give the adapter a non-trivial update (the cost is the same, the outputs differ)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.02)
-    dynamic.eval()
+    return model.eval()
+
+
+def bench_inference(args, device, dtype, log) -> dict:
+    loaded = build_model(args.model, dtype, device)
+    dynamic = _nonzero_updates(attach(copy.deepcopy(loaded), "mor"))
     merged_src = copy.deepcopy(dynamic)
-    profile = merged_src.measure_routing(_routing_batches(args, base, device))
+    profile = merged_src.measure_routing(_routing_batches(args, loaded, device))
     merged = merged_src.merge_and_unload(profile).eval()
-    # base_copy is the base model again: its ratio to base is the noise floor of these timings
-    # (the merged model is structurally the base model too, plain nn.Linear layers)
-    models = {"base": base, "base_copy": copy.deepcopy(base), "mor_dynamic": dynamic.get_base_model(), "mor_merged": merged}
+    lora = _nonzero_updates(attach(copy.deepcopy(loaded), "lora"))
+    # Every model is a fresh copy: the loaded one may sit in file-backed (mmap) pages, which read
+    # slower than copied memory. base_copy is the base model again: its ratio to base is the noise
+    # floor of these timings (the merged model is structurally the base model too). lora_dynamic is
+    # peft's LoRA r=16 unmerged on the same layers: what any dynamic adapter costs per call here.
+    models = {"base": copy.deepcopy(loaded), "base_copy": copy.deepcopy(loaded),
+              "lora_dynamic": lora.get_base_model(), "mor_dynamic": dynamic.get_base_model(), "mor_merged": merged}
+    del loaded
     g = torch.Generator().manual_seed(2)
-    prompt = torch.randint(3, base.config.vocab_size, (1, args.prompt_len), generator=g).to(device)
+    prompt = torch.randint(3, models["base"].config.vocab_size, (1, args.prompt_len), generator=g).to(device)
     for m in models.values():  # warm-up
         generation_times(m, prompt[:, :8], 2, device)
     times = {k: {"prefill": [], "decode": []} for k in models}

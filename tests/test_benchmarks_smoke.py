@@ -59,10 +59,12 @@ def test_speed_benchmark_quick_end_to_end_smoke(tmp_path, capsys):
     assert all(m["tokens_per_s"] > 0 for m in e2e["train"]["methods"].values())
     assert all(e2e["memory"][m]["peak_bytes"] > 0 for m in ("lora", "mor", "moelora"))
     models = e2e["inference"]["models"]
-    assert set(models) == {"base", "base_copy", "mor_dynamic", "mor_merged"}
+    assert set(models) == {"base", "base_copy", "lora_dynamic", "mor_dynamic", "mor_merged"}
     assert models["base"]["prefill_vs_base"] == 1.0
     targets = {t["target"]: t for t in report["targets"]}
     assert targets["merged MoR / base, prefill"]["note"].startswith("noise floor: base copy / base = ")
+    lora_decode = f"peft LoRA r16 unmerged: {models['lora_dynamic']['decode_vs_base']:.3f}x"
+    assert targets["dynamic MoR / base, decode per token"]["note"].endswith(lora_decode)
     assert targets["dynamic MoR / base, decode per token"]["threshold"] == 1.10
     assert targets["merged MoR / base, decode per token"]["threshold"] == 1.02
 

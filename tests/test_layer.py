@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -103,18 +104,59 @@ def test_inference_cache_follows_every_parameter_update():
         torch.testing.assert_close(layer(x.double()), naive_output(layer, x.double()), atol=ATOL, rtol=1e-5)
 
 
-def test_router_hooks_see_the_gates_on_the_inference_path():
-    """Routing profiles and the balance loss read the gates through forward hooks on the router."""
+@pytest.mark.parametrize("scope", ["router", "global"])
+def test_router_hooks_see_the_gates_on_the_inference_path(scope):
+    """Routing profiles and the balance loss read the gates through forward hooks on the router;
+    the inference path skips the router's module call only when no hook could see it."""
     torch.manual_seed(0)
     layer = make("mor", nn.Linear(D_IN, D_OUT)).eval()
     router = layer.mor["default"].router
     seen = []
-    router.register_forward_hook(lambda _module, _inputs, gates: seen.append(gates))
+
+    def hook(module, _inputs, gates):
+        if module is router:
+            seen.append(gates)
+
+    handle = (router.register_forward_hook(hook) if scope == "router"
+              else nn.modules.module.register_module_forward_hook(hook))
     x = torch.randn(2, 3, D_IN)
-    with torch.inference_mode():
-        layer(x)
+    try:
+        with torch.inference_mode():
+            layer(x)
+    finally:
+        handle.remove()
     assert len(seen) == 1
     torch.testing.assert_close(seen[0].reshape(6, N), router(x).reshape(6, N).detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_adapter_hooks_fire_on_the_inference_path():
+    """The layer calls its adapter's forward directly only when no hook would see the call."""
+    torch.manual_seed(0)
+    layer = make("mor", nn.Linear(D_IN, D_OUT)).eval()
+    adapter = layer.mor["default"]
+    calls = []
+    handle = adapter.register_forward_pre_hook(lambda _module, args: calls.append(args[0].shape))
+    x = torch.randn(2, 3, D_IN)
+    with torch.inference_mode():
+        hooked = layer(x)
+        handle.remove()
+        plain = layer(x)
+    assert calls == [x.shape]
+    torch.testing.assert_close(hooked, plain)
+
+
+def test_pinned_routing_holds_on_the_inference_path():
+    torch.manual_seed(0)
+    layer = make("mor", nn.Linear(D_IN, D_OUT)).eval()
+    adapter = layer.mor["default"]
+    x = torch.randn(4, D_IN)
+    g = torch.softmax(torch.randn(N), 0)
+    with torch.inference_mode():
+        layer(x)  # fills the cache with a learned router
+        adapter.router.fixed = g
+        pinned = layer(x)
+    expected = layer.base_layer(x) + F.linear(x, adapter.merged_delta(g))
+    torch.testing.assert_close(pinned, expected.detach(), atol=ATOL, rtol=1e-5)
 
 
 def test_dropout_still_applies_in_training_without_gradients():
