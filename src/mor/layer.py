@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .routing import Router, is_watched
+from .routing import Router
 
 
 class TokenIndependentFactors(NamedTuple):
@@ -70,7 +70,6 @@ class MoRAdapter(ExpertMixture):
         self.in_features, self.out_features = in_features, out_features
         self.r, self.num_experts, self.scaling = r, num_experts, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._has_dropout = dropout > 0  # a plain attribute: read at every call
         self.router = Router(in_features, num_experts, router, top_k, **factory)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))  # A: (r, d_in)
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))  # B: (d_out, r)
@@ -97,27 +96,30 @@ class MoRAdapter(ExpertMixture):
         written into ``base_out``."""
         factors = self.token_independent_factors()  # U^T (and [W_g; A]^T), cached while no gradient is needed
         tokens = x.reshape(-1, self.in_features)  # (T, d_in)
-        n = self.num_experts
-        if factors.router_and_down_t is not None and not (self.training and self._has_dropout):
-            # generation / evaluation: [W_g x, A x] from ONE product. At one decoded token every
-            # torch call here costs more than its arithmetic, so this path makes as few as it can:
-            # a plain softmax router that no hook watches is not even called as a module.
-            logits_and_h = torch.mm(tokens, factors.router_and_down_t)  # (T, N + r)
-            router, logits, h = self.router, logits_and_h[:, :n], logits_and_h[:, n:]
-            gates = torch.softmax(logits, dim=-1) if router.is_plain_softmax() else router(tokens, logits=logits)
-        else:
-            gates, h = self.router(tokens), F.linear(self.dropout(tokens), self.lora_A)  # G(x): (T, N), A x: (T, r)
-        z = torch.mul(gates.unsqueeze(2), h.unsqueeze(1)).view(-1, n * self.r)  # G_i * A x: (T, N*r)
+        gates, h = self.route_and_down(tokens, factors.router_and_down_t)  # G(x): (T, N), A x: (T, r), once
+        z = (gates.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # G_i * A x: (T, N*r)
         if base_out is None:
             return (z @ factors.up_t).view(*x.shape[:-1], self.out_features)  # sum_i G_i U_i A x = U z
         # W x + U z as one addmm: one pass over the (tokens, d_out) output instead of two; without
         # gradients, in place into W x (which the caller hands over): no copy of the output
-        if torch.is_grad_enabled():
-            return torch.addmm(base_out.reshape(-1, self.out_features), z, factors.up_t).view(base_out.shape)
-        if base_out.is_contiguous():
-            base_out.view(-1, self.out_features).addmm_(z, factors.up_t)
-            return base_out
-        return base_out.reshape(-1, self.out_features).addmm_(z, factors.up_t).view(base_out.shape)
+        out = base_out.reshape(-1, self.out_features)  # (T, d_out)
+        out = torch.addmm(out, z, factors.up_t) if torch.is_grad_enabled() else out.addmm_(z, factors.up_t)
+        return out.view(base_out.shape)
+
+    def route_and_down(self, x: torch.Tensor, router_and_down_t: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G(x) (T, N), A dropout(x) (T, r)) for tokens x (T, d_in).
+
+        Given the stacked [W_g; A]^T (d_in, N + r) and with dropout the identity (generation,
+        evaluation), the router logits and A x come from ONE product: at one decoded token a second
+        product costs more than its arithmetic. The router module still runs on the logits, so
+        forward hooks on it (routing profiles, the balance loss) see the gates as always.
+        """
+        if router_and_down_t is None or (self.training and not isinstance(self.dropout, nn.Identity)):
+            return self.router(x), F.linear(self.dropout(x), self.lora_A)
+        logits_and_h = torch.mm(x, router_and_down_t)  # [W_g x, A x]: (T, N + r)
+        n = self.num_experts
+        return self.router(x, logits=logits_and_h[:, :n]), logits_and_h[:, n:]
 
     def stacked_up_t(self) -> torch.Tensor:
         """U^T, with U = (alpha/r) [diag(Omega_B[i]) B diag(Omega_A[i])]_i: (N*r, d_out), row-major."""
@@ -240,10 +242,8 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
             if name in self.mor:
                 adapter = self.mor[name]  # runs in its own dtype (fp32 over a bf16 / 4-bit base)
                 dtype = adapter.dtype
-                if x.dtype == result.dtype == dtype:
-                    # no casts, and no module call unless a hook watches it: one decoded token is
-                    # many small calls, and each costs more than the arithmetic it wraps
-                    result = adapter(x, base_out=result) if is_watched(adapter) else adapter.forward(x, result)
+                if x.dtype == result.dtype == dtype:  # no casts to call: one decoded token is many small calls
+                    result = adapter(x, base_out=result)
                 else:
                     result = adapter(x.to(dtype), base_out=result.to(dtype)).to(result.dtype)
         return result

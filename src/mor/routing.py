@@ -22,14 +22,6 @@ from typing import Mapping, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module_hooks  # the global hook registries
-
-
-def is_watched(module: nn.Module) -> bool:
-    """Whether a forward hook would see a call of ``module``: its own hooks, or hooks on all modules.
-    Inference paths skip module calls (one decoded token is many tiny calls) only when none would."""
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
 
 
 class Router(nn.Module):
@@ -68,12 +60,6 @@ class Router(nn.Module):
             probs = probs * torch.zeros_like(probs).scatter_(-1, kept, 1.0)
             probs = probs / probs.sum(dim=-1, keepdim=True)
         return probs if probs.dtype == x.dtype else probs.to(x.dtype)
-
-    def is_plain_softmax(self) -> bool:
-        """Whether G(x) is exactly softmax(W_g x) and no hook watches this module (no pinned
-        routing, no top-k), so that a caller holding the logits may skip the module call. Hooks
-        (routing profiles, the balance loss) always get the call."""
-        return self.strategy in ("softmax", "balanced") and self._buffers["fixed"] is None and not is_watched(self)
 
     def merge_routing(self) -> torch.Tensor:
         """The fixed weights (N,) a merge folds in: the pinned vector, or uniform for "mean"."""
