@@ -83,6 +83,7 @@ QUICK = dict(tasks=["ARC-Easy"], heldout=["piqa"], train_per_task=16, test_per_t
 ABLATION = dict(steps=100, test_per_task=300, heldout_size=300)
 ABLATION_GRID = [("N", n, dict(method="mor", r=8, num_experts=n, router="balanced")) for n in (2, 4, 8, 16)] + \
                 [("r", r, dict(method="mor", r=r, num_experts=8, router="balanced")) for r in (4, 16, 32)]
+ABLATION_REFERENCE = "ablation_N8"  # r=8 N=8, the study's MoR: the others are compared with it
 
 
 @dataclass(frozen=True)
@@ -477,21 +478,27 @@ def routing_figure(runs: dict[str, list[dict]], path: Path) -> Path | None:
 
 
 def ablation_figure(records: list[dict], path: Path) -> Path:
+    """Per axis, each run's accuracy minus the reference's (paired, ± 2 s.e.), trainable parameters
+    as labels: the unpaired s.e. of one run (about 1.4 points) would hide what pairing resolves."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
     for ax, axis, xlabel in ((axes[0], "N", "experts N (r=8)"), (axes[1], "r", "rank r (N=8)")):
         pts = sorted((_axis_value(r, axis), r) for r in records if _axis_value(r, axis) is not None)
         xs = [x for x, _ in pts]
-        ys = [100 * r["avg"] for _, r in pts]
-        ax.errorbar(xs, ys, yerr=[200 * r["avg_se"] for _, r in pts], fmt="o-", capsize=3)
-        for x, (_, r) in zip(xs, pts):
-            ax.annotate(f"{r['trainable_parameters'] / 1e6:.2f}M", (x, 100 * r["avg"]), fontsize=7,
-                        textcoords="offset points", xytext=(0, 6), ha="center")
+        ys = [100 * r["vs_reference"]["diff"] if r["vs_reference"] else 0.0 for _, r in pts]
+        errs = [100 * r["vs_reference"]["two_se"] if r["vs_reference"] else 0.0 for _, r in pts]
+        ax.axhline(0.0, color="0.6", lw=0.8)
+        ax.errorbar(xs, ys, yerr=errs, fmt="o-", capsize=3)
+        for x, y, (_, r) in zip(xs, ys, pts):
+            ax.annotate(f"{r['trainable_parameters'] / 1e6:.2f}M, {100 * r['avg']:.1f}%", (x, y), fontsize=7,
+                        textcoords="offset points", xytext=(4, 6), ha="left")
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
+        ax.margins(x=0.25)
         ax.set_xlabel(xlabel)
-        ax.set_title("avg acc_norm ± 2 s.e. (labels: trainable parameters)", fontsize=8)
-    axes[0].set_ylabel("acc_norm (%)")
+        ax.set_title("avg acc_norm minus r=8 N=8's, paired ± 2 s.e.\n(labels: trainable parameters, avg acc_norm)",
+                     fontsize=8)
+    axes[0].set_ylabel("difference (points)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -595,12 +602,21 @@ def report(plan: list[Run], s: Settings, args, command: str) -> int:
     if args.ablations:
         recs = [dict(r, avg=sum(_task_acc(r, t) for t in s.tasks) / len(s.tasks), avg_se=_avg_stderr(r, s.tasks))
                 for v in finished.values() for r in v]
+        # every run scores the same records: each is compared with the reference record by record
+        ref = next((r for r in recs if r["run"] == ABLATION_REFERENCE), None)
+        for r in recs:
+            r["vs_reference"] = paired([r], [ref], s.tasks) if ref is not None and r is not ref else None
         body = [[r["label"], f"{r['trainable_parameters']:,}"] + [_pct(_task_acc(r, t)) for t in s.tasks] +
-                [_pct(r["avg"]), _pct(r["avg_se"])] + [_pct(_task_acc(r, t)) for t in s.heldout] for r in recs]
-        text = markdown_table(["adapter", "trainable params", *s.tasks, "avg", "s.e.",
-                               *(f"{t} (held out)" for t in s.heldout)], body)
+                [_pct(r["avg"]), _pct(r["avg_se"])] +
+                ([_pts(r["vs_reference"]["diff"]), _pts(r["vs_reference"]["two_se"]).lstrip("+"),
+                  r["vs_reference"]["verdict"]] if r["vs_reference"] else ["-", "-", "reference" if r is ref else "-"]) +
+                [_pct(_task_acc(r, t)) for t in s.heldout] for r in recs]
+        ref_label = ref["label"] if ref is not None else "the reference (not finished)"
+        text = markdown_table(["adapter", "trainable params", *s.tasks, "avg", "s.e.", f"vs {ref_label} (pts, paired)",
+                               "2 s.e.", "verdict", *(f"{t} (held out)" for t in s.heldout)], body)
         png = ablation_figure(recs, out.with_suffix(".png"))
-        summary = dict(rows=[{k: r[k] for k in ("run", "label", "trainable_parameters", "avg", "avg_se")} for r in recs])
+        summary = dict(reference=ABLATION_REFERENCE, rows=[
+            {k: r[k] for k in ("run", "label", "trainable_parameters", "avg", "avg_se", "vs_reference")} for r in recs])
     else:
         rows, comps = summarise(finished, s)
         text = tables(rows, comps, s)

@@ -170,6 +170,13 @@ def test_quality_ablations_quick_smoke(tmp_path, capsys, tiny_model_dir):
     assert rows["ablation_r4"]["trainable_parameters"] < rows["ablation_N8"]["trainable_parameters"] < \
         rows["ablation_r16"]["trainable_parameters"]
     assert all(0 < r["avg_se"] < 0.5 for r in rows.values())
+    # each run against r=8 N=8 record by record: on the same records the paired difference of the
+    # averages is the difference of the averages
+    ref = rows.pop("ablation_N8")
+    assert ref["vs_reference"] is None
+    for r in rows.values():
+        assert r["vs_reference"]["diff"] == pytest.approx(r["avg"] - ref["avg"], abs=1e-12)
+        assert r["vs_reference"]["verdict"] in ("tie", "better", "worse")
     assert results.with_suffix(".png").stat().st_size > 0
 
 
