@@ -606,11 +606,15 @@ def report(plan: list[Run], s: Settings, args, command: str) -> int:
         ref = next((r for r in recs if r["run"] == ABLATION_REFERENCE), None)
         for r in recs:
             r["vs_reference"] = paired([r], [ref], s.tasks) if ref is not None and r is not ref else None
+        def vs_reference(r):
+            c = r["vs_reference"]
+            if c is None:
+                return ["-", "-", "reference" if r is ref else "-"]
+            return [_pts(c["diff"]), _pts(c["two_se"]).lstrip("+"), c["verdict"]]
+
         body = [[r["label"], f"{r['trainable_parameters']:,}"] + [_pct(_task_acc(r, t)) for t in s.tasks] +
-                [_pct(r["avg"]), _pct(r["avg_se"])] +
-                ([_pts(r["vs_reference"]["diff"]), _pts(r["vs_reference"]["two_se"]).lstrip("+"),
-                  r["vs_reference"]["verdict"]] if r["vs_reference"] else ["-", "-", "reference" if r is ref else "-"]) +
-                [_pct(_task_acc(r, t)) for t in s.heldout] for r in recs]
+                [_pct(r["avg"]), _pct(r["avg_se"])] + vs_reference(r) + [_pct(_task_acc(r, t)) for t in s.heldout]
+                for r in recs]
         ref_label = ref["label"] if ref is not None else "the reference (not finished)"
         text = markdown_table(["adapter", "trainable params", *s.tasks, "avg", "s.e.", f"vs {ref_label} (pts, paired)",
                                "2 s.e.", "verdict", *(f"{t} (held out)" for t in s.heldout)], body)

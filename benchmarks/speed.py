@@ -63,7 +63,7 @@ def evaluate_targets(layer: dict | None, e2e: dict | None, quick: bool) -> list[
         models = e2e["inference"]["models"]
         for part, key in (("prefill", "prefill_vs_base"), ("decode per token", "decode_vs_base")):
             noise = f"noise floor: base copy / base = {models['base_copy'][key]:.3f}x"
-            lora = (f"; peft LoRA r16 unmerged: {models['lora_dynamic'][key]:.3f}x" if "lora_dynamic" in models else "")
+            lora = f"; peft LoRA r16 unmerged: {models['lora_dynamic'][key]:.3f}x"
             add(f"dynamic MoR / base, {part}", models["mor_dynamic"][key], "<=", TARGETS["dynamic_vs_base"], noise + lora)
             add(f"merged MoR / base, {part}", models["mor_merged"][key], "<=", TARGETS["merged_vs_base"], noise)
     if e2e and "memory" in e2e:

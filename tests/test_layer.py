@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -106,8 +106,8 @@ def test_inference_cache_follows_every_parameter_update():
 
 @pytest.mark.parametrize("scope", ["router", "global"])
 def test_router_hooks_see_the_gates_on_the_inference_path(scope):
-    """Routing profiles and the balance loss read the gates through forward hooks on the router;
-    the inference path skips the router's module call only when no hook could see it."""
+    """Routing profiles and the balance loss read the gates through forward hooks on the router:
+    the inference path (one product for logits and A x) must still call it as a module."""
     torch.manual_seed(0)
     layer = make("mor", nn.Linear(D_IN, D_OUT)).eval()
     router = layer.mor["default"].router
@@ -130,7 +130,7 @@ def test_router_hooks_see_the_gates_on_the_inference_path(scope):
 
 
 def test_adapter_hooks_fire_on_the_inference_path():
-    """The layer calls its adapter's forward directly only when no hook would see the call."""
+    """The layer calls its adapter as a module on the inference path, so hooks on it fire."""
     torch.manual_seed(0)
     layer = make("mor", nn.Linear(D_IN, D_OUT)).eval()
     adapter = layer.mor["default"]
