@@ -71,13 +71,35 @@ def train_args(model_dir, tasks, out) -> list:
             "--r", 4, "--num-experts", 3]
 
 
+RECORD_THE_END = """
+import json, os, sys, torch
+from mor import cli
+code = cli.main(sys.argv[1:])
+out = sys.argv[sys.argv.index("--output") + 1]
+with open(f"{out}.rank{os.environ['RANK']}.end.json", "w") as f:
+    json.dump({"code": code, "process_group_alive": torch.distributed.is_initialized()}, f)
+sys.exit(code)
+"""
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, tiny_model_dir, tiny_tasks) -> Path:
-    """An uninterrupted 2-process DDP run with gradient accumulation."""
+    """An uninterrupted 2-process DDP run with gradient accumulation; each rank records, after
+    `mor.cli.main` returned, whether its process group is still alive (``run.rankN.end.json``)."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    proc = accelerate_two_processes(*train_args(tiny_model_dir, tiny_tasks, out))
+    script = out.parent / "record_the_end.py"
+    script.write_text(RECORD_THE_END)
+    proc = accelerate_two_processes(*train_args(tiny_model_dir, tiny_tasks, out), script=[str(script)])
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
+
+
+def test_each_rank_ends_its_process_group_before_it_exits(ddp_run):
+    """A gloo rank that exits with its process group alive can abort at interpreter shutdown
+    (SIGABRT, "terminate called without an active exception") after its work is done, failing the
+    launch; the CLI destroys the group on every rank."""
+    ends = [json.loads(Path(f"{ddp_run}.rank{r}.end.json").read_text()) for r in range(2)]
+    assert ends == [{"code": 0, "process_group_alive": False}] * 2
 
 
 def test_two_processes_split_the_data_and_end_with_the_same_adapter(ddp_run):

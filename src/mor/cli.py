@@ -541,6 +541,11 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if "torch.distributed" in sys.modules:  # a launched rank (accelerate, torchrun) leaves no gloo threads
+            from .distributed import end_process_group
+
+            end_process_group()
 
 
 if __name__ == "__main__":

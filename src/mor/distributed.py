@@ -80,6 +80,16 @@ def check_launch(trainer_world_size: int, fsdp: bool = False, deepspeed: bool = 
         )
 
 
+def end_process_group() -> None:
+    """Destroy torch.distributed's process group, if this process has one, before the interpreter
+    exits. A gloo rank that exits with its group alive can abort at shutdown ("terminate called
+    without an active exception", SIGABRT: pytorch/pytorch#190489) although its work is done, and
+    the launcher then reports the whole run as failed. Local: it waits for no other rank."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_gather_objects(value) -> list:
     """``value`` of every rank, in rank order (a one-element list on a single process)."""
     if world_size() == 1:
