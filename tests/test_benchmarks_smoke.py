@@ -121,13 +121,17 @@ def test_quality_study_quick_smoke(tmp_path, capsys, tiny_model_dir):
     data = _tiny_commonsense(tmp_path / "commonsense")
     results = tmp_path / "results"
     argv = ["--quick", "--model", str(tiny_model_dir), "--data-root", str(data), "--methods", "base", "mor",
-            "lora", "--seeds", "0", "1", "--results", str(results), "--work", str(tmp_path / "work"),
-            "--eval-batch-size", "4"]
+            "lora", "lora-lr1e-3", "--seeds", "0", "1", "--results", str(results), "--work", str(tmp_path / "work"),
+            "--eval-batch-size", "4", "--lr", "5e-4"]
     assert quality.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "finished: 5 of 5 runs" in printed and "paired comparisons" in printed
-    assert sorted(p.name for p in results.iterdir()) == [
-        "base.json", "lora_seed0.json", "lora_seed1.json", "mor_seed0.json", "mor_seed1.json"]
+    assert "finished: 6 of 6 runs" in printed and "paired comparisons" in printed
+    assert sorted(p.name for p in results.iterdir()) == [  # a learning-rate control runs seed 0 only
+        "base.json", "lora-lr1e-3_seed0.json", "lora_seed0.json", "lora_seed1.json", "mor_seed0.json",
+        "mor_seed1.json"]
+    trained_lr = {run: json.loads((tmp_path / "work" / run / "adapter" / "training.json").read_text())
+                  ["train_config"]["lr"] for run in ("lora_seed0", "lora-lr1e-3_seed0")}
+    assert trained_lr == {"lora_seed0": 5e-4, "lora-lr1e-3_seed0": 1e-3}  # the control's own rate, not the common one
     runs = {p.stem: json.loads(p.read_text()) for p in results.iterdir()}
     for name, rec in runs.items():
         # every test record of the trained task (8) and of the held-out one (quick: 8 of 20)
