@@ -125,10 +125,10 @@ def test_quality_study_quick_smoke(tmp_path, capsys, tiny_model_dir):
             "--eval-batch-size", "4", "--lr", "5e-4"]
     assert quality.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "finished: 6 of 6 runs" in printed and "paired comparisons" in printed
-    assert sorted(p.name for p in results.iterdir()) == [  # a learning-rate control runs seed 0 only
-        "base.json", "lora-lr1e-3_seed0.json", "lora_seed0.json", "lora_seed1.json", "mor_seed0.json",
-        "mor_seed1.json"]
+    assert "finished: 7 of 7 runs" in printed and "paired comparisons" in printed
+    assert sorted(p.name for p in results.iterdir()) == [
+        "base.json", "lora-lr1e-3_seed0.json", "lora-lr1e-3_seed1.json", "lora_seed0.json", "lora_seed1.json",
+        "mor_seed0.json", "mor_seed1.json"]
     trained_lr = {run: json.loads((tmp_path / "work" / run / "adapter" / "training.json").read_text())
                   ["train_config"]["lr"] for run in ("lora_seed0", "lora-lr1e-3_seed0")}
     assert trained_lr == {"lora_seed0": 5e-4, "lora-lr1e-3_seed0": 1e-3}  # the control's own rate, not the common one
