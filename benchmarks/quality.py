@@ -62,7 +62,8 @@ CONTROL_SEED0 = ("mor-fp32",)  # seed 0 only: is the bf16 base a fair stand-in f
 COMPARISONS = (("mor", "lora"), ("mor", "dora"), ("mor", "moelora"), ("mor", "mor-softmax"), ("mor", "mor-mean"),
                ("mor-softmax", "lora"), ("mor-mean", "lora"), ("dora", "lora"), ("moelora", "lora"), ("lora", "base"),
                ("mor", "base"), ("mor-fp32", "mor"), ("moelora-lr1e-3", "moelora"), ("mor-lr1e-3", "mor"),
-               ("lora-lr1e-3", "lora"), ("mor-lr1e-3", "lora-lr1e-3"), ("mor-lr1e-3", "moelora-lr1e-3"))
+               ("lora-lr1e-3", "lora"), ("mor-lr1e-3", "lora-lr1e-3"), ("mor-lr1e-3", "moelora-lr1e-3"),
+               ("moelora-lr1e-3", "lora-lr1e-3"))
 
 
 @dataclass
