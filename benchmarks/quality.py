@@ -53,17 +53,22 @@ METHODS: dict[str, tuple[str, dict | None, dict]] = {
     "mor-lr1e-3": ("MoR (as 'mor'), lr 1e-3", dict(method="mor", r=8, num_experts=8, router="balanced"),
                    dict(CHOSEN_ROUTER, lr=1e-3)),
     "moelora-lr1e-3": ("MoE-LoRA N=8 r=2, lr 1e-3", dict(method="moelora", r=2, num_experts=8), dict(lr=1e-3)),
+    "mor-softmax-lr1e-3": ("MoR r=8 N=8, plain softmax, lr 1e-3 (the CLI's defaults)",
+                           dict(method="mor", r=8, num_experts=8), dict(lr=1e-3)),
+    "dora-lr1e-3": ("DoRA r=16, lr 1e-3", dict(method="dora", r=16), dict(lr=1e-3)),
 }
 # the lr 1e-3 arms came last (seed 0 showed every method better at 1e-3 than at the common 3e-4)
 STUDY_METHODS = ("base", "mor", "lora", "mor-softmax", "dora", "moelora", "mor-mean",
                  "moelora-lr1e-3", "mor-lr1e-3", "lora-lr1e-3")
-CONTROL_SEED0 = ("mor-fp32",)  # seed 0 only: is the bf16 base a fair stand-in for fp32?
+# seed 0 only: is the bf16 base a fair stand-in for fp32? do DoRA and the CLI's default MoR gain at 1e-3 too?
+CONTROL_SEED0 = ("mor-fp32", "mor-softmax-lr1e-3", "dora-lr1e-3")
 # (a, b): is a better than b?
 COMPARISONS = (("mor", "lora"), ("mor", "dora"), ("mor", "moelora"), ("mor", "mor-softmax"), ("mor", "mor-mean"),
                ("mor-softmax", "lora"), ("mor-mean", "lora"), ("dora", "lora"), ("moelora", "lora"), ("lora", "base"),
                ("mor", "base"), ("mor-fp32", "mor"), ("moelora-lr1e-3", "moelora"), ("mor-lr1e-3", "mor"),
                ("lora-lr1e-3", "lora"), ("mor-lr1e-3", "lora-lr1e-3"), ("mor-lr1e-3", "moelora-lr1e-3"),
-               ("moelora-lr1e-3", "lora-lr1e-3"))
+               ("moelora-lr1e-3", "lora-lr1e-3"), ("mor-softmax-lr1e-3", "mor-lr1e-3"),
+               ("mor-softmax-lr1e-3", "lora-lr1e-3"), ("dora-lr1e-3", "lora-lr1e-3"), ("dora-lr1e-3", "dora"))
 
 
 @dataclass
