@@ -396,6 +396,15 @@ def _add_export_and_generate(sub) -> None:
     x.add_argument("--no-check", action="store_true",
                    help="skip reloading each LoRA with peft onto a fresh base model to compare logits")
 
+    v = sub.add_parser("export-vllm", help="a folder that vLLM serves with the MoR adapter routed per token "
+                                           "(vllm serve FOLDER; mor's vLLM plugin)")
+    v.add_argument("--adapter", required=True, help="MoR or MoE-LoRA adapter folder")
+    v.add_argument("--model", default=None, help="the base model: hub id, local folder or .gguf file (default: the "
+                                                 "base the adapter records; the embedded SmolLM2 for 'smollm2')")
+    v.add_argument("--output", required=True, help="new folder to serve: base weights (hard links or copies), "
+                                                   "config.json naming the MoR architecture, the adapter")
+    _add_overwrite(v)
+
     g = sub.add_parser("generate", help="generate text, streaming tokens (base model, any adapter, or merged MoR)")
     _add_model(g)
     g.add_argument("--adapter", default=None, help="MoR, MoE-LoRA, LoRA or DoRA adapter folder (default: base model)")
@@ -494,7 +503,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS.update({"export-lora": cmd_export_lora, "generate": cmd_generate})
+def cmd_export_vllm(args) -> int:
+    from .serving import export_for_vllm
+
+    folder = export_for_vllm(args.adapter, args.output, model=args.model, overwrite=args.overwrite)
+    print(f"vLLM folder written to {folder}. Serve it, routing every token, with mor installed beside vLLM:\n"
+          f"  vllm serve {folder}\n  python -c \"import vllm; print(vllm.LLM('{folder}').generate('Hi'))\"")
+    return 0
+
+
+COMMANDS.update({"export-lora": cmd_export_lora, "export-vllm": cmd_export_vllm, "generate": cmd_generate})
 
 
 # -- convert-adapter ----------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ class MoRAdapter(ExpertMixture):
         factors = self.token_independent_factors()  # U^T (and [W_g; A]^T), cached while no gradient is needed
         tokens = x.reshape(-1, self.in_features)  # (T, d_in)
         gates, h = self.route_and_down(tokens, factors.router_and_down_t)  # G(x): (T, N), A x: (T, r), once
-        z = (gates.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # G_i * A x: (T, N*r)
+        z = self.mix(gates, h)  # G_i * A x, expert by expert: (T, N*r)
         if base_out is None:
             return (z @ factors.up_t).view(*x.shape[:-1], self.out_features)  # sum_i G_i U_i A x = U z
         # W x + U z as one addmm: one pass over the (tokens, d_out) output instead of two; without
@@ -105,6 +105,16 @@ class MoRAdapter(ExpertMixture):
         out = base_out.reshape(-1, self.out_features)  # (T, d_out)
         out = torch.addmm(out, z, factors.up_t) if torch.is_grad_enabled() else out.addmm_(z, factors.up_t)
         return out.view(base_out.shape)
+
+    @staticmethod
+    def mix(gates: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """z = concat_i(G_i * h): gates (T, N) times the shared code h = A x (T, r), as (T, N*r)."""
+        return (gates.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)
+
+    def serving_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(down (r, d_in), up_t (N*r, d_out), 1.0): the update is ``up_t``-times ``mix(G, down x)``
+        (a server that fuses several layers' products, mor.serving, reads this)."""
+        return self.lora_A, self.token_independent_factors().up_t, 1.0
 
     def route_and_down(self, x: torch.Tensor, router_and_down_t: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,11 +54,7 @@ class Router(nn.Module):
                 return x.new_full((*x.shape[:-1], self.num_experts), 1.0 / self.num_experts)
             # fp32 whatever the activations' dtype: softmax over a few logits is cheap, bf16 logits are noisy
             logits = F.linear(x.float(), self.weight.float())  # W_g x: (..., N)
-        probs = torch.softmax(logits, dim=-1)
-        if self.strategy == "topk" and self.top_k < self.num_experts:
-            kept = torch.topk(logits, self.top_k, dim=-1).indices
-            probs = probs * torch.zeros_like(probs).scatter_(-1, kept, 1.0)
-            probs = probs / probs.sum(dim=-1, keepdim=True)
+        probs = gates_from_logits(logits, self.strategy, self.top_k)
         return probs if probs.dtype == x.dtype else probs.to(x.dtype)
 
     def merge_routing(self) -> torch.Tensor:
@@ -72,6 +68,17 @@ class Router(nn.Module):
             "routing=model.measure_routing(...) (a RoutingProfile), a weight vector of length num_experts, "
             "a saved routing_profile.json, or 'uniform'"
         )
+
+
+def gates_from_logits(logits: torch.Tensor, strategy: str, top_k: int) -> torch.Tensor:
+    """G(x) (..., N) from the router logits W_g x (..., N): their softmax, kept on the ``top_k``
+    largest and renormalised for strategy "topk" (softmax and balanced are the plain softmax)."""
+    probs = torch.softmax(logits, dim=-1)
+    if strategy == "topk" and top_k < logits.shape[-1]:
+        kept = torch.topk(logits, top_k, dim=-1).indices
+        probs = probs * torch.zeros_like(probs).scatter_(-1, kept, 1.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
 
 
 def load_balancing_loss(probs: torch.Tensor) -> torch.Tensor:

@@ -43,15 +43,24 @@ class MoELoRAAdapter(ExpertMixture):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         """sum_i G_i(x) B_i A_i x (times alpha/r), plus ``base_out`` (W x) when given."""
+        down, up_t, scaling = self.serving_factors()  # [A_1; ...; A_N] (N*r, d_in), B~^T (N*r, d_out), alpha/r
         gates = self.router(x)  # (..., N)
-        codes = self.dropout(x) @ self.lora_A.flatten(0, 1).T  # [A_i x]_i: (..., N*r)
-        z = (gates.repeat_interleave(self.r, dim=-1) * codes)  # (..., N*r)
-        up = self.lora_B.permute(1, 0, 2).flatten(1)  # B~ = [B_1, ..., B_N]: (d_out, N*r)
+        codes = self.dropout(x) @ down.T  # [A_i x]_i: (..., N*r)
+        z = self.mix(gates, codes)  # G_i * A_i x: (..., N*r)
         if base_out is None:
-            return self.scaling * (z @ up.T)
-        out = torch.addmm(base_out.reshape(-1, self.out_features), z.reshape(-1, z.shape[-1]), up.T,
-                          alpha=self.scaling)  # W x + (alpha/r) B~ z in one pass over the output
+            return scaling * (z @ up_t)
+        out = torch.addmm(base_out.reshape(-1, self.out_features), z.reshape(-1, z.shape[-1]), up_t,
+                          alpha=scaling)  # W x + (alpha/r) B~ z in one pass over the output
         return out.view(base_out.shape)
+
+    def mix(self, gates: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """z: each expert's code A_i x (..., N*r) times its gate G_i (..., N)."""
+        return gates.repeat_interleave(self.r, dim=-1) * codes
+
+    def serving_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(down (N*r, d_in), up_t (N*r, d_out), alpha/r): the update is alpha/r times ``up_t``-times
+        ``mix(G, down x)``, with B~ = [B_1, ..., B_N] (d_out, N*r)."""
+        return self.lora_A.flatten(0, 1), self.lora_B.permute(1, 0, 2).flatten(1).T, self.scaling
 
     def expert_factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(down (N, r, d_in), up (N, d_out, r)) with D_i = scaling * up[i] @ down[i], in ``dtype`` when given."""
