@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--no-transformers", action="store_true", help="time vLLM only")
+    p.add_argument("--eager", action="store_true", help="vLLM without torch.compile (a quick smoke run)")
     p.add_argument("--json", default="results/serving.json")
     return p.parse_args(argv)
 
@@ -92,7 +93,7 @@ def task_loras(model_path: str, adapter: Path, prompts: list[list[int]], folder:
 
 
 class VLLMContender:
-    def __init__(self, name: str, model: str, dtype: str, loras: list[Path] | None = None):
+    def __init__(self, name: str, model: str, dtype: str, loras: list[Path] | None = None, eager: bool = False):
         from vllm import LLM
 
         self.name = name
@@ -103,7 +104,7 @@ class VLLMContender:
             rank = max(json.loads((folder / "adapter_config.json").read_text())["r"] for folder in loras)
             kwargs = dict(enable_lora=True, max_loras=len(loras),
                           max_lora_rank=next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank))
-        self.llm = LLM(model=model, dtype=dtype, max_model_len=1024, seed=0, **kwargs)
+        self.llm = LLM(model=model, dtype=dtype, max_model_len=1024, seed=0, enforce_eager=eager, **kwargs)
         self.loras = loras
 
     def run(self, prompts: list[list[int]], tokens: int) -> float:
@@ -158,10 +159,10 @@ def main(argv=None) -> dict:
     serve = export_for_vllm(adapter, work / "serve", model=model_path)
     loras = task_loras(model_path, adapter, prompts, work / "loras")
 
-    contenders = [VLLMContender("vLLM base", model_path, args.dtype),
-                  VLLMContender("vLLM base (2nd engine)", model_path, args.dtype),
-                  VLLMContender("vLLM MoR dynamic", str(serve), args.dtype),
-                  VLLMContender("vLLM per-task LoRA", model_path, args.dtype, loras)]
+    contenders = [VLLMContender("vLLM base", model_path, args.dtype, eager=args.eager),
+                  VLLMContender("vLLM base (2nd engine)", model_path, args.dtype, eager=args.eager),
+                  VLLMContender("vLLM MoR dynamic", str(serve), args.dtype, eager=args.eager),
+                  VLLMContender("vLLM per-task LoRA", model_path, args.dtype, loras, eager=args.eager)]
     if not args.no_transformers:
         dtype = getattr(torch, args.dtype)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -55,14 +55,14 @@ def peft_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[li
 
 # -- tiny models of every supported architecture ----------------------------------------------------------
 
-def tiny_base(folder: Path, arch: str) -> Path:
+def tiny_base(folder: Path, arch: str, max_positions: int = 512) -> Path:
     """A random 2-layer model of ``arch`` with vLLM-friendly sizes (head_dim 64) and a tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
         Qwen2ForCausalLM
 
     tok = make_tiny_tokenizer()
     sizes = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, initializer_range=0.1,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max_positions, initializer_range=0.1,
                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                  tie_word_embeddings=True)
     config_cls, model_cls = {"LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM),
@@ -279,3 +279,19 @@ def test_vllm_serve_answers_chat_requests_like_mor_generate(trained, smollm2_pat
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_serving_benchmark_quick_smoke(tmp_path):
+    """benchmarks/serving.py end to end on a tiny model: every contender runs, the JSON has the table."""
+    base = tiny_base(tmp_path / "base", "LlamaForCausalLM", max_positions=4096)
+    out = tmp_path / "serving.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--model", str(base), "--batches", "1", "2",
+                           "--rounds", "2", "--max-tokens", "3", "--eager", "--json", str(out)],
+                          cwd=Path(__file__).resolve().parents[1], env=ENV, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads(out.read_text())
+    names = {key.split(" @ ")[0] for key in result["results"]}
+    assert names == {"vLLM base", "vLLM base (2nd engine)", "vLLM MoR dynamic", "vLLM per-task LoRA",
+                     "transformers base", "transformers MoR dynamic"}
+    assert all(len(entry["seconds"]) == 2 for entry in result["results"].values())
+    assert "vLLM MoR dynamic" in proc.stdout and "noise floor" in proc.stdout
