@@ -97,6 +97,18 @@ def test_served_gates_are_the_peft_routers_gates():
     assert gates[f"{name}.gate_proj"].max() > 0.5  # sharp routers: not the uniform 1/4
 
 
+def test_served_layers_refuse_non_finite_adapter_tensors():
+    from mor.serving.fused import build_adapter
+
+    tensors = {"lora_A": torch.zeros(2, 8), "lora_B": torch.full((6, 2), float("nan")),
+               "expert_scales_in": torch.ones(2, 2), "expert_scales_out": torch.ones(2, 6),
+               "router.weight": torch.zeros(2, 8)}
+    with pytest.raises(ValueError, match="NaN or inf"):
+        build_adapter(mor.MoRConfig(r=2, num_experts=2), tensors, "model.layers.0.mlp.up_proj")
+    tensors["lora_B"] = torch.zeros(6, 2)
+    assert build_adapter(mor.MoRConfig(r=2, num_experts=2), tensors, "model.layers.0.mlp.up_proj").out_features == 6
+
+
 def test_placement_follows_vllms_fused_layout():
     packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     assert placement("model.layers.3.self_attn.v_proj", packed) == ("model.layers.3.self_attn.qkv_proj", "qkv_proj", 2)

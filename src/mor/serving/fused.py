@@ -160,6 +160,9 @@ def build_adapter(config: MoRConfig, tensors: Mapping[str, torch.Tensor], name: 
         raise ValueError(f"{name}: the adapter tensors do not match its config "
                          f"(method={config.method}, r={config.r}, num_experts={config.num_experts}, "
                          f"router={config.router}): missing {missing}, unexpected {unexpected}, wrong shapes {wrong}")
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{name}: adapter tensors {bad} hold NaN or inf; the adapter is broken: retrain it")
     adapter.load_state_dict({k: v.to(a.dtype) for k, v in tensors.items()})
     return adapter.eval().requires_grad_(False)
 
