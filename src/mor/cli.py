@@ -504,11 +504,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export_vllm(args) -> int:
-    from .serving import export_for_vllm
+    from .serving import export_for_vllm, serve_command
 
     folder = export_for_vllm(args.adapter, args.output, model=args.model, overwrite=args.overwrite)
     print(f"vLLM folder written to {folder}. Serve it, routing every token, with mor installed beside vLLM:\n"
-          f"  vllm serve {folder}\n  python -c \"import vllm; print(vllm.LLM('{folder}').generate('Hi'))\"")
+          f"  {' '.join(serve_command(folder))}\n  offline: vllm.LLM({str(folder)!r})")
     return 0
 
 

