@@ -14,7 +14,7 @@ from torch import nn
 
 import mor
 from mor.cli import main as cli
-from mor.serving import export_for_vllm
+from mor.serving import export_for_vllm, serve_command
 from mor.serving.folder import ADAPTER_FILE, SECTION, TENSOR_PREFIX, read_serving_section
 from mor.serving.fused import ServedMixtureLinear, attach_adapters, placement
 
@@ -241,7 +241,7 @@ def test_cli_export_vllm_keeps_an_existing_folder_unless_overwrite(tmp_path, bas
     assert cli(["export-vllm", "--adapter", str(adapter), "--model", str(base_dir), "--output", str(out),
                 "--overwrite"]) == 0
     assert not (out / "notes.txt").exists() and (out / ADAPTER_FILE).is_file()
-    assert "vllm serve" in capsys.readouterr().out
+    assert " ".join(serve_command(out)) in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())[SECTION]["adapter_config"]["target_modules"]
 
 
