@@ -31,7 +31,7 @@ SPEED_SCRIPT = Path(__file__).with_name("speed.py")
 
 
 def build_model(spec: str, dtype, device, seed: int = 0):
-    """``tiny`` (a config-built LLaMA, no download) or anything ``mor.loading.load_model`` takes."""
+    """``tiny`` (a config-built LLaMA, no download) or anything ``mor.runtime.loading.load_model`` takes."""
     if spec == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -41,7 +41,7 @@ def build_model(spec: str, dtype, device, seed: int = 0):
                              pad_token_id=0, bos_token_id=1, eos_token_id=2)
         model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     else:
-        from mor.loading import load_model
+        from mor.runtime.loading import load_model
 
         model = load_model(None if spec == "smollm2" else spec, dtype=dtype).to(device)
     return model.eval()

@@ -10,14 +10,15 @@ import math
 import pytest
 import torch
 
-from mor.analysis import routing_over_steps_table
+from mor.analysis.analyze import routing_over_steps_table
 from mor.cli import main
-from mor.methods import AdapterSpec, apply_adapter
-from mor.routing_stats import (RoutingRecorder, entropy_bits, expert_load, find_routers, js_divergence,
+from mor.train.adapters import AdapterSpec, apply_adapter
+from mor.analysis.routing_stats import (RoutingRecorder, entropy_bits, expert_load, find_routers, js_divergence,
                                measure_routing_stats, token_entropy_bits)
-from mor.tasks import write_builtin_suite
-from mor.train import (AdapterTrainer, TrainConfig, cast_frozen_base, resolve_base_dtype, run_training,
-                       scale_router_init, training_arguments)
+from mor.data.builtin import write_builtin_suite
+from mor.train import TrainConfig, run_training
+from mor.train.setup import cast_frozen_base, resolve_base_dtype, scale_router_init
+from mor.train.trainer import AdapterTrainer, training_arguments
 
 
 def test_statistics_match_hand_computed_values():
@@ -160,7 +161,7 @@ def test_base_dtype_names():
 
 
 def test_train_flags_reach_the_config(monkeypatch):
-    import mor.train as train_module
+    import mor.train.recipe as train_module
     from mor.cli import main as cli_main
 
     seen = {}
