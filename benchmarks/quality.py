@@ -238,7 +238,7 @@ def execute(run: Run, s: Settings, data: dict, data_dir: Path, work: Path, resul
 def routing_by_task(model, tokenizer, items: dict, s: Settings) -> dict:
     """Routing statistics on each task's test prompts: entropy, between-task divergence, and the
     mean gate per task and layer (what the routing-by-task figure draws)."""
-    from mor.analysis.analyze.routing_stats import measure_routing_stats, probe_batches
+    from mor.analysis.routing_stats import measure_routing_stats, probe_batches
 
     texts = {t: [it.contexts[0] for it in task_items[: s.routing_prompts]] for t, task_items in items.items()}
     stats = measure_routing_stats(model, probe_batches(texts, tokenizer, max_length=s.max_length), gate_means=True)

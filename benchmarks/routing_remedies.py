@@ -3,7 +3,7 @@
 Every setting trains MoR (r=8, N=8, FFN of SmolLM2-135M-Instruct) on the built-in 5-task suite
 with the same seed, data and schedule, and reports what the routing did (mean per-token entropy,
 share of the busiest expert, Jensen-Shannon divergence between the tasks' mean routing,
-measured on a fixed probe set of 8 training prompts per task, see mor.analysis.analyze.routing_stats) and the
+measured on a fixed probe set of 8 training prompts per task, see mor.analysis.routing_stats) and the
 accuracy after training (label scoring on the suite's eval split). A diagnostics callback
 records, at a few steps, the gradient norm of the router weights and of the shared B, ||B||, and
 at the end how far the router weights moved from their init (relative Frobenius change).

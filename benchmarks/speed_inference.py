@@ -3,8 +3,7 @@ the base model, a second copy of it (the noise floor), dynamic MoR (the router r
 ``get_base_model()``: the transformers model with MoR layers inside) and MoR merged with a
 routing profile.
 
-    python -m benchmarks.speed_inference           # this part alone, with its targets
-    python -m benchmarks.speed --only inference    # the same
+    python -m benchmarks.speed --only inference    # this part alone, with its targets
 
 How it is built: docs/benchmarks.md, section "Speed: inference". Numbers go to stdout and ``--json``.
 """

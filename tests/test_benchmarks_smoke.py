@@ -67,11 +67,11 @@ def test_speed_benchmark_quick_end_to_end_smoke(tmp_path, capsys):
 
 
 def test_speed_benchmark_inference_only_smoke(tmp_path, capsys):
-    """``benchmarks.speed_inference`` (= ``benchmarks.speed --only inference``): latency and its
-    targets alone, no training, memory or layer part."""
-    speed_inference = pytest.importorskip("benchmarks.speed_inference")
+    """``benchmarks.speed --only inference``: latency and its targets alone, no training, memory
+    or layer part."""
+    speed = pytest.importorskip("benchmarks.speed")
     out_json = tmp_path / "speed.json"
-    speed_inference.main(["--quick", "--no-progress", "--json", str(out_json)])
+    speed.main(["--only", "inference", "--quick", "--no-progress", "--json", str(out_json)])
     printed = capsys.readouterr().out
     assert "Inference, batch 1" in printed and "End-to-end training" not in printed
 

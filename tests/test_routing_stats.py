@@ -161,7 +161,7 @@ def test_base_dtype_names():
 
 
 def test_train_flags_reach_the_config(monkeypatch):
-    import mor.train.recipe as train_module
+    import mor.train as train_module  # where `mor train` finds run_training
     from mor.cli import main as cli_main
 
     seen = {}

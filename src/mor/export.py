@@ -31,7 +31,7 @@ from .layer import MoRAdapter, mixture_layers, transformers_model  # noqa: F401 
 from .routing import ROUTING_NAME, Routing, resolve_routing
 
 
-
+# -- the maths ----------------------------------------------------------------------------------
 
 def exported_rank(layer: nn.Module) -> int:
     """Rank of the exact LoRA of a mixture layer under fixed routing: r for MoR, N*r otherwise."""

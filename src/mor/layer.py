@@ -307,7 +307,7 @@ def mixture_layers(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(module, MixtureLayer):
             active = [a for a in module.active_adapters if a in module.mor]
             if len(active) != 1:
-                raise ValueError(f"{name}: export one adapter at a time; active adapters are {active}")
+                raise ValueError(f"{name}: one adapter at a time (export, routing statistics); active adapters are {active}")
             layers[name[len(prefix) + 1:] if prefix else name] = module.mor[active[0]]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MoR / MoE-LoRA layers; "

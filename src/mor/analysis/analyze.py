@@ -4,7 +4,7 @@ Pure functions return JSON-able dicts: ``routing_stats`` (per-task entropy, JSD 
 bits), ``parameter_scaling`` (closed-form trainable parameters vs N experts), ``rank_spectrum``
 (float64 singular values of each layer's mixed update, experts and shared B A; numeric rank =
 #sigma > RANK_RTOL * sigma_max). ``*_table`` functions print them; ``analyze`` measures, computes,
-draws (``mor.analysis.analyze.plots``) and writes ``analysis.json``; ``format_report`` prints that file.
+draws (``mor.analysis.plots``) and writes ``analysis.json``; ``format_report`` prints that file.
 What each number means and why MoR's mixed update has rank <= r: docs/method.md, sections 4 and 9.
 """
 

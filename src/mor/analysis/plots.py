@@ -165,7 +165,7 @@ def _plot_routing_layers(s: dict, path: PathLike) -> Path:
 
 
 def plot_routing_over_steps(records: Sequence[Mapping], path: PathLike) -> Path:
-    """Routing during training, from ``routing_stats.json`` (mor.analysis.analyze.routing_stats): per-token
+    """Routing during training, from ``routing_stats.json`` (mor.analysis.routing_stats): per-token
     entropy (bits), Jensen-Shannon divergence between tasks (bits) and the busiest expert's share
     of tokens, against the optimiser step; one thin line per layer (colour = depth), the mean over
     layers thick."""
