@@ -69,6 +69,21 @@ def test_mean_router_has_uniform_entropy(tiny_llama):
     assert stats["load_top_max"] == pytest.approx(1 / 3)  # ties split evenly: no expert is "top"
 
 
+def test_the_recorder_measures_the_routing_profile_measure_routing_returns(tiny_llama):
+    model = _mor(tiny_llama).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    expected = model.measure_routing([{"input_ids": ids, "attention_mask": mask}])
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        recorder.mask = mask
+        model(input_ids=ids, attention_mask=mask)
+    got = recorder.profile()
+    assert set(got.weights) == set(expected.weights) and len(got.weights) > 1
+    for layer, weights in expected.weights.items():
+        assert torch.allclose(got.weights[layer], weights, atol=1e-6), layer
+    assert not torch.allclose(got.weights[layer], torch.full_like(weights, 1 / 3))  # a learned, non-uniform router
+
+
 def test_recorder_rejects_a_mask_of_the_wrong_size(tiny_llama):
     model = _mor(tiny_llama).eval()
     with RoutingRecorder(model) as recorder, torch.no_grad():

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..layer import find_routers
+from ..routing import RoutingProfile
 from ..safety import atomic_write_text
 
 STATS_NAME = "routing_stats.json"
@@ -126,6 +127,11 @@ class RoutingRecorder:
         """Per task and layer, the mean gate over the task's real tokens (N values)."""
         return {task: {layer: (acc.gate_sum / max(acc.tokens, 1)).tolist() for layer, acc in layers.items()}
                 for task, layers in self.sums.items()}
+
+    def profile(self, task: str = "all") -> RoutingProfile:
+        """The routing profile of ``task``: the mean gate of every layer over its real tokens, what
+        ``MoRModel.measure_routing`` returns for the same batches."""
+        return RoutingProfile({layer: (acc.gate_sum / acc.tokens).float() for layer, acc in self.sums[task].items()})
 
     def summary(self) -> dict:
         """Statistics per layer (over all tasks' tokens) and per task, plus their layer averages."""
