@@ -28,13 +28,13 @@ test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow"
 
 bench-speed: install
-	$(PYTHON) benchmarks/speed.py
+	$(PYTHON) -m benchmarks.speed
 
 bench-quality: install  ## the quality study: ~25 min a run per worker on 2 CPU cores, 20 runs; resumes; --report any time
-	$(PYTHON) benchmarks/quality.py --workers 2
+	$(PYTHON) -m benchmarks.quality --workers 2
 
 bench-lm-eval: install  ## mor eval vs lm-eval on the full test splits (about 35 min on 2 CPU cores)
-	$(PYTHON) benchmarks/lm_eval_agreement.py
+	$(PYTHON) -m benchmarks.lm_eval_agreement
 
 clean:
 	rm -rf $(STAMP) runs .pytest_cache

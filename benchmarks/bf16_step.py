@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from mor.data import collate, load_task_records, multiple_choice_items, tokenize_examples, training_examples
-from mor.loading import load_model, load_tokenizer
-from mor.methods import AdapterSpec, apply_adapter
-from mor.train import cast_frozen_base
+from mor.runtime.loading import load_model, load_tokenizer
+from mor.train.adapters import AdapterSpec, apply_adapter
+from mor.train.setup import cast_frozen_base
 
 COMMONSENSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
 TASKS = ("ARC-Easy", "openbookqa", "boolq")
@@ -162,7 +162,7 @@ def main() -> None:
     print(json.dumps({k: report[k] for k in ("padding_share", "step_seconds", "step_ratio_to_fp32",
                                              "loss_abs_diff")}, indent=1), flush=True)
 
-    from mor.evaluate import evaluate_tasks
+    from mor.eval.scoring import evaluate_tasks
 
     items = {t: multiple_choice_items(load_task_records(COMMONSENSE / t, split="test"), scoring="label",
                                       tokenizer=tokenizer) for t in TASKS}

@@ -1,5 +1,5 @@
 """What every benchmark here needs: the machine it ran on, timing statistics, table cells and
-the table formatter (re-exported from mor.report), JSON files.
+the table formatter (re-exported from mor.runtime.report), JSON files.
 
 How the benchmarks use these (interleaved rounds, paired ratios, the resume cache) is in
 docs/benchmarks.md.
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from mor.report import markdown_table, text_table  # noqa: F401  (re-exported: the one table formatter)
-from mor.system import cpu_model
+from mor.runtime.report import markdown_table, text_table  # noqa: F401  (re-exported: the one table formatter)
+from mor.runtime.system import cpu_model
 
 # -- the machine -------------------------------------------------------------------------------
 
@@ -96,7 +96,7 @@ def progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="run", disable=not enabled, leave=False, file=sys.stderr)
 
 
-# -- table cells (the tables themselves: mor.report, re-exported above) --------------------------
+# -- table cells (the tables themselves: mor.runtime.report, re-exported above) --------------------------
 
 
 def f3(x: float | None) -> str:
@@ -112,11 +112,9 @@ def rx(x: float | None) -> str:
 
 def write_json(path: str | Path, data) -> None:
     """Write ``data`` to ``path`` atomically (a killed run never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from mor.safety import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_json(path: str | Path):

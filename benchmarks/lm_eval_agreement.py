@@ -1,11 +1,11 @@
 """Does ``mor eval --scoring text`` give exactly lm-evaluation-harness's numbers, and how fast?
 
-    python benchmarks/lm_eval_agreement.py --limit 100          # 100 test records per task
-    python benchmarks/lm_eval_agreement.py                      # the full test splits
-    python benchmarks/lm_eval_agreement.py --adapter runs/mor-r8 --lm-eval-model mor
+    python -m benchmarks.lm_eval_agreement --limit 100          # 100 test records per task
+    python -m benchmarks.lm_eval_agreement                      # the full test splits
+    python -m benchmarks.lm_eval_agreement --adapter runs/mor-r8 --lm-eval-model mor
 
 For every task (default: ARC-Easy, piqa and social_i_qa) the same items are scored by
-``mor.evaluate`` and by ``lm_eval.simple_evaluate`` on a local task written for them; acc and
+``mor.eval.scoring`` and by ``lm_eval.simple_evaluate`` on a local task written for them; acc and
 acc_norm must be identical, and per record the requests, choices and log-likelihoods are compared.
 How it is built: docs/benchmarks.md, section "lm-eval agreement".
 
@@ -22,19 +22,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import re
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: python benchmarks/lm_eval_agreement.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import machine_info, markdown_table, write_json  # noqa: E402
+from benchmarks.common import machine_info, markdown_table, write_json
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
 DEFAULT_TASKS = ("ARC-Easy", "piqa", "social_i_qa")
@@ -153,11 +150,11 @@ def write_task(folder: Path, name: str, docs: list[dict]) -> Path:
 def run_mor(args, model_path: str, task_path: Path):
     """``mor eval --data <task> --scoring text --limit N``: load, build items, score.
 
-    ``mor.evaluate.score_items`` is wrapped for the call so that the per-record scores that
+    ``mor.eval.scoring.score_items`` is wrapped for the call so that the per-record scores that
     ``evaluate_tasks`` computes are kept for the comparison (no second scoring pass)."""
-    import mor.evaluate as mev
+    import mor.eval.scoring as mev
     from mor.data import multiple_choice_items
-    from mor.loading import load_model, load_tokenizer
+    from mor.runtime.loading import load_model, load_tokenizer
     from mor.data import load_eval_tasks
 
     t0 = time.perf_counter()
@@ -258,7 +255,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = "python benchmarks/lm_eval_agreement.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    command = "python -m benchmarks.lm_eval_agreement " + shlex.join(sys.argv[1:] if argv is None else list(argv))
 
     import torch
 
@@ -266,7 +263,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from lm_eval.tasks import TaskManager
 
-    from mor.loading import resolve_model_path
+    from mor.runtime.loading import resolve_model_path
 
     model_path = resolve_model_path(args.model)
     info = machine_info(args.device, packages=("transformers", "lm_eval", "peft"))

@@ -1,9 +1,9 @@
 """The quality study: MoR against LoRA, DoRA and MoE-LoRA on a multi-task commonsense mix.
 
-    python benchmarks/quality.py --workers 2        # run or resume the study (many hours on 2 cores)
-    python benchmarks/quality.py --report           # table, verdicts and figures from the finished runs
-    python benchmarks/quality.py --ablations --workers 2   # N and r sweeps, 1 seed, small budget
-    python benchmarks/quality.py --quick            # a smoke: minutes
+    python -m benchmarks.quality --workers 2        # run or resume the study (many hours on 2 cores)
+    python -m benchmarks.quality --report           # table, verdicts and figures from the finished runs
+    python -m benchmarks.quality --ablations --workers 2   # N and r sweeps, 1 seed, small budget
+    python -m benchmarks.quality --quick            # a smoke: minutes
 
 Every run (method x seed) trains on the same mix of four tasks, is scored on their test records
 and on a fifth task nobody trains on (forgetting), and writes one JSON under results/quality/
@@ -27,10 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: python benchmarks/quality.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import machine_line, markdown_table, read_json, settings_hash, write_json  # noqa: E402
+from benchmarks.common import machine_line, markdown_table, read_json, settings_hash, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data" / "commonsense"
@@ -178,11 +175,12 @@ def execute(run: Run, s: Settings, data: dict, data_dir: Path, work: Path, resul
     import torch
 
     from mor.data import multiple_choice_items
-    from mor.evaluate import evaluate_tasks
-    from mor.loading import load_model, load_tokenizer
-    from mor.methods import AdapterSpec
+    from mor.eval.scoring import evaluate_tasks
+    from mor.runtime.loading import load_model, load_tokenizer
+    from mor.train.adapters import AdapterSpec
     from mor.model import load_adapter
-    from mor.train import TrainConfig, last_complete_checkpoint, run_training
+    from mor.train import TrainConfig, run_training
+    from mor.train.trainer import last_complete_checkpoint
 
     record = dict(run=run.name, method=run.method, label=run.label, seed=run.seed, key=run_key(s, run),
                   key_hash=settings_hash(run_key(s, run)), machine=machine_line("cpu"), threads=torch.get_num_threads(),
@@ -240,7 +238,7 @@ def execute(run: Run, s: Settings, data: dict, data_dir: Path, work: Path, resul
 def routing_by_task(model, tokenizer, items: dict, s: Settings) -> dict:
     """Routing statistics on each task's test prompts: entropy, between-task divergence, and the
     mean gate per task and layer (what the routing-by-task figure draws)."""
-    from mor.routing_stats import measure_routing_stats, probe_batches
+    from mor.analysis.routing_stats import measure_routing_stats, probe_batches
 
     texts = {t: [it.contexts[0] for it in task_items[: s.routing_prompts]] for t, task_items in items.items()}
     stats = measure_routing_stats(model, probe_batches(texts, tokenizer, max_length=s.max_length), gate_means=True)
@@ -567,7 +565,7 @@ def settings_of(args) -> Settings:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "-m", "benchmarks.quality", *(sys.argv[1:] if argv is None else argv)])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     default_name = "quality_ablations" if args.ablations else ("quality_quick" if args.quick else "quality")
@@ -681,7 +679,4 @@ def json_line(d: dict) -> str:
 
 
 if __name__ == "__main__":
-    src = REPO / "src"
-    if str(src) not in sys.path and (src / "mor").is_dir():
-        sys.path.insert(0, str(src))
     sys.exit(main())

@@ -3,7 +3,7 @@
 Every setting trains MoR (r=8, N=8, FFN of SmolLM2-135M-Instruct) on the built-in 5-task suite
 with the same seed, data and schedule, and reports what the routing did (mean per-token entropy,
 share of the busiest expert, Jensen-Shannon divergence between the tasks' mean routing,
-measured on a fixed probe set of 8 training prompts per task, see mor.routing_stats) and the
+measured on a fixed probe set of 8 training prompts per task, see mor.analysis.routing_stats) and the
 accuracy after training (label scoring on the suite's eval split). A diagnostics callback
 records, at a few steps, the gradient norm of the router weights and of the shared B, ||B||, and
 at the end how far the router weights moved from their init (relative Frobenius change).
@@ -34,7 +34,7 @@ import torch
 from transformers import TrainerCallback
 
 from benchmarks.common import markdown_table
-from mor.methods import AdapterSpec
+from mor.train.adapters import AdapterSpec
 from mor.train import TrainConfig, run_training
 
 SETTINGS = {
@@ -113,7 +113,7 @@ def run(name: str, steps: int, out: Path, base_dtype: str, batch_size: int = 8) 
     cfg = TrainConfig(model=None, adapter=spec, output=str(Path("runs") / out.name / name),
                       max_steps=steps, batch_size=batch_size, lr=1e-3, logging_steps=10, save_steps=10 ** 6,
                       evaluate_before=False, builtin_eval_size=40, base_dtype=base_dtype,
-                      routing_stats_steps=10, **options)
+                      routing_stats_steps=10, figures=False, **options)
     diag = RouterDiagnostics()
     extra = [ExpertScaleInit(EXPERT_SCALE_STD[name])] if name in EXPERT_SCALE_STD else []
     tic = time.perf_counter()

@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def prompts_and_ids(tokenizer, count: int) -> list[list[int]]:
     import json
 
-    from mor.generate import prompt_inputs
+    from mor.runtime.generate import prompt_inputs
 
     tasks = []
     for task in ("boolq", "ARC-Easy"):
@@ -62,7 +62,7 @@ def fresh_adapter(model_path: str, folder: Path) -> Path:
     from peft import get_peft_model
 
     import mor
-    from mor.loading import load_model
+    from mor.runtime.loading import load_model
 
     peft_model = get_peft_model(load_model(model_path), mor.MoRConfig(init_seed=0))
     g = torch.Generator().manual_seed(0)
@@ -82,7 +82,7 @@ def task_loras(model_path: str, adapter: Path, prompts: list[list[int]], folder:
 
     import mor
     from mor.export import export_lora
-    from mor.loading import load_model
+    from mor.runtime.loading import load_model
 
     model = mor.load_adapter(load_model(model_path), adapter)
     out = []
@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
     import torch
 
     import mor
-    from mor.loading import load_model, load_tokenizer, resolve_model_path
+    from mor.runtime.loading import load_model, load_tokenizer, resolve_model_path
     from mor.serving import export_for_vllm
 
     model_path = resolve_model_path(args.model)

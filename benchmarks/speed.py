@@ -22,13 +22,10 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a file: python benchmarks/speed.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import machine_info, rx, text_table, write_json  # noqa: E402
-from benchmarks.speed_e2e import E2E_SETTINGS, bench_memory, bench_training, memory_worker, training_table  # noqa: E402
-from benchmarks.speed_inference import bench_inference, inference_table  # noqa: E402
-from benchmarks.speed_layer import RANKS, SEVEN_B, bench_layers, layer_table, profile_layers  # noqa: E402
+from benchmarks.common import machine_info, rx, text_table, write_json
+from benchmarks.speed_e2e import E2E_SETTINGS, bench_memory, bench_training, memory_worker, training_table
+from benchmarks.speed_inference import bench_inference, inference_table
+from benchmarks.speed_layer import RANKS, SEVEN_B, bench_layers, layer_table, profile_layers
 
 TARGETS = {
     "layer_vs_lora": 1.15,  # MoR layer time / LoRA layer time at 7B shapes, <=

@@ -27,11 +27,11 @@ E2E_METHODS = ("lora", "mor", "moelora")
 # method -> (r, N) of the end-to-end comparison
 E2E_SETTINGS = {"lora": (16, 1), "mor": (8, 8), "moelora": (2, 8)}
 # the script that runs a memory worker (``--worker-memory METHOD``) in a fresh process
-SPEED_SCRIPT = Path(__file__).with_name("speed.py")
+REPO = Path(__file__).resolve().parents[1]  # the memory workers run `python -m benchmarks.speed` from here
 
 
 def build_model(spec: str, dtype, device, seed: int = 0):
-    """``tiny`` (a config-built LLaMA, no download) or anything ``mor.loading.load_model`` takes."""
+    """``tiny`` (a config-built LLaMA, no download) or anything ``mor.runtime.loading.load_model`` takes."""
     if spec == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -41,7 +41,7 @@ def build_model(spec: str, dtype, device, seed: int = 0):
                              pad_token_id=0, bos_token_id=1, eos_token_id=2)
         model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     else:
-        from mor.loading import load_model
+        from mor.runtime.loading import load_model
 
         model = load_model(None if spec == "smollm2" else spec, dtype=dtype).to(device)
     return model.eval()
@@ -199,10 +199,10 @@ def bench_memory(args, log) -> dict:
     out = {}
     with progress(len(E2E_METHODS), "memory (subprocess per method)", args.progress) as bar:
         for method in E2E_METHODS:
-            cmd = [sys.executable, str(SPEED_SCRIPT), "--worker-memory", method, "--model", args.model,
+            cmd = [sys.executable, "-m", "benchmarks.speed", "--worker-memory", method, "--model", args.model,
                    "--device", args.device, "--dtype", args.dtype, "--e2e-batch", str(args.e2e_batch),
                    "--e2e-seq", str(args.e2e_seq), "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
             if proc.returncode != 0:
                 raise RuntimeError(f"memory worker for {method} failed:\n{proc.stderr[-3000:]}")
             out[method] = json.loads(proc.stdout.strip().splitlines()[-1])

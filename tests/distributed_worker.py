@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import make_tiny_llama  # noqa: E402
 
 from mor.config import MoRConfig  # noqa: E402
-from mor.distributed import (adapter_checksum, check_full_state_dict, clean_name, gather_adapter_state_dict,  # noqa: E402
+from mor.runtime.distributed import (adapter_checksum, check_full_state_dict, clean_name, gather_adapter_state_dict,  # noqa: E402
                              load_adapter_file, load_adapter_state_dict, save_adapter, unwrap_model)
 from mor.model import get_mor_model, load_adapter  # noqa: E402
 

@@ -11,8 +11,8 @@ from conftest import make_tiny_llama
 from matplotlib.image import imread
 
 import mor
-from mor import analysis as A
-from mor import plots as P
+from mor.analysis import analyze as A
+from mor.analysis import plots as P
 from mor.params import layer_parameter_count, parameter_count
 
 R, N = 4, 4

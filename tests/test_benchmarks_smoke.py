@@ -8,9 +8,6 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # ``benchmarks`` lives at the repo root, next to ``src``
-    sys.path.insert(0, str(ROOT))
 
 
 def test_speed_benchmark_quick_smoke(tmp_path, capsys):
@@ -70,11 +67,11 @@ def test_speed_benchmark_quick_end_to_end_smoke(tmp_path, capsys):
 
 
 def test_speed_benchmark_inference_only_smoke(tmp_path, capsys):
-    """``benchmarks.speed_inference`` (= ``benchmarks.speed --only inference``): latency and its
-    targets alone, no training, memory or layer part."""
-    speed_inference = pytest.importorskip("benchmarks.speed_inference")
+    """``benchmarks.speed --only inference``: latency and its targets alone, no training, memory
+    or layer part."""
+    speed = pytest.importorskip("benchmarks.speed")
     out_json = tmp_path / "speed.json"
-    speed_inference.main(["--quick", "--no-progress", "--json", str(out_json)])
+    speed.main(["--only", "inference", "--quick", "--no-progress", "--json", str(out_json)])
     printed = capsys.readouterr().out
     assert "Inference, batch 1" in printed and "End-to-end training" not in printed
 
@@ -277,11 +274,11 @@ def test_lm_eval_agreement_quick_smoke(tmp_path, capsys, tiny_model_dir):
 
 
 def test_benchmark_tables_come_from_the_one_formatter():
-    """``benchmarks.common`` re-exports mor.report's formatter; routing_remedies' table is built with it."""
-    import mor.report
+    """``benchmarks.common`` re-exports mor.runtime.report's formatter; routing_remedies' table is built with it."""
+    import mor.runtime.report
     from benchmarks import common, routing_remedies
 
-    assert common.markdown_table is mor.report.markdown_table and common.text_table is mor.report.text_table
+    assert common.markdown_table is mor.runtime.report.markdown_table and common.text_table is mor.runtime.report.text_table
     row = {"setting": "paper", "routing_first": {"entropy_bits": 2.0}, "acc": 0.5, "acc_stderr": 0.1,
            "routing_last": {"entropy_bits": 1.9, "entropy_normalized": 0.95, "load_top_max": 0.3, "jsd_bits": 1e-3}}
     lines = routing_remedies.table([row]).splitlines()

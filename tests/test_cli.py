@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from mor import train as train_module
+from mor.train import trainer as train_module
 from mor.cli import main
-from mor.methods import AdapterSpec
-from mor.tasks import write_builtin_suite
-from mor.train import TrainConfig, last_complete_checkpoint, run_training
+from mor.train.adapters import AdapterSpec
+from mor.data.builtin import write_builtin_suite
+from mor.train import TrainConfig, run_training
+from mor.train.trainer import last_complete_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,7 @@ def test_unknown_target_module_is_a_clear_error(tmp_path, tiny_model_dir, tiny_t
     assert "matches no module" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_real_smollm2_on_commonsense_records(tmp_path, smollm2_path, commonsense, capsys):
     """A few ARC-Easy and boolq records through the real model: train 2 steps, eval both scorings."""
     data = tmp_path / "data"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_tokenizer
 
-from mor.evaluate import encode_pair  # lm-eval's split; training drops only the BOS
+from mor.eval.scoring import encode_pair  # lm-eval's split; training drops only the BOS
 from mor.data import (
     DEFAULT_TEMPLATE,
     DataError,

@@ -22,14 +22,14 @@ import torch
 from safetensors.torch import load_file
 
 from mor.config import MoRConfig
-from mor.distributed import adapter_checksum, gather_adapter_state_dict, save_adapter
+from mor.runtime.distributed import adapter_checksum, gather_adapter_state_dict, save_adapter
 from mor.model import get_mor_model, load_adapter
 
 
 def adapter_state(model) -> dict:
     """The MoR adapter's tensors as the model holds them (possibly sharded), keyed by parameter name."""
     return {n: p.detach() for n, p in model.named_parameters() if ".mor." in n}
-from mor.tasks import write_builtin_suite
+from mor.data.builtin import write_builtin_suite
 
 from conftest import make_tiny_llama
 
@@ -119,13 +119,14 @@ def test_two_processes_split_the_data_and_end_with_the_same_adapter(ddp_run):
 
 KILL_AFTER_FIRST_CHECKPOINT = """
 import os, sys, torch
-from mor import cli, train
-original = train.CompleteCheckpointCallback.on_save
+from mor import cli
+from mor.train.trainer import CompleteCheckpointCallback
+original = CompleteCheckpointCallback.on_save
 def on_save(self, args, state, control, **kw):
     original(self, args, state, control, **kw)
     torch.distributed.barrier()  # rank 0 has marked the checkpoint complete
     os._exit(17)  # every rank dies, as under a SIGKILL
-train.CompleteCheckpointCallback.on_save = on_save
+CompleteCheckpointCallback.on_save = on_save
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -183,8 +184,8 @@ def test_sharded_training_saves_the_full_adapter_once(tmp_path, mode):
 
 TRAINER_WITH_DEEPSPEED = """
 import dataclasses, sys
-from mor import train
-from mor.methods import AdapterSpec
+from mor.train import recipe as train
+from mor.train.adapters import AdapterSpec
 plain = train.training_arguments
 train.training_arguments = lambda cfg: dataclasses.replace(plain(cfg), deepspeed={
     "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",

@@ -1,4 +1,4 @@
-"""Multiple-choice log-likelihood scoring (mor.evaluate): exact values on a hand-built model,
+"""Multiple-choice log-likelihood scoring (mor.eval.scoring): exact values on a hand-built model,
 prefix reuse and batching against naive one-by-one scoring, tables and JSON."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from conftest import make_bpe_tokenizer as build_bpe_tokenizer
 from conftest import make_tiny_llama
 from mor.data import MultipleChoiceItem
-from mor.evaluate import (
+from mor.eval.scoring import (
     accuracy_table,
     choice_length,
     encode_pair,
@@ -102,7 +102,7 @@ def hand_items():
 @pytest.mark.parametrize("batch_size", [1, 2, 8])
 def test_hand_built_scores_ranking_and_accuracy(with_cache, batch_size, caplog):
     model = BigramLM(with_cache)
-    with caplog.at_level(logging.WARNING, logger="mor.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="mor.eval.scoring"):
         scores = score_items(model, word_tokenizer(), hand_items(), batch_size=batch_size, progress=False)
     assert ("prefix reuse unavailable" in caplog.text) is (not with_cache)
 

@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from mor import MoRConfig, get_mor_model
 from mor.cli import main
 from mor.export import export_lora, lora_factors, mixture_layers, resolve_routing
-from mor.tasks import write_builtin_suite
+from mor.data.builtin import write_builtin_suite
 
 from conftest import make_tiny_llama
 
@@ -217,7 +217,7 @@ def test_cli_export_lora_per_task_and_from_a_profile(tmp_path, tiny_model_dir, t
     profile = tmp_path / "loras" / "parity" / "routing_profile.json"
     assert main(["export-lora", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--routing", str(profile),
                  "--output", str(tmp_path / "one"), "--no-check"]) == 0
-    from mor.loading import load_model, load_tokenizer
+    from mor.runtime.loading import load_model, load_tokenizer
     from mor.model import load_adapter
 
     tok = load_tokenizer(str(tiny_model_dir))
@@ -243,7 +243,7 @@ def test_cli_export_lora_moelora_says_rank_n_times_r(tmp_path, tiny_model_dir, t
 
 
 def test_cli_export_lora_refuses_a_peft_lora(tmp_path, tiny_model_dir):
-    from mor.loading import load_model
+    from mor.runtime.loading import load_model
 
     lora = get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(r=2, target_modules=["q_proj"]))
     lora.save_pretrained(tmp_path / "lora")
@@ -252,9 +252,10 @@ def test_cli_export_lora_refuses_a_peft_lora(tmp_path, tiny_model_dir):
               "--routing", "uniform", "--output", str(tmp_path / "out")])
 
 
+@pytest.mark.slow
 def test_real_smollm2_exports_within_float32_rounding(smollm2_path, tmp_path):
     """SmolLM2-135M, attention + FFN of all 30 blocks, r=8, N=8, a visibly non-zero adapter."""
-    from mor.loading import load_model, load_tokenizer
+    from mor.runtime.loading import load_model, load_tokenizer
 
     tok = load_tokenizer(smollm2_path)
     base = load_model(smollm2_path).eval()

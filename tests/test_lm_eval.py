@@ -1,5 +1,5 @@
 """lm-evaluation-harness integration: the "mor" model type, make_lm, the CLI wrapper, and
-agreement of mor.evaluate with lm-eval's own numbers on a local multiple-choice task."""
+agreement of mor.eval.scoring with lm-eval's own numbers on a local multiple-choice task."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 import mor.lm_eval_model as mle  # noqa: E402  (registers "mor")
 from conftest import make_bpe_tokenizer, make_tiny_llama  # noqa: E402
 from mor.data import MultipleChoiceItem  # noqa: E402
-from mor.evaluate import score_items  # noqa: E402
+from mor.eval.scoring import score_items  # noqa: E402
 
 TASK = "mor_tiny_mc"
 MAX_POS = 48  # small, so the long record below is left-truncated by both scorers
@@ -287,7 +287,7 @@ def test_agreement_smollm2_arc_easy_slice(smollm2_path, commonsense, tmp_path):
     write_task(tmp_path, "mor_arc_easy_slice", records)
     tm = TaskManager(include_path=str(tmp_path), include_defaults=False)
     res, samples = run_lm_eval("mor", f"pretrained={smollm2_path}", tm, task="mor_arc_easy_slice", batch_size=8)
-    from mor.loading import load_model, load_tokenizer
+    from mor.runtime.loading import load_model, load_tokenizer
 
     model, tok = load_model(smollm2_path), load_tokenizer(smollm2_path)
     assert_agree(model, tok, records, res, samples, task="mor_arc_easy_slice", batch_size=8)

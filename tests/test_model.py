@@ -282,8 +282,9 @@ def test_bad_targets_say_what_exists():
         get_mor_model(make_tiny_llama(), MoRConfig(target_modules=["input_layernorm"]))
 
 
+@pytest.mark.slow
 def test_one_training_step_lowers_loss_on_smollm2(smollm2_path):
-    from mor.loading import load_tokenizer
+    from mor.runtime.loading import load_tokenizer
 
     tokenizer = load_tokenizer(smollm2_path)
     base = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)

@@ -203,14 +203,14 @@ def test_train_flags_come_from_the_config():
         assert getattr(args, name) == meta[name].default, name
     helps = {a.dest: a.help for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
     assert meta["router"].metadata["help"] in helps["router"]
-    spec = mor.methods.AdapterSpec(method="lora", r=16)
+    spec = mor.train.adapters.AdapterSpec(method="lora", r=16)
     assert spec.alpha == 32.0 and MoRConfig(r=16).alpha == 32.0  # one default: alpha = 2r everywhere
 
 
 def test_cli_trains_on_a_four_bit_base_and_converts_legacy_folders(tmp_path):
     pytest.importorskip("bitsandbytes")
     from mor.cli import main
-    from mor.loading import load_model
+    from mor.runtime.loading import load_model
 
     # hidden 64: bitsandbytes' CPU kernel repacks nf4 weights in blocks of 64 inputs, so a layer
     # with fewer inputs (the 32-wide tiny model) fails inside bitsandbytes on a no-grad forward

@@ -1,10 +1,10 @@
-"""The one table formatter (mor.report): Markdown for results people paste, aligned text for terminals."""
+"""The one table formatter (mor.runtime.report): Markdown for results people paste, aligned text for terminals."""
 
 from __future__ import annotations
 
 import pytest
 
-from mor.report import markdown_table, text_table
+from mor.runtime.report import markdown_table, text_table
 
 
 def test_markdown_table_pads_every_column_to_its_widest_cell():

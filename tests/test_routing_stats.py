@@ -10,14 +10,15 @@ import math
 import pytest
 import torch
 
-from mor.analysis import routing_over_steps_table
+from mor.analysis.analyze import routing_over_steps_table
 from mor.cli import main
-from mor.methods import AdapterSpec, apply_adapter
-from mor.routing_stats import (RoutingRecorder, entropy_bits, expert_load, find_routers, js_divergence,
+from mor.train.adapters import AdapterSpec, apply_adapter
+from mor.analysis.routing_stats import (RoutingRecorder, entropy_bits, expert_load, find_routers, js_divergence,
                                measure_routing_stats, token_entropy_bits)
-from mor.tasks import write_builtin_suite
-from mor.train import (AdapterTrainer, TrainConfig, cast_frozen_base, resolve_base_dtype, run_training,
-                       scale_router_init, training_arguments)
+from mor.data.builtin import write_builtin_suite
+from mor.train import TrainConfig, run_training
+from mor.train.setup import cast_frozen_base, resolve_base_dtype, scale_router_init
+from mor.train.trainer import AdapterTrainer, training_arguments
 
 
 def test_statistics_match_hand_computed_values():
@@ -66,6 +67,21 @@ def test_mean_router_has_uniform_entropy(tiny_llama):
     stats = measure_routing_stats(model, {"a": [{"input_ids": torch.tensor([[5, 6, 7]])}]})
     assert stats["entropy_normalized"] == pytest.approx(1.0)
     assert stats["load_top_max"] == pytest.approx(1 / 3)  # ties split evenly: no expert is "top"
+
+
+def test_the_recorder_measures_the_routing_profile_measure_routing_returns(tiny_llama):
+    model = _mor(tiny_llama).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    expected = model.measure_routing([{"input_ids": ids, "attention_mask": mask}])
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        recorder.mask = mask
+        model(input_ids=ids, attention_mask=mask)
+    got = recorder.profile()
+    assert set(got.weights) == set(expected.weights) and len(got.weights) > 1
+    for layer, weights in expected.weights.items():
+        assert torch.allclose(got.weights[layer], weights, atol=1e-6), layer
+    assert not torch.allclose(got.weights[layer], torch.full_like(weights, 1 / 3))  # a learned, non-uniform router
 
 
 def test_recorder_rejects_a_mask_of_the_wrong_size(tiny_llama):
@@ -160,7 +176,7 @@ def test_base_dtype_names():
 
 
 def test_train_flags_reach_the_config(monkeypatch):
-    import mor.train as train_module
+    import mor.train as train_module  # where `mor train` finds run_training
     from mor.cli import main as cli_main
 
     seen = {}

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from mor.cli import main
-from mor.methods import AdapterSpec
-from mor.tasks import TASK_NAMES, write_builtin_suite
+from mor.train.adapters import AdapterSpec
+from mor.data.builtin import TASK_NAMES, write_builtin_suite
 from mor.train import TrainConfig, run_training
 
 ADAPTER_FILE = "adapter_model.safetensors"

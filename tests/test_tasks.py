@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from mor.tasks import (
+from mor.data.builtin import (
     SENTIMENT_WORDS,
     TASK_LABELS,
     TASK_NAMES,

@@ -180,7 +180,7 @@ def trained(tmp_path_factory, smollm2_path):
 
 def task_prompts(tokenizer, per_task: int = 12) -> list[list[int]]:
     """The first records of two tasks' test splits, through the chat template as `mor generate` does."""
-    from mor.generate import prompt_inputs
+    from mor.runtime.generate import prompt_inputs
 
     prompts = []
     for task in ("boolq", "ARC-Easy"):
@@ -192,7 +192,7 @@ def task_prompts(tokenizer, per_task: int = 12) -> list[list[int]]:
 @pytest.mark.slow
 def test_vllm_serves_a_trained_smollm2_mor_token_for_token_like_mor_generate(trained, smollm2_path, tmp_path):
     adapter, serve = trained
-    from mor.loading import load_model, load_tokenizer
+    from mor.runtime.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(smollm2_path)
     prompts = task_prompts(tokenizer)

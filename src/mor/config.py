@@ -14,7 +14,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_TYPE = "MOR"
 
-METHODS = ("mor", "moelora")
+METHODS = ("mor", "moelora")  # the peft methods of this package
+ALL_METHODS = (*METHODS, "lora", "dora")  # every adapter a training run can put on (LoRA/DoRA: peft's own)
 ROUTERS = ("softmax", "mean", "balanced", "topk")
 INITS = ("ones_noise", "ones")
 
@@ -24,7 +25,6 @@ TARGET_PRESETS: dict[str, list[str]] = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "attention+ffn": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
-ALL_LINEAR = "all-linear"
 
 
 @dataclass

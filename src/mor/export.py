@@ -27,46 +27,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .layer import MixtureLayer, MoRAdapter
+from .layer import MoRAdapter, mixture_layers, transformers_model  # noqa: F401  (mixture_layers: mor.export's API)
 from .routing import ROUTING_NAME, Routing, resolve_routing
-
-
-
-
-# -- finding the layers -------------------------------------------------------------------------
-
-def _transformers_root_prefix(model: nn.Module) -> str:
-    """Dotted name of the outermost transformers ``PreTrainedModel`` inside ``model`` ("" if it
-    is ``model`` itself or none is found): module names are made relative to it."""
-    from transformers import PreTrainedModel
-
-    for name, module in model.named_modules():  # pre-order: the outermost comes first
-        if isinstance(module, PreTrainedModel):
-            return name
-    return ""
-
-
-def mixture_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The active MoR / MoE-LoRA adapter of every mixture layer of ``model``, keyed by the layer's
-    name relative to the transformers model (wrapper prefixes such as ``base_model.model.`` stripped)."""
-    prefix = _transformers_root_prefix(model)
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, MixtureLayer):
-            active = [a for a in module.active_adapters if a in module.mor]
-            if len(active) != 1:
-                raise ValueError(f"{name}: export one adapter at a time; active adapters are {active}")
-            layers[name[len(prefix) + 1:] if prefix else name] = module.mor[active[0]]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoR / MoE-LoRA layers to export; "
-                         "load a MoR or MoE-LoRA adapter onto the model first")
-    return layers
-
-
-def transformers_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside any wrapper (``model`` itself if it is one)."""
-    prefix = _transformers_root_prefix(model)
-    return model.get_submodule(prefix) if prefix else model
 
 
 # -- the maths ----------------------------------------------------------------------------------
@@ -152,3 +114,42 @@ def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path]
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / ROUTING_NAME).write_text(json.dumps({k: v.tolist() for k, v in weights.items()}, indent=1) + "\n")
     return folder
+
+
+# -- checking a merge or an export against the adapter -----------------------------------------------
+
+def _check_batch(tokenizer, texts: list[str]) -> dict:
+    return tokenizer(texts[:8], return_tensors="pt", padding=True)
+
+
+def _max_logit_difference(model: nn.Module, batch: dict, expected: torch.Tensor) -> float:
+    with torch.no_grad():
+        got = model(**batch).logits
+    return (got - expected)[batch["attention_mask"].bool()].abs().max().item()
+
+
+def _routed_logits(model: nn.Module, routing: Routing, batch: dict) -> torch.Tensor:
+    with torch.no_grad(), model.fixed_routing(routing):
+        return model(**batch).logits
+
+
+def merge_checked(model: nn.Module, routing: Routing, tokenizer, texts: list[str]) -> tuple[nn.Module, float]:
+    """``model.merge_and_unload(routing)`` and the max |logit difference| of the merged model
+    against the un-merged one under the same fixed routing, on the real tokens of ``texts[:8]``."""
+    batch = _check_batch(tokenizer, texts)
+    expected = _routed_logits(model, routing, batch)
+    merged = model.merge_and_unload(routing)
+    return merged, _max_logit_difference(merged, batch, expected)
+
+
+def check_exported_lora(model: nn.Module, routing: Routing, folder: Union[str, Path], base: nn.Module, tokenizer,
+                        texts: list[str]) -> tuple[float, nn.Module]:
+    """Load the LoRA exported to ``folder`` with peft onto ``base`` and return the max |logit
+    difference| against ``model`` under the same fixed routing, and ``base`` unloaded again (for
+    the next LoRA)."""
+    from peft import PeftModel
+
+    batch = _check_batch(tokenizer, texts)
+    expected = _routed_logits(model, routing, batch)
+    lora = PeftModel.from_pretrained(base, str(folder)).eval()
+    return _max_logit_difference(lora, batch, expected), lora.unload()

@@ -131,10 +131,6 @@ class MoRAdapter(ExpertMixture):
         n = self.num_experts
         return self.router(x, logits=logits_and_h[:, :n]), logits_and_h[:, n:]
 
-    def stacked_up_t(self) -> torch.Tensor:
-        """U^T, with U = (alpha/r) [diag(Omega_B[i]) B diag(Omega_A[i])]_i: (N*r, d_out), row-major."""
-        return self.token_independent_factors().up_t
-
     def token_independent_factors(self) -> TokenIndependentFactors:
         """U^T (N*r, d_out) and, where one product gives what the router computes (fp32, a learned
         router), the stacked [W_g; A]^T (d_in, N + r).
@@ -297,3 +293,51 @@ def plain_linear(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
         if bias is not None:
             linear.bias.copy_(bias.to(weight.dtype))
     return linear
+
+
+# -- finding the layers: the one way (export, routing statistics, analysis, the CLI use it) ---------
+
+def _transformers_root_prefix(model: nn.Module) -> str:
+    """Dotted name of the outermost transformers ``PreTrainedModel`` inside ``model`` ("" if it
+    is ``model`` itself or none is found): module names are made relative to it."""
+    from transformers import PreTrainedModel
+
+    for name, module in model.named_modules():  # pre-order: the outermost comes first
+        if isinstance(module, PreTrainedModel):
+            return name
+    return ""
+
+
+def mixture_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The active MoR / MoE-LoRA adapter of every mixture layer of ``model``, keyed by the layer's
+    name relative to the transformers model (wrapper prefixes such as ``base_model.model.`` stripped)."""
+    prefix = _transformers_root_prefix(model)
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MixtureLayer):
+            active = [a for a in module.active_adapters if a in module.mor]
+            if len(active) != 1:
+                raise ValueError(f"{name}: one adapter at a time (export, routing statistics); active adapters are {active}")
+            layers[name[len(prefix) + 1:] if prefix else name] = module.mor[active[0]]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoR / MoE-LoRA layers; "
+                         "load a MoR or MoE-LoRA adapter onto the model first")
+    return layers
+
+
+def find_routers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{layer name: router}`` of the active MoR / MoE-LoRA adapter of every mixture layer (names
+    as in :func:`mixture_layers`); ``{}`` for a model without one (a LoRA / DoRA run)."""
+    try:
+        return {name: adapter.router for name, adapter in mixture_layers(model).items()}
+    except ValueError:
+        return {}
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside any wrapper (``model`` itself if it is one)."""
+    prefix = _transformers_root_prefix(model)
+    return model.get_submodule(prefix) if prefix else model
+
+
+# -- the maths ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """MoR inside lm-evaluation-harness: the ``mor`` model type and :func:`make_lm`.
 
 Importing this module registers the lm-eval model type ``"mor"`` (a subclass of lm-eval's
-``HFLM``): the base model comes from :func:`mor.loading.load_model` (hub id, folder, ``.gguf``,
+``HFLM``): the base model comes from :func:`mor.runtime.loading.load_model` (hub id, folder, ``.gguf``,
 or nothing for the embedded SmolLM2), the adapter from :func:`mor.model.load_adapter` (MoR,
 MoE-LoRA, LoRA, DoRA); everything else is HFLM's. Model arguments beyond ``hf``'s: ``adapter``,
 ``merged_routing`` (a routing profile JSON or ``uniform``: evaluate the merged model).
@@ -25,33 +25,10 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "mor"
 
-__all__ = ["MoRLM", "make_lm", "attach_adapter", "load_base_and_adapter", "register", "main", "MODEL_NAME"]
+__all__ = ["MoRLM", "make_lm", "load_base_and_adapter", "register", "main", "MODEL_NAME"]
 
 # HFLM arguments that only make sense when HFLM loads the model itself from a path.
 _UNSUPPORTED = ("parallelize", "tp_plan", "peft", "delta", "autogptq", "gptqmodel", "gguf_file")
-
-
-def attach_adapter(model, adapter_dir: str | Path, merged_routing: str | Path | None = None):
-    """The base ``model`` with the adapter in ``adapter_dir`` attached by
-    :func:`mor.model.load_adapter` (imported lazily): a peft ``PeftModel`` for every method.
-
-    ``merged_routing`` (a routing profile JSON written by ``RoutingProfile.save``, or
-    ``"uniform"``) folds a MoR adapter into the base weights with that fixed routing
-    (``merge_and_unload(routing=...)``, an exact merge) and returns the plain model.
-    """
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: give the folder an adapter was saved to")
-    from mor.model import is_mor_model, load_adapter
-
-    model = load_adapter(model, str(adapter_dir))
-    if merged_routing is not None:
-        if not is_mor_model(model):
-            raise ValueError(
-                f"merged_routing applies to MoR / MoE-LoRA adapters; {adapter_dir} loads as {type(model).__name__}"
-            )
-        model = model.merge_and_unload(routing=str(merged_routing))
-    return model
 
 
 def _resolve_dtype(dtype):
@@ -82,18 +59,13 @@ def load_base_and_adapter(
     device: Any = None,
     trust_remote_code: bool = False,
 ):
-    """``(model, tokenizer)``: the base from :func:`mor.loading.load_model`, the adapter (if any)
-    attached, on ``device``, in eval mode."""
-    from mor.loading import load_model, load_tokenizer
+    """``(model, tokenizer)``: :func:`mor.runtime.loading.load_adapted` (the base, the adapter if
+    any, merged under ``merged_routing`` if given), on ``device``, in eval mode."""
+    from mor.runtime.loading import load_adapted
 
-    if merged_routing is not None and adapter is None:
-        raise ValueError("merged_routing needs an adapter")
-    tok = load_tokenizer(tokenizer if tokenizer is not None else pretrained, trust_remote_code=trust_remote_code)
-    model = load_model(pretrained, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code)
-    if adapter is not None:
-        model = attach_adapter(model, adapter, merged_routing=merged_routing)
+    model, tok = load_adapted(pretrained, adapter, merge=merged_routing is not None, routing=merged_routing,
+                              tokenizer=tokenizer, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code)
     model.to(_resolve_device(device))
-    model.eval()
     return model, tok
 
 
@@ -146,7 +118,7 @@ def _hf_like(model):
 
 
 class MoRLM(HFLM):
-    """lm-eval's HFLM around a base model loaded by :mod:`mor.loading` with an optional
+    """lm-eval's HFLM around a base model loaded by :mod:`mor.runtime.loading` with an optional
     adapter (MoR, MoE-LoRA, LoRA, DoRA). Registered as lm-eval model type ``"mor"``."""
 
     def __init__(

@@ -107,20 +107,24 @@ class RoutingProfile:
         return torch.stack(list(self.weights.values())).mean(dim=0)
 
     def save(self, path: Union[str, Path]) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps({k: v.tolist() for k, v in self.weights.items()}, indent=1) + "\n")
-        return path
+        """Write the profile as JSON ``{layer name: [g_1, ..., g_N]}`` (atomically)."""
+        from .safety import atomic_write_text
+
+        return atomic_write_text(path, json.dumps({k: v.tolist() for k, v in self.weights.items()}, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "RoutingProfile":
+        """The profile a ``save`` wrote (the one reader of routing_profile.json files)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"routing profile not found: {path}")
+            raise FileNotFoundError(f"routing profile not found: {path} (give a routing_profile.json or 'uniform')")
         try:
             data = json.loads(path.read_text())
+            return cls({k: torch.tensor(v, dtype=torch.float32) for k, v in data.items()})
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not a routing profile (invalid JSON: {err})") from err
-        return cls({k: torch.tensor(v, dtype=torch.float32) for k, v in data.items()})
+        except (AttributeError, TypeError, ValueError) as err:
+            raise ValueError(f"{path} is not a routing profile ({err})") from err
 
 
 ROUTING_NAME = "routing_profile.json"  # a profile saved next to what it made
@@ -140,13 +144,7 @@ def resolve_routing(layers: Mapping[str, nn.Module], routing: Routing) -> dict[s
     if isinstance(routing, (str, Path)):
         if str(routing) == "uniform":
             return {name: torch.full((layer.num_experts,), 1.0 / layer.num_experts) for name, layer in layers.items()}
-        path = Path(routing)
-        if not path.is_file():
-            raise FileNotFoundError(f"routing profile not found: {path} (give a routing_profile.json or 'uniform')")
-        try:
-            routing = {k: torch.tensor(v, dtype=torch.float32) for k, v in json.loads(path.read_text()).items()}
-        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
-            raise ValueError(f"{path} is not a routing profile ({err})") from err
+        routing = RoutingProfile.load(routing)
     if isinstance(routing, RoutingProfile):
         routing = routing.weights
     if isinstance(routing, torch.Tensor):

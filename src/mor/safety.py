@@ -275,30 +275,3 @@ def divergence_warning(log_history: list[dict], lr: float) -> str | None:
         return (f"the training loss rose from {first:.4g} (step {first_step}) to {last:.4g} (step {last_step}): "
                 f"the run diverged and the adapter is likely worse than none; lower --lr (now {lr:g}).")
     return None
-
-
-# -- the numbers a training run takes ------------------------------------------------------------------
-
-RESUME_FREE_SETTINGS = ("resume", "overwrite", "max_steps", "epochs", "evaluate", "eval_limit", "eval_batch_size",
-                        "logging_steps", "save_steps")
-"""TrainConfig fields a ``--resume`` may change: how long to train, and what is logged or scored."""
-
-
-def check_train_numbers(cfg) -> None:
-    """Refuse training settings that would silently do something else (``--max-steps 0``
-    trained one step; ``--grad-accum 0`` divided by zero), naming the flag."""
-    def need(ok: bool, flag: str, value, what: str) -> None:
-        if not ok:
-            raise ValueError(f"{flag} {value}: {what}.")
-
-    need(cfg.max_steps == -1 or cfg.max_steps >= 1, "--max-steps", cfg.max_steps,
-         "give at least 1 (or leave it out to train for --epochs)")
-    need(cfg.max_steps >= 1 or (math.isfinite(cfg.epochs) and cfg.epochs > 0), "--epochs", cfg.epochs,
-         "give a number above 0")
-    for flag, value in (("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum),
-                        ("--save-steps", cfg.save_steps), ("--max-length", cfg.max_length),
-                        ("--logging-steps", cfg.logging_steps)):
-        need(value >= 1, flag, value, "give at least 1")
-    need(math.isfinite(cfg.lr) and cfg.lr > 0, "--lr", cfg.lr, "give a finite learning rate above 0, e.g. 1e-3")
-    need(cfg.holdout >= 0, "--holdout", cfg.holdout, "give 0 or more")
-    need(cfg.eval_limit is None or cfg.eval_limit >= 1, "--eval-limit", cfg.eval_limit, "give at least 1")

@@ -28,7 +28,7 @@ from .batches import (IGNORE_INDEX, TokenizedExample, TokenizedTask, collate, mi
                       tokenize_example, tokenize_examples)
 from .choices import ParsedChoice, parse_multiple_choice
 from .prompts import (DEFAULT_TEMPLATE, LABEL_CONTINUATION, TARGET_DELIMITER, chat_prompt, instruction_prompt,
-                      multiple_choice_items, text_prompt, training_examples)
+                      multiple_choice_items, task_prompts, text_prompt, training_examples)
 from .records import (DATA_SUFFIXES, SPLIT_NAMES, Record, Task, has_split, load_eval_tasks, load_hub_task,
                       load_task_records, load_tasks, task_name, validate_record)
 from .types import DataError, MultipleChoiceItem, TrainingExample
@@ -38,5 +38,5 @@ __all__ = [
     "TokenizedTask", "DEFAULT_TEMPLATE", "LABEL_CONTINUATION", "TARGET_DELIMITER", "SPLIT_NAMES", "DATA_SUFFIXES",
     "IGNORE_INDEX", "task_name", "has_split", "load_eval_tasks", "load_task_records", "load_tasks", "load_hub_task", "validate_record",
     "parse_multiple_choice", "text_prompt", "instruction_prompt", "chat_prompt", "multiple_choice_items",
-    "training_examples", "tokenize_example", "tokenize_examples", "collate", "mix_tasks", "split_records",
+    "training_examples", "task_prompts", "tokenize_example", "tokenize_examples", "collate", "mix_tasks", "split_records",
 ]

@@ -191,3 +191,9 @@ def _build_each(records: list[Record], build, skipped: list[str] | None) -> list
                 raise
             skipped.append(str(err))
     return built
+
+
+def task_prompts(task: Task, tokenizer: Any, limit: int | None = None) -> list[str]:
+    """The prompts of a task's first ``limit`` training examples (all when None): the text whose
+    routing is measured for a routing profile, a merge or a figure."""
+    return [example.prompt for example in training_examples(task, target="output", tokenizer=tokenizer)[:limit]]

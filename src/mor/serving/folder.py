@@ -97,7 +97,7 @@ def export_for_vllm(adapter_dir: Union[str, Path], output_dir: Union[str, Path],
 
 def base_model_folder(model: Union[str, None]) -> Path:
     """A local folder holding the base's config.json and safetensors weights."""
-    from ..loading import resolve_model_path
+    from ..runtime.loading import resolve_model_path
 
     resolved = resolve_model_path(model)
     folder = Path(resolved)

@@ -4,7 +4,7 @@ Pure functions return JSON-able dicts: ``routing_stats`` (per-task entropy, JSD 
 bits), ``parameter_scaling`` (closed-form trainable parameters vs N experts), ``rank_spectrum``
 (float64 singular values of each layer's mixed update, experts and shared B A; numeric rank =
 #sigma > RANK_RTOL * sigma_max). ``*_table`` functions print them; ``analyze`` measures, computes,
-draws (``mor.plots``) and writes ``analysis.json``; ``format_report`` prints that file.
+draws (``mor.analysis.plots``) and writes ``analysis.json``; ``format_report`` prints that file.
 What each number means and why MoR's mixed update has rank <= r: docs/method.md, sections 4 and 9.
 """
 
@@ -18,11 +18,11 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from .layer import MoRAdapter
-from .params import count_trainable_parameters, layer_parameter_count, target_shapes
+from ..layer import MoRAdapter
+from ..params import count_trainable_parameters, layer_parameter_count, target_shapes
 from .plots import FIGURES, draw_figures, short_layer_name
-from .report import text_table
-from .routing import RoutingProfile
+from ..runtime.report import text_table
+from ..routing import RoutingProfile
 from .routing_stats import entropy_bits, js_divergence  # noqa: F401  (re-exported: analysis.entropy_bits)
 
 DEFAULT_EXPERTS = (1, 2, 4, 8, 12, 16)
@@ -381,6 +381,18 @@ def routing_over_steps_table(records: Sequence[Mapping]) -> str:
     return text_table(["step", "H(bits)", "H/log2N", "JSD(bits)", "top share"],
                       [[r["step"], f"{r['entropy_bits']:.4f}", f"{r['entropy_normalized']:.4f}", f"{r['jsd_bits']:.3g}",
                         f"{r['load_top_max']:.3f}"] for r in records])
+
+
+def routing_over_steps(stats: PathLike, folder: PathLike | None = None) -> str:
+    """The routing statistics a training run logged over its steps (its routing_stats.json), as a
+    headed table; with ``folder``, also drawn there as routing_over_steps.png."""
+    from .plots import ROUTING_OVER_STEPS, plot_routing_over_steps
+    from .routing_stats import load_stats
+
+    records = load_stats(stats)
+    if folder is not None:
+        plot_routing_over_steps(records, Path(folder) / ROUTING_OVER_STEPS)
+    return f"== Routing over training ({ROUTING_OVER_STEPS}, from {stats}) ==\n" + routing_over_steps_table(records)
 
 
 # ==================================================================================================

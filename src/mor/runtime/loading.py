@@ -138,3 +138,46 @@ def four_bit_config(compute_dtype: torch.dtype = torch.float32):
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_adapted(model: str | None = None, adapter: str | Path | None = None, *, merge: bool = False,
+                 routing=None, tokenizer: str | None = None, **model_kwargs):
+    """``(model, tokenizer)`` in eval mode: the base (:func:`load_model`), the adapter folder
+    attached (:func:`mor.load_adapter`: MoR, MoE-LoRA, LoRA or DoRA), and with ``merge`` the
+    MoR / MoE-LoRA adapter folded into the base under fixed ``routing`` (a routing_profile.json,
+    "uniform", or a RoutingProfile; None only for router="mean"). The one way every command, the
+    lm-eval model and the figures after training load "a base with an adapter, maybe merged"."""
+    from safetensors import SafetensorError
+
+    from ..layer import find_routers
+    from ..model import is_mor_model, load_adapter
+    from ..safety import AdapterError, check_adapter_weights
+
+    if merge and adapter is None:
+        raise ValueError("merging with fixed routing (--merged / merged_routing) needs a MoR or MoE-LoRA adapter "
+                         "(--adapter); none was given")
+    if adapter is not None:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter} has no adapter_config.json: give the folder an adapter was saved to")
+        check_adapter_weights(adapter)  # unreadable or NaN/inf weights: an error line, not a score
+    tok = load_tokenizer(tokenizer if tokenizer is not None else model,
+                         **{k: v for k, v in model_kwargs.items() if k == "trust_remote_code"})
+    loaded = load_model(model, **model_kwargs)
+    if adapter is not None:
+        try:
+            loaded = load_adapter(loaded, adapter)
+        except FileNotFoundError:
+            raise
+        except (RuntimeError, OSError, KeyError, SafetensorError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise AdapterError(f"--adapter {adapter} cannot be loaded onto --model {model or 'smollm2'}: "
+                               f"{first} (was it trained on this model?)") from None
+    if merge:
+        if not is_mor_model(loaded):
+            raise ValueError(f"merging with fixed routing (--merged / merged_routing) needs a MoR or MoE-LoRA "
+                             f"adapter; {adapter} loads as {type(loaded).__name__}")
+        if routing is None and any(router.strategy != "mean" for router in find_routers(loaded).values()):
+            raise ValueError("merging a learned router needs a fixed routing: give --routing routing_profile.json "
+                             "(or 'uniform')")
+        loaded = loaded.merge_and_unload(routing=str(routing) if isinstance(routing, Path) else routing)
+    return loaded.eval(), tok

@@ -1,4 +1,4 @@
-"""Figures of a MoR adapter's analysis, drawn from the numbers ``mor.analysis`` computes.
+"""Figures of a MoR adapter's analysis, drawn from the numbers ``mor.analysis.analyze.analyze`` computes.
 
 Every function takes a computed, JSON-able dict (``routing_stats``, ``parameter_scaling``,
 ``rank_spectrum``, the records of ``routing_stats.json``) and a PNG path, and returns the path.
@@ -165,7 +165,7 @@ def _plot_routing_layers(s: dict, path: PathLike) -> Path:
 
 
 def plot_routing_over_steps(records: Sequence[Mapping], path: PathLike) -> Path:
-    """Routing during training, from ``routing_stats.json`` (mor.routing_stats): per-token
+    """Routing during training, from ``routing_stats.json`` (mor.analysis.routing_stats): per-token
     entropy (bits), Jensen-Shannon divergence between tasks (bits) and the busiest expert's share
     of tokens, against the optimiser step; one thin line per layer (colour = depth), the mean over
     layers thick."""

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mor.data import MultipleChoiceItem
-from mor.report import markdown_table
+from ..data import MultipleChoiceItem
+from ..runtime.report import markdown_table
+from ..safety import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -593,12 +594,7 @@ def format_table(results: Mapping[str, Any], stderr: bool = True) -> str:
 
 def write_results_json(results: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``results`` (e.g. from :func:`accuracy_table`) as indented JSON; return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
 
 
 def score_tasks(

@@ -27,6 +27,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ..layer import find_routers
+from ..routing import RoutingProfile
+from ..safety import atomic_write_text
+
 STATS_NAME = "routing_stats.json"
 
 
@@ -64,17 +68,6 @@ def top_expert_share(gates: torch.Tensor) -> torch.Tensor:
 
 
 # -- measuring with hooks ------------------------------------------------------------------------
-
-def find_routers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{layer name: router}`` of the active MoR / MoE-LoRA adapter of every mixture layer (names
-    relative to the transformers model, as in routing profiles); ``{}`` for a model without one."""
-    from .export import mixture_layers
-
-    try:
-        return {name: adapter.router for name, adapter in mixture_layers(model).items()}
-    except ValueError:  # no mixture layers (a LoRA / DoRA run)
-        return {}
-
 
 class _Accumulator:
     """Per-layer sums over the real tokens of one task: gates, entropies, top-expert counts."""
@@ -134,6 +127,11 @@ class RoutingRecorder:
         """Per task and layer, the mean gate over the task's real tokens (N values)."""
         return {task: {layer: (acc.gate_sum / max(acc.tokens, 1)).tolist() for layer, acc in layers.items()}
                 for task, layers in self.sums.items()}
+
+    def profile(self, task: str = "all") -> RoutingProfile:
+        """The routing profile of ``task``: the mean gate of every layer over its real tokens, what
+        ``MoRModel.measure_routing`` returns for the same batches."""
+        return RoutingProfile({layer: (acc.gate_sum / acc.tokens).float() for layer, acc in self.sums[task].items()})
 
     def summary(self) -> dict:
         """Statistics per layer (over all tasks' tokens) and per task, plus their layer averages."""
@@ -242,10 +240,7 @@ class RoutingStatsCallback(TrainerCallback):
     def measure(self, model, step: int) -> dict:
         record = {"step": step, **measure_routing_stats(model, self.probes)}
         self.records = [r for r in self.records if r["step"] != step] + [record]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.records) + "\n")
-        tmp.replace(self.path)
+        atomic_write_text(self.path, json.dumps(self.records) + "\n")
         self.pending = {f"routing/{k}": round(record[k], 6) for k in SCALARS}
         self._tensorboard(record)
         return record

@@ -164,13 +164,6 @@ def _full_parameters(model: nn.Module, writeback: bool = False) -> Iterator[None
         yield
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether any parameter of ``model`` is an FSDP1 / FSDP2 / ZeRO-3 shard."""
-    from torch.distributed.tensor import DTensor
-
-    return bool(_fsdp1_roots(model)) or any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
-
-
 def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
@@ -225,7 +218,7 @@ def check_full_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module | 
     if problems:
         raise ValueError(
             f"refusing to save a sharded adapter: {len(problems)} tensors are not full, e.g. {problems[:3]}. "
-            "Gather them first with mor.distributed.gather_adapter_state_dict(model) on every rank."
+            "Gather them first with mor.runtime.distributed.gather_adapter_state_dict(model) on every rank."
         )
 
 
@@ -305,7 +298,7 @@ def write_adapter(model: nn.Module, save_directory: Union[str, Path], state: Map
         return
     from safetensors.torch import save_file
 
-    from .config import WEIGHTS_NAME
+    from ..config import WEIGHTS_NAME
 
     adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
     config = model.peft_config[adapter]

@@ -1,0 +1,116 @@
+"""The ``mor`` command line: train, eval, merge, analyze, export-lora, export-vllm, generate, convert-adapter.
+Thin: each command parses its flags, calls one library function, prints. ``mor <command> --help``
+lists every flag.
+
+A command is a parser and a handler registered together::
+
+    @command("export-vllm", "write a vLLM-ready folder", arguments=add_export_vllm_flags)
+    def cmd_export_vllm(args) -> int: ...
+
+in a module listed in ``COMMAND_MODULES`` (imported when the parser is built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Callable
+
+logger = logging.getLogger("mor")
+
+#: Modules whose ``@command`` handlers make up ``mor`` (in the order ``mor --help`` lists them).
+COMMAND_MODULES = ("mor.cli.train", "mor.cli.adapters", "mor.cli.serving")
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]  # adds the command's flags
+    run: Callable[[argparse.Namespace], int]  # the handler: returns the exit code
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register the decorated handler as ``mor <name>``, with the flags ``arguments`` adds."""
+    def register(run: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = Command(name, help, arguments, run)
+        return run
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    for module in COMMAND_MODULES:
+        import_module(module)
+    parser = argparse.ArgumentParser(prog="mor", description="Mixture-of-Ranks adapters: train, eval, merge, analyze")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"mor {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    for cmd in COMMANDS.values():
+        cmd.arguments(sub.add_parser(cmd.name, help=cmd.help, description=cmd.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..data import DataError
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        argv = ["train"]  # `mor` alone runs the default job
+    args = parser.parse_args(argv)
+    if args.command is None:
+        argv = ["train", *argv]
+        args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if getattr(args, "config", None):  # a run file: its settings are the defaults, flags override them
+            from .train import defaults_from_file
+
+            parser._subparsers._group_actions[0].choices[args.command].set_defaults(**defaults_from_file(args.config))
+            args = parser.parse_args(argv)
+        return COMMANDS[args.command].run(args)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if "torch.distributed" in sys.modules:  # a launched rank (accelerate, torchrun) leaves no gloo threads
+            from ..runtime.distributed import end_process_group
+
+            end_process_group()
+
+
+# -- flags several commands share --------------------------------------------------------------------
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="hub id, local folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+
+
+def add_data(p: argparse.ArgumentParser, required: bool, help: str | None = None) -> None:
+    p.add_argument("--data", nargs="+", required=required, default=[],
+                   help=help or "task files (JSON list or JSONL) or folders; each is one task named after it")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed records and report how many")
+
+
+def add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --output folder or an existing --output file (never an input)")
+
+
+def at_least_one(value: str) -> int:
+    """argparse type of counts: an int >= 1 (0 or -1 would silently score nothing or all but one)."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
+    return number
+

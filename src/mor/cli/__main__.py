@@ -1,0 +1,7 @@
+"""``python -m mor.cli``: the ``mor`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

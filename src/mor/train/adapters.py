@@ -1,0 +1,93 @@
+"""One way to put any of the four compared adapters on a model: MoR and MoE-LoRA (ours, as peft
+methods) and LoRA and DoRA (peft's own implementations, not rewritten). Every adapter field, its
+default and its meaning come from ``MoRConfig``; LoRA/DoRA read r, alpha, dropout and targets from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional, Union
+
+from peft import PeftConfig
+from torch import nn
+
+from ..config import ALL_METHODS, INITS, METHODS, ROUTERS, TARGET_PRESETS, MoRConfig
+from ..model import find_target_modules, get_mor_model
+from ..params import parameter_count
+
+
+def parse_targets(value: str):
+    """``--target-modules``: a preset or a regex stays a string; otherwise comma-separated names."""
+    if value in (*TARGET_PRESETS, "all-linear"):
+        return value
+    if "," not in value and any(c in value for c in "*.[](|"):
+        return value  # a regular expression over full module names
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def _from_mor(name: str, **meta):
+    """The MoRConfig field ``name``: same default, same help (one source)."""
+    source = MoRConfig.__dataclass_fields__[name]
+    return field(default=source.default, metadata={**source.metadata, **meta})
+
+
+@dataclass
+class AdapterSpec:
+    """The adapter of a training run: a method and the ``MoRConfig`` fields a run sets (fields a
+    method does not use are ignored by it: LoRA and DoRA have no experts or router)."""
+
+    method: str = field(default="mor", metadata={"help": "the adapter: mor, moelora (ours), lora or dora (peft's)",
+                                                  "choices": ALL_METHODS})
+    r: int = _from_mor("r")
+    num_experts: int = _from_mor("num_experts")
+    alpha: Optional[float] = _from_mor("alpha")
+    dropout: float = _from_mor("dropout")
+    target_modules: Union[list[str], str] = _from_mor("target_modules", parse=parse_targets)
+    router: str = _from_mor("router", choices=ROUTERS)
+    top_k: int = _from_mor("top_k")
+    balance_coef: float = _from_mor("balance_coef")
+    init: str = _from_mor("init", choices=INITS)
+    init_scale_std: float = _from_mor("init_scale_std")
+    init_seed: Optional[int] = _from_mor("init_seed", flag=None)  # no flag of its own: --seed seeds the adapter
+
+    def __post_init__(self) -> None:
+        if self.method not in ALL_METHODS:
+            raise ValueError(f"method={self.method!r} is unknown; choose one of {ALL_METHODS}")
+        resolved = self.mor_config()  # validates every field, naming it; resolves alpha and target presets
+        self.alpha, self.target_modules = resolved.alpha, resolved.target_modules
+
+    def mor_config(self) -> MoRConfig:
+        """These fields as a ``MoRConfig`` (LoRA and DoRA read r, alpha, dropout, targets from it)."""
+        return MoRConfig(method=self.method if self.method in METHODS else "mor",
+                         **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "method"})
+
+    def to_peft_config(self, model: nn.Module | None = None) -> PeftConfig:
+        """The peft config of this adapter. LoRA/DoRA targets are resolved on ``model`` with MoR's
+        matcher, so that every method adapts exactly the same modules."""
+        config = self.mor_config()
+        if self.method in METHODS:
+            return config
+        from peft import LoraConfig
+
+        targets = find_target_modules(model, config) if model is not None else config.target_modules
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                          use_dora=self.method == "dora", task_type="CAUSAL_LM")
+
+    def parameter_count(self, model: nn.Module) -> int:
+        """Closed-form trainable parameters of this adapter on ``model`` (see mor.params)."""
+        return parameter_count(model, self.method, self.r, self.num_experts, self.target_modules, self.router)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def apply_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
+    """Freeze ``model`` and attach the adapter of ``spec``; returns the peft model."""
+    config = spec.to_peft_config(model)
+    if isinstance(config, MoRConfig):
+        return get_mor_model(model, config)
+    import torch
+    from peft import get_peft_model
+
+    if spec.init_seed is not None:
+        torch.manual_seed(spec.init_seed)
+    return get_peft_model(model, config)
