@@ -56,32 +56,35 @@ class ServedMixtureLinear(nn.Module):
         self.in_features = first.in_features
         self.dtype = first.dtype  # the adapter's own dtype, as in peft (fp32 over a bf16 base)
         device = _device_of(base_layer)
-        downs, routers, ups, slices = [], [], [], []
+        downs, routers, ups, slices = [], [], [], []  # the stacked product's rows, fp32 router rows, U^T, slices
         stack_router = self.dtype == torch.float32  # then one product gives W_g x and down x, as in MoRAdapter
-        width = router_width = 0
+        width = router_width = 0  # columns so far of the stacked product and of the separate router product
         with torch.no_grad():
             for name, adapter in adapters.items():
                 if adapter.in_features != self.in_features or adapter.dtype != self.dtype:
                     raise ValueError(f"{name}: every adapter of one fused layer needs the same input size and dtype")
-                down, up_t, alpha = (t.detach() if isinstance(t, torch.Tensor) else t for t in adapter.serving_factors())
-                router = adapter.router.weight  # W_g (N, d_in), None for the uniform router
+                down, up_t, alpha = adapter.serving_factors()
+                router = adapter.router.weight  # W_g (N, d_in); None for the uniform router
+                n = adapter.num_experts
                 logits = None
                 if router is not None and stack_router:
                     downs.append(router.detach())
-                    logits, width = (width, width + adapter.num_experts), width + adapter.num_experts
+                    logits = (width, width + n)
+                    width += n
                 elif router is not None:
                     routers.append(router.detach().float())
-                    logits = (router_width, router_width + adapter.num_experts)
-                    router_width += adapter.num_experts
-                downs.append(down)
-                codes, width = (width, width + down.shape[0]), width + down.shape[0]
-                ups.append(up_t.contiguous())
+                    logits = (router_width, router_width + n)
+                    router_width += n
+                downs.append(down.detach())
+                codes = (width, width + down.shape[0])
+                width += down.shape[0]
+                ups.append(up_t.detach().contiguous())
                 start, stop = columns[name]
                 if stop - start != up_t.shape[1]:
                     raise ValueError(f"{name}: the adapter writes {up_t.shape[1]} outputs but the served layer has "
                                      f"{stop - start} in columns {start}:{stop}")
-                slices.append(ServedSlice(name, (start, stop), logits, codes, adapter.num_experts,
-                                          adapter.router.strategy, adapter.router.top_k, float(alpha)))
+                slices.append(ServedSlice(name, (start, stop), logits, codes, n, adapter.router.strategy,
+                                          adapter.router.top_k, float(alpha)))
         self.slices = tuple(slices)
         self.mixes: tuple[Callable, ...] = tuple(adapter.mix for adapter in adapters.values())
         # token-independent factors, built once: [W_g; down]^T of every slice side by side, each U^T
