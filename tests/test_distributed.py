@@ -154,6 +154,42 @@ def test_resume_after_a_kill_on_two_processes_gives_the_same_adapter(tmp_path, d
         torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=1e-5)
 
 
+SIGTERM_ON_RANK_1 = """
+import os, signal, sys
+from transformers import TrainerCallback
+from mor import cli, train
+class SigtermOnRank1(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if os.environ["RANK"] == "1" and state.global_step == 2:  # during step 3, on one process only
+            os.kill(os.getpid(), signal.SIGTERM)
+run_training = train.run_training
+train.run_training = lambda cfg, callbacks=None: run_training(cfg, [*(callbacks or []), SigtermOnRank1()])
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_of_two_processes_stops_both_at_one_checkpoint_and_resume_is_exact(tmp_path, ddp_run,
+                                                                                         tiny_model_dir, tiny_tasks):
+    script = tmp_path / "sigterm_on_rank_1.py"
+    script.write_text(SIGTERM_ON_RANK_1)
+    out = tmp_path / "preempted"
+    proc = accelerate_two_processes(*train_args(tiny_model_dir, tiny_tasks, out), script=[str(script)])
+    assert proc.returncode != 0 and not (out / "adapter").exists()
+    assert "stopped by SIGTERM at step 3" in proc.stderr  # rank 1, which got the signal
+    assert "stopped by a signal on another process at step 3" in proc.stderr  # rank 0 stopped with it
+    assert sorted(p.parent.name for p in (out / "checkpoints").glob("checkpoint-*/checkpoint_complete")) == [
+        "checkpoint-2", "checkpoint-3"]
+
+    proc = accelerate_two_processes(*train_args(tiny_model_dir, tiny_tasks, out), "--resume")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    expected = load_file(str(ddp_run / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["fsdp2", "fsdp1", "zero3"])
 def test_sharded_training_saves_the_full_adapter_once(tmp_path, mode):
     if mode == "zero3":

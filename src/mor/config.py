@@ -4,6 +4,7 @@ where each field's default and meaning live (the ``mor train`` flags are generat
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -96,6 +97,12 @@ class MoRConfig(PeftConfig):
               or (isinstance(targets, list) and len(targets) > 0 and all(isinstance(t, str) and t for t in targets)),
               "target_modules",
               "give a non-empty list of module names, a preset (ffn, attention, attention+ffn), 'all-linear' or a regex")
+        if isinstance(targets, str) and targets != "all-linear":
+            try:
+                re.compile(targets)
+            except re.error as err:
+                check(False, "target_modules", f"not a valid regular expression ({err}); give comma-separated module "
+                                               "names or a valid regex")
 
     @property
     def scaling(self) -> float:
@@ -127,9 +134,13 @@ def read_adapter_config(folder: Union[str, Path]) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: pass a folder written by save_pretrained.")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); re-save the adapter.") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object of adapter settings "
+                         "({\"peft_type\": ..., \"r\": ...}); re-save the adapter with save_pretrained.")
+    return data
 
 
 def MoELoRAConfig(**kwargs) -> MoRConfig:

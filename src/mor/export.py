@@ -29,6 +29,7 @@ from torch import nn
 
 from .layer import MoRAdapter, mixture_layers, transformers_model  # noqa: F401  (mixture_layers: mor.export's API)
 from .routing import ROUTING_NAME, Routing, resolve_routing
+from .safety import AdapterError, atomic_folder, nonfinite_tensors, oversized_tensors
 
 
 # -- the maths ----------------------------------------------------------------------------------
@@ -85,6 +86,9 @@ def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path]
     adapter_config.json (peft ``LoraConfig``: rank r for MoR, N*r for MoE-LoRA; ``lora_alpha``
     such that lora_alpha / rank is the layer's alpha / r; no dropout), adapter_model.safetensors
     and the routing it was made with (routing_profile.json, ignored by peft). Returns the folder.
+
+    The folder is written whole or not at all (:func:`mor.safety.atomic_folder`; what was there
+    is replaced), and never with NaN/inf or absurdly large weights.
     """
     from peft import LoraConfig
 
@@ -108,11 +112,15 @@ def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path]
                         lora_dropout=0.0, target_modules=_target_modules(model, layers),
                         fan_in_fan_out=conv1d.pop(), bias="none", task_type="CAUSAL_LM",
                         base_model_name_or_path=base_model_name_or_path or None)
+    bad = nonfinite_tensors(tensors) + [name for name, _ in oversized_tensors(tensors)]
+    if bad:
+        raise AdapterError(f"the exported LoRA would hold NaN/inf or absurdly large values ({len(bad)} tensors, e.g. "
+                           f"{bad[0]}); nothing was written. Check the adapter and the routing profile.")
     folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(folder))
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (folder / ROUTING_NAME).write_text(json.dumps({k: v.tolist() for k, v in weights.items()}, indent=1) + "\n")
+    with atomic_folder(folder) as tmp:  # a whole new folder or none: never new weights beside an old config
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / ROUTING_NAME).write_text(json.dumps({k: v.tolist() for k, v in weights.items()}, indent=1) + "\n")
     return folder
 
 

@@ -196,8 +196,13 @@ class MoRModel(BaseTuner):
                         progress: bool = False) -> RoutingProfile:
         """Mean router weights of every layer over the real (non-padding) tokens of ``batches``:
         dicts with ``input_ids`` and ``attention_mask`` (e.g. a DataLoader), or strings with ``tokenizer``."""
+        no_tokens = ("no tokens to route while measuring the routing: every input text is empty (or tokenises to "
+                     "nothing); give records with text, or a saved --routing profile")
         if tokenizer is not None:
-            batches = _tokenized_batches(list(batches), tokenizer, batch_size, max_length)
+            texts = list(batches)
+            if not any(texts):
+                raise ValueError(no_tokens)
+            batches = _tokenized_batches(texts, tokenizer, batch_size, max_length)
         if progress:
             from tqdm.auto import tqdm
             batches = tqdm(batches, desc="measuring routing", unit="batch")
@@ -231,7 +236,7 @@ class MoRModel(BaseTuner):
                 handle.remove()
             self.model.train(was_training)
         if not count:
-            raise RuntimeError("no tokens were routed while measuring; give at least one non-empty input")
+            raise ValueError(no_tokens)
         return RoutingProfile({name: (total / count).cpu() for name, total in sums.items()})
 
     def merge_and_unload(self, routing: Routing = None, progressbar: bool = False, safe_merge: bool = True,
@@ -355,8 +360,11 @@ def load_adapter(model: nn.Module, adapter_dir: Union[str, Path], is_trainable: 
     folders), or a MoR folder in the pre-peft format of mor 0.1 (converted in memory, with a warning)."""
     from peft import PeftModel
 
+    from .safety import check_adapter_weights
+
     adapter_dir = Path(adapter_dir)
     data = read_adapter_config(adapter_dir)
+    check_adapter_weights(adapter_dir)  # unreadable, NaN/inf or absurdly large weights: refused here
     legacy = data.get("adapter_type") == "mor" and "peft_type" not in data
     if legacy or data.get("peft_type") == PEFT_TYPE:
         # built from the config, then loaded strictly: a missing, extra or mis-shaped tensor is an
@@ -372,6 +380,8 @@ def load_adapter(model: nn.Module, adapter_dir: Union[str, Path], is_trainable: 
         load_state_strict(peft_model, tensors, adapter_dir / WEIGHTS_NAME)
     elif "peft_type" in data:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+        check_peft_tensors(peft_model, _read_weights(adapter_dir, _load_peft_weights), adapter_dir / WEIGHTS_NAME,
+                           data.get("peft_type"))
     else:
         raise ValueError(f"{adapter_dir / CONFIG_NAME} is neither a MoR/MoE-LoRA nor a peft adapter config")
     if not is_trainable:
@@ -420,6 +430,24 @@ def load_state_strict(peft_model: nn.Module, tensors: dict[str, torch.Tensor], p
             own[key].copy_(value)
 
 
+def check_peft_tensors(peft_model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, peft_type) -> None:
+    """After peft loaded an adapter of another method (LoRA, DoRA, ...): the file must hold exactly
+    the tensors its config asks for. peft only warns about missing ones, so a MoR file whose config
+    says LORA loaded as an empty LoRA (the base model) and a LoRA missing half its tensors loaded
+    half; both are errors that name what differs."""
+    from peft.utils import get_peft_model_state_dict
+
+    expected = set(get_peft_model_state_dict(peft_model))
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not hold the tensors its adapter_config.json (peft_type {peft_type}) asks for: "
+            + "; ".join(part for part in (
+                f"{len(missing)} of {len(expected)} missing (e.g. {missing[:2]})" if missing else "",
+                f"{len(unexpected)} not of this adapter type (e.g. {unexpected[:2]})" if unexpected else "") if part)
+            + ". The config and the weights come from different adapters, or the file is incomplete: re-save it.")
+
+
 def legacy_state_dict(adapter_dir: Union[str, Path]) -> dict[str, torch.Tensor]:
     """The tensors of a mor 0.1 adapter folder under peft's key names:
     ``<layer>.lora_A`` -> ``base_model.model.<layer>.mor.lora_A``."""
@@ -439,8 +467,11 @@ def legacy_state_dict(adapter_dir: Union[str, Path]) -> dict[str, torch.Tensor]:
 
 def convert_legacy_adapter(adapter_dir: Union[str, Path], output_dir: Union[str, Path], model: nn.Module) -> Path:
     """Rewrite a mor 0.1 adapter folder as a peft MoR folder (``model``: its base model)."""
+    from .safety import atomic_folder
+
     peft_model = load_adapter(model, adapter_dir)
-    peft_model.save_pretrained(str(output_dir))
+    with atomic_folder(output_dir) as tmp:  # whole or not at all
+        peft_model.save_pretrained(str(tmp))
     return Path(output_dir)
 
 

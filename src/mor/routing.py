@@ -159,6 +159,9 @@ def resolve_routing(layers: Mapping[str, nn.Module], routing: Routing) -> dict[s
         if g.numel() != layer.num_experts:
             raise ValueError(f"routing for {name} has {g.numel()} weights; the layer has "
                              f"num_experts={layer.num_experts}")
+        if not torch.isfinite(g).all():
+            raise ValueError(f"routing for {name} holds NaN or inf ({g.tolist()}); a profile measured on NaN "
+                             "outputs is no routing: measure it again (mor merge/export-lora --data) or pass 'uniform'")
         resolved[name] = g
     if missing:
         raise ValueError(f"the routing profile has no weights for {len(missing)} layers, e.g. {missing[:3]}; "

@@ -20,11 +20,16 @@ the CLI prints as one ``error:`` line with exit status 2.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -50,7 +55,81 @@ class TrainingDiverged(ValueError):
     """The loss or the trainable weights became NaN/inf during training."""
 
 
-# -- folders and files a command writes --------------------------------------------------------------
+# -- the one output-ownership rule -------------------------------------------------------------------
+
+def _input_paths(inputs: Mapping[str, Any] | None) -> Iterator[tuple[str, Path]]:
+    """``(flag, path)`` of every input that exists on disk (a hub id or an unset flag has nothing to harm)."""
+    for flag, value in (inputs or {}).items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item not in (None, "") and Path(item).exists():
+                yield flag, Path(item)
+
+
+def check_output_place(output: str | Path, flag: str = "--output", inputs: Mapping[str, Any] | None = None) -> Path:
+    """The part of the ownership rule that ``--overwrite`` never lifts: ``output`` (resolved,
+    symlinks followed) may not be, contain, or lie inside any of ``inputs`` (``{"--model": path,
+    "--data": [paths], ...}``), nor be or contain the current folder, nor lie under a file."""
+    path = Path(output)
+    out = path.resolve()
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise OutputError(f"{flag} {output} is the current folder or holds it; a command replaces its output as a "
+                          f"whole, so give a new folder such as {flag} {Path(output) / 'out'}.")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise OutputError(f"{flag} {output}: {parent} is a file, so nothing can be written under it; "
+                              f"choose another {flag}.")
+    for place in {_nearest_existing(out), _nearest_existing(out.parent)}:  # the output, and its temporary sibling
+        if not os.access(place, os.W_OK):
+            code = errno.EROFS if _read_only(place) else errno.EACCES
+            raise OutputError(f"{flag} {output}: " + io_error_message(OSError(code, os.strerror(code), str(place)))
+                              .replace("cannot write", "cannot write in", 1))
+    for input_flag, item in _input_paths(inputs):
+        source = item.resolve()
+        relation = ("is" if out == source else "holds" if out in source.parents
+                    else "lies inside" if source in out.parents else None)
+        if relation:
+            raise OutputError(f"{flag} {output} {relation} {input_flag} {item}, an input of this command; an output "
+                              f"may not be, hold or lie inside an input, even with --overwrite. Choose another {flag}.")
+    return path
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def claim_output(output: str | Path, overwrite: bool = False, inputs: Mapping[str, Any] | None = None,
+                 flag: str = "--output", kind: str = "folder") -> Path:
+    """The one output-ownership rule of every command that writes; call it before any work.
+
+    ``kind`` is "folder" (the command replaces the folder as a whole, see :func:`atomic_folder`)
+    or "file" (see :func:`atomic_write_text`). Refused, whatever ``overwrite`` says: the cases of
+    :func:`check_output_place`, a folder path that is a file and a file path that is a folder.
+    Refused without ``overwrite``: a non-empty folder, an existing file. Nothing on disk changes.
+    """
+    path = check_output_place(output, flag, inputs)
+    if kind == "file":
+        if path.is_dir():
+            raise OutputError(f"{flag} {path} is a folder; give a file path such as {path / 'results.json'}.")
+        if path.exists() and not overwrite:
+            raise OutputError(f"{flag} {path} exists; choose another file, or add --overwrite to replace it.")
+        return path
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path} is a file; give a folder path.")
+    if _entries(path) and not overwrite:
+        raise OutputError(f"{flag} {path} is not empty (it holds {_describe(path)}); choose a new folder, "
+                          "or add --overwrite to replace it.")
+    return path
+
 
 def _entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
@@ -58,93 +137,182 @@ def _entries(folder: Path) -> list[str]:
 
 def _describe(folder: Path) -> str:
     names = _entries(folder)
-    shown = ", ".join(names[:4]) + (f", ... ({len(names)} entries)" if len(names) > 4 else "")
-    return shown
-
-
-def _same_or_inside(path: Path, folder: Path) -> bool:
-    """``path`` is ``folder`` or lies inside it (both resolved)."""
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
-def _check_not_an_input(output: Path, flag: str, inputs: Mapping[str, Any]) -> None:
-    for input_flag, value in inputs.items():
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if item in (None, "") or not Path(item).exists():
-                continue
-            if _same_or_inside(Path(item), output):
-                raise OutputError(f"{flag} {output} would replace {input_flag} {item}, an input of this "
-                                  f"command; choose another {flag}.")
+    return ", ".join(names[:4]) + (f", ... ({len(names)} entries)" if len(names) > 4 else "")
 
 
 def claim_output_folder(folder: str | Path, overwrite: bool, flag: str = "--output",
                         inputs: Mapping[str, Any] | None = None) -> Path:
-    """Check that a command may write the folder ``folder`` (before any work is done).
-
-    Allowed: a new or empty folder, or a non-empty one with ``overwrite`` (the caller then
-    replaces it as a whole, see :func:`atomic_folder`). Never allowed: a folder that is (or
-    holds) one of ``inputs`` (``{"--model": path, ...}``), or a path that is a file.
-    """
-    folder = Path(folder)
-    _check_not_an_input(folder, flag, inputs or {})
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{flag} {folder} is a file; give a folder path.")
-    if _entries(folder) and not overwrite:
-        raise OutputError(f"{flag} {folder} is not empty (it holds {_describe(folder)}); choose a new folder, "
-                          "or add --overwrite to replace it.")
-    return folder
+    """:func:`claim_output` of a folder the command replaces as a whole."""
+    return claim_output(folder, overwrite, inputs, flag, kind="folder")
 
 
 def check_output_file(path: str | Path, overwrite: bool, flag: str = "--output",
                       inputs: Mapping[str, Any] | None = None) -> Path:
-    """Check that a command may write the file ``path``: not a folder, not one of ``inputs``,
-    and not an existing file unless ``overwrite``."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{flag} {path} is a folder; give a file path such as {path / 'results.json'}.")
-    _check_not_an_input(path, flag, inputs or {})
-    if path.exists() and not overwrite:
-        raise OutputError(f"{flag} {path} exists; choose another file, or add --overwrite to replace it.")
-    return path
+    """:func:`claim_output` of a single file."""
+    return claim_output(path, overwrite, inputs, flag, kind="file")
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file next to ``path`` and rename it into place."""
+# -- atomic writes ---------------------------------------------------------------------------------
+
+TEMP_SUFFIX = ".tmp"
+
+
+def _temp_name(path: Path) -> str:
+    return f".{path.name}."  # mkstemp/mkdtemp add a unique part: ".<name>.<random>.tmp"
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a unique temporary path next to ``path`` to write the file into; on success it is
+    flushed to disk and renamed over ``path``. On an error (a full disk, a kill signal turned
+    into an exception) ``path`` is left as it was and the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_name(path), suffix=TEMP_SUFFIX, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 @contextlib.contextmanager
 def atomic_folder(folder: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder to write into; on success it replaces ``folder`` as a
     whole (old files do not survive next to new ones). On an error, or a kill, ``folder`` is
-    left as it was and the temporary folder is removed (or, after a kill, left as a hidden
+    left as it was and the temporary folder is removed (or, after a kill -9, left as a hidden
     ``.name.*.tmp`` sibling)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_name(folder), suffix=TEMP_SUFFIX, dir=folder.parent))
     try:
         yield tmp
         if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_name(folder), suffix=".old", dir=folder.parent))
             os.replace(folder, old / folder.name)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp, folder)
+            except BaseException:
+                os.replace(old / folder.name, folder)  # put the previous result back
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_free_space(folder: str | Path, need_bytes: int, what: str, flag: str = "--output") -> None:
+    """Refuse to start work whose output (about ``need_bytes``) cannot fit on the disk of ``folder``."""
+    place = _nearest_existing(Path(folder).resolve())
+    free = shutil.disk_usage(place).free
+    if need_bytes > free:
+        raise OutputError(f"{flag} {folder}: {what} needs about {_size(need_bytes)} but the disk holding {place} has "
+                          f"{_size(free)} free; free some space or choose an {flag} on another disk.")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_training_space(output: str | Path, trainable_parameters: int, save_total_limit: int | None = 2,
+                         bytes_per_parameter: int = 4) -> None:
+    """Refuse a training run whose adapter and checkpoints will not fit on the disk of ``output``,
+    before it trains: the adapter once, plus ``save_total_limit`` checkpoints of the adapter and
+    Adam's two moments, plus 8 MiB per copy for the tokenizer and the trainer's state."""
+    copies = 1 + (save_total_limit or 2)
+    weights = trainable_parameters * bytes_per_parameter
+    need = weights + (copies - 1) * 3 * weights + copies * 8 * 2**20
+    check_free_space(output, need, f"training (the adapter and {copies - 1} checkpoints)")
+
+
+# -- sizes that cannot fit -------------------------------------------------------------------------
+
+TRAINING_BYTES_PER_PARAMETER = 16  # fp32 weight, gradient and Adam's two moments
+
+
+def available_memory() -> int:
+    """Bytes of memory this process may still take (``MemAvailable`` of /proc/meminfo, else all of it)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_adapter_fits(parameters: int, what: str, activation_floats: int = 0, training: bool = True) -> None:
+    """Refuse an adapter of ``parameters`` parameters whose weights (and, when ``training``,
+    gradients and Adam moments) plus ``activation_floats`` fp32 activations would not fit in the
+    memory left, before any is allocated."""
+    need = parameters * (TRAINING_BYTES_PER_PARAMETER if training else 4) + 4 * activation_floats
+    free = available_memory()
+    if need > free:
+        raise ValueError(f"{what} has {parameters:,} parameters: about {_size(need)} to "
+                         f"{'train' if training else 'load'} (weights" + (", gradients, optimizer state" if training
+                                                                           else "")
+                         + (", activations" if activation_floats else "") + f"), but {_size(free)} of memory is "
+                         "available. Lower --r or --num-experts (or --batch-size, --max-length, or the targets).")
+
+
+# -- faults of the machine, as one line ------------------------------------------------------------
+
+_OS_ERROR_CODE = re.compile(r"(?:code: |\[Errno |os error )(\d+)")
+_TEMP_PART = re.compile(r"\.([^/]+?)\.[A-Za-z0-9_]+\.(?:tmp|old)(?=/|$)")
+
+
+TORCH_SAVE_FAILED = ("file write failed", "inline_container.cc")
+"""How torch.save reports a write that the disk refused (it drops the OS error code): on a full
+disk, "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"."""
+
+
+def io_error_message(err: BaseException) -> str | None:
+    """One line for a fault of the machine met while reading or writing (a full disk, a
+    read-only or unwritable folder, a busy path), or None when ``err`` is not such a fault.
+    ``err`` is an ``OSError`` or an error of a writer (safetensors, torch.save) that carries an
+    OS error code in its text. The line says that nothing was replaced: every write is atomic."""
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None:
+        found = _OS_ERROR_CODE.search(str(err))
+        if found is None:
+            if isinstance(err, RuntimeError) and any(sign in str(err) for sign in TORCH_SAVE_FAILED):
+                code = errno.ENOSPC
+            else:
+                return None
+        else:
+            code = int(found.group(1))
+    where = getattr(err, "filename", None)
+    where = " " + _TEMP_PART.sub(r"\1", str(where)) if where else ""
+    if code == errno.ENOSPC or code == errno.EDQUOT:
+        return (f"no space left on the device while writing{where}; the previous result there is intact. "
+                "Free some space, or choose an --output on a disk with more room, and run again.")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        kind = "read-only" if code == errno.EROFS else "not writable by this user"
+        return (f"cannot write{where}: the folder is {kind} ({os.strerror(code)}); choose a writable folder "
+                "for --output and run again.")
+    if code == errno.EBUSY:
+        return f"cannot replace{where}: {os.strerror(code)} (a mount point or the current folder); choose another --output."
+    if isinstance(err, OSError):
+        return f"{os.strerror(code) if code else type(err).__name__}{':' if where else ''}{where}"
+    return None
 
 
 # -- the training run's folder -----------------------------------------------------------------------
@@ -165,45 +333,71 @@ def _differences(recorded: Mapping[str, Any], now: Mapping[str, Any], prefix: st
 
 
 def claim_run_folder(folder: str | Path, settings: Mapping[str, Any], overwrite: bool = False,
-                     resume: bool = False) -> bool:
-    """Check and claim ``mor train``'s output folder before any work; return whether this call
-    created it.
+                     resume: bool = False, inputs: Mapping[str, Any] | None = None) -> bool:
+    """Check ``mor train``'s output folder before any work, changing nothing on disk; return
+    whether the folder is new (so that a run that fails early removes it again).
 
     ``settings`` are what a resumed run must share with the run that wrote the folder (the
-    model, adapter, data and optimisation settings; not the step count). A new or empty
-    folder is claimed (``mor_run.json`` written); a non-empty one only with ``resume`` and
-    matching settings, or with ``overwrite`` (its old checkpoints are removed so that a later
-    ``--resume`` never picks them up; the old adapter stays until the new one replaces it).
+    model, adapter, data and optimisation settings; not the step count). The rule of
+    :func:`check_output_place` holds against ``inputs``; then a new or empty folder is fine, a
+    non-empty one only with ``resume`` and matching settings (``mor_run.json``), or with
+    ``overwrite``. :func:`take_run_folder` makes the claim real once the run's inputs loaded.
     """
     folder = Path(folder)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return False  # under `accelerate launch` the main process alone checks and claims the folder
     if resume and overwrite:
         raise OutputError("give --resume (continue the run in --output) or --overwrite (replace it), not both.")
-    settings = _jsonable(dict(settings))
+    check_output_place(folder, "--output", inputs)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return False  # under `accelerate launch` the main process alone claims the folder
     record = folder / RUN_RECORD
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"--output {folder} is a file; give a folder path.")
-    created = not folder.exists()
     if _entries(folder):
         if resume:
             if not record.is_file():
                 raise OutputError(f"--resume: {folder} holds no record of a mor train run ({RUN_RECORD}), so "
                                   "there is nothing to continue; choose a new --output, or add --overwrite "
                                   "(without --resume) to start a new run there.")
-            differ = _differences(json.loads(record.read_text())["settings"], settings)
+            differ = _differences(json.loads(record.read_text())["settings"], _jsonable(dict(settings)))
             if differ:
                 raise OutputError(f"--resume: the run in {folder} was started with other settings ("
                                   + "; ".join(differ) + "); resume with the same flags, or choose a new --output.")
-            return False
-        if not overwrite:
+        elif not overwrite:
             raise OutputError(f"--output {folder} is not empty (it holds {_describe(folder)}); mor train writes "
                               "only into a new or empty folder. Choose another --output, add --resume to "
                               "continue the run there, or --overwrite to replace it.")
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    return not folder.exists()
+
+
+RUN_PRODUCTS = ("checkpoints", "figures", "routing_stats.json", "result.json")
+"""What ``train --overwrite`` removes of the old run before training: what would otherwise be
+mistaken for the new run's (a later ``--resume`` would pick up old checkpoints). The old adapter
+stays until the new one replaces it; files the run did not write are left alone."""
+
+
+def take_run_folder(folder: str | Path, settings: Mapping[str, Any], overwrite: bool = False) -> None:
+    """Once a run's data and model loaded, make its claim on ``folder`` (see
+    :func:`claim_run_folder`): create it, and with ``overwrite`` remove the old run's
+    checkpoints, figures and records so that no later ``--resume`` or reader picks them up;
+    then write ``mor_run.json``. A resumed run's folder is left as it is, but for the hidden
+    temporaries (``.<name>.*.tmp``) a kill -9 left there mid-write."""
+    folder = Path(folder)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    for stale in folder.glob(".*.tmp"):  # what a kill -9 left of an atomic write into this run folder
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    record = folder / RUN_RECORD
+    if record.is_file() and not overwrite:
+        return  # --resume: the folder holds this run
+    if overwrite:
+        for path in (folder / name for name in RUN_PRODUCTS):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(record, json.dumps({"command": "mor train", "settings": settings}, indent=2) + "\n")
-    return created
+    atomic_write_text(record, json.dumps({"command": "mor train", "settings": _jsonable(dict(settings))},
+                                         indent=2) + "\n")
 
 
 def release_failed_run_folder(folder: str | Path, created: bool) -> None:
@@ -221,9 +415,27 @@ def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
+MAX_ADAPTER_WEIGHT = 1e4
+"""Largest |value| accepted in an adapter file. Trained adapters hold values of order 1 (LoRA
+factors, expert scales, router weights; DoRA's magnitudes are row norms of the base weight);
+far larger ones overflow the forward pass (3e38, finite, made every log-likelihood NaN)."""
+
+
+def oversized_tensors(tensors: Mapping[str, torch.Tensor], bound: float = MAX_ADAPTER_WEIGHT) -> list[tuple[str, float]]:
+    """``(name, max |value|)`` of the floating-point tensors with a value beyond ``bound``."""
+    out = []
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel():
+            peak = t.detach().abs().max().item()
+            if peak > bound:
+                out.append((name, peak))
+    return out
+
+
 def check_adapter_weights(folder: str | Path) -> None:
     """Refuse an adapter folder (MoR/MoE-LoRA or peft LoRA/DoRA) whose safetensors file cannot
-    be read or holds NaN/inf values. A folder without a safetensors file is left to the loader."""
+    be read, holds NaN/inf values, or values beyond :data:`MAX_ADAPTER_WEIGHT`. A folder without
+    a safetensors file is left to the loader."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -234,12 +446,18 @@ def check_adapter_weights(folder: str | Path) -> None:
         try:
             tensors = load_file(str(path))
         except (SafetensorError, OSError, RuntimeError) as err:
-            raise AdapterError(f"{path}: cannot read the adapter weights ({err}); the file is damaged or not "
-                               "an adapter: re-save or retrain it.") from None
+            raise AdapterError(f"{path}: cannot read the adapter weights ({err}); the file is corrupted or not a "
+                               "safetensors file: re-save or retrain the adapter.") from None
         bad = nonfinite_tensors(tensors)
         if bad:
             raise AdapterError(f"{path}: {len(bad)} of {len(tensors)} adapter tensors hold NaN or inf (e.g. "
                                f"{bad[0]}); the training that wrote it diverged: retrain with a lower --lr.")
+        huge = oversized_tensors(tensors)
+        if huge:
+            name, value = huge[0]
+            raise AdapterError(f"{path}: {len(huge)} adapter tensors hold values far beyond any trained adapter "
+                               f"(e.g. |{name}| up to {value:.3g}; the bound is {MAX_ADAPTER_WEIGHT:g}); such weights "
+                               "make every score NaN. The file is corrupt or the training diverged: retrain it.")
 
 
 class FiniteCheckCallback(TrainerCallback):
@@ -263,6 +481,97 @@ class FiniteCheckCallback(TrainerCallback):
                                    f"(learning rate {args.learning_rate:g}); no adapter was saved from this "
                                    "run's end. Lower --lr and start again (--overwrite).")
         return control
+
+
+# -- preemption: SIGTERM / SIGINT during training ---------------------------------------------------
+
+EXIT_PREEMPTED = 75
+"""Exit status of ``mor train`` stopped by SIGTERM or SIGINT after writing a complete checkpoint
+(EX_TEMPFAIL: "try again later"; a job script resubmits with ``--resume``). A second signal stops
+at once with 128 + the signal number (143 for SIGTERM, 130 for SIGINT)."""
+
+
+class Stopped(BaseException):
+    """Training stopped by a signal. ``status`` is the exit status the CLI returns. A
+    BaseException, as KeyboardInterrupt is: no ``except Exception`` on the way may swallow it."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class StopOnSignal(TrainerCallback):
+    """Preemption-safe training: on the first SIGTERM or SIGINT the step in progress finishes,
+    a complete checkpoint is written (marked complete like every checkpoint, gathered across
+    ranks by the trainer's own save), and :class:`Stopped` (status :data:`EXIT_PREEMPTED`) says
+    where and how to resume. Under several processes the ranks agree on the step to stop at (a
+    max all-reduce each step), so a signal that reaches one rank stops all of them together. A
+    second signal stops at once; the last complete checkpoint is untouched, since a checkpoint
+    is marked complete only after everything in it is written. After the last step (while the
+    adapter is saved and scored) a signal stops at once with :data:`EXIT_PREEMPTED`: the last
+    step's checkpoint is complete, and ``--resume`` saves and scores again. The handlers stay
+    until :meth:`restore` (``run_training`` calls it however the run ends).
+
+    (transformers' ``enable_jit_checkpoint`` handles SIGTERM only, acts 3 s after it, and saves
+    without the ``on_save`` event that marks a checkpoint complete, so it is not used.)"""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, resume_hint: str = "run the same command again with --resume"):
+        self.resume_hint = resume_hint
+        self.received: int | None = None
+        self.stopped_at: int | None = None
+        self.last_checkpoint: Path | None = None  # set when training ended without a signal
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.last_checkpoint is not None:
+            self.restore()
+            raise Stopped(f"stopped by {name} after the last step, before the adapter was saved and scored: the "
+                          f"complete checkpoint is {self.last_checkpoint}; to finish, {self.resume_hint}.",
+                          EXIT_PREEMPTED)
+        if self.received is not None:
+            self.restore()
+            raise Stopped(f"second signal ({name}): stopped at once. The last complete checkpoint is intact; "
+                          f"to continue, {self.resume_hint}.", 128 + signum)
+        self.received = signum
+        rank = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
+        print(f"\nreceived {name}{rank}: finishing this step, then writing a checkpoint (send it again to stop "
+              "at once)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        """Put back the signal handlers there were before training."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.received is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([int(stop)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.stopped_at is None:
+            self.last_checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            return control
+        self.restore()
+        name = signal.Signals(self.received).name if self.received else "a signal on another process"
+        folder = Path(args.output_dir) / f"checkpoint-{self.stopped_at}"
+        raise Stopped(f"stopped by {name} at step {self.stopped_at}: the complete checkpoint is {folder}; to "
+                      f"continue, {self.resume_hint}.", EXIT_PREEMPTED)
 
 
 def divergence_warning(log_history: list[dict], lr: float) -> str | None:

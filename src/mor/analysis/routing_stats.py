@@ -262,6 +262,8 @@ class RoutingStatsCallback(TrainerCallback):
         return scalars
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not self.records and self.path.is_file():  # a resumed run: keep the records up to its checkpoint
+            self.records = [r for r in load_stats(self.path) if r["step"] <= state.global_step]
         if state.is_world_process_zero and model is not None and not any(r["step"] == state.global_step
                                                                           for r in self.records):
             self.measure(model, state.global_step)

@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ..safety import EXIT_PREEMPTED, Stopped, io_error_message
+
     try:
         if getattr(args, "config", None):  # a run file: its settings are the defaults, flags override them
             from .train import defaults_from_file
@@ -82,6 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a fault of the machine (full disk, read-only folder) is one line too
+        message = io_error_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except Stopped as stop:  # SIGTERM / SIGINT (see mor.safety.StopOnSignal)
+        print(f"\n{'error: ' if stop.status != EXIT_PREEMPTED else ''}{stop}", file=sys.stderr)  # under a progress bar
+        return stop.status
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); every output is written whole or not at all, so nothing half-written "
+              "is left.", file=sys.stderr)
+        return 130
     finally:
         if "torch.distributed" in sys.modules:  # a launched rank (accelerate, torchrun) leaves no gloo threads
             from ..runtime.distributed import end_process_group

@@ -83,11 +83,12 @@ def cmd_merge(args) -> int:
     from ..model import is_mor_model
     from ..routing import RoutingProfile
     from ..runtime.loading import load_adapted
-    from ..safety import atomic_folder, claim_output_folder
+    from ..safety import atomic_folder, check_free_space, claim_output_folder
 
     out = claim_output_folder(args.output, args.overwrite, inputs={
         "--model": args.model, "--adapter": args.adapter, "--routing": args.routing, "--data": args.data})
     model, tokenizer = load_adapted(args.model, args.adapter)
+    check_free_space(out, sum(p.numel() * p.element_size() for p in model.parameters()), "the merged model")
     if not is_mor_model(model):
         raise SystemExit(f"{args.adapter} is not a MoR/MoE-LoRA adapter; LoRA/DoRA merge with peft's merge_and_unload")
     if args.routing:
@@ -136,13 +137,13 @@ def cmd_analyze(args) -> int:
     from ..runtime.loading import load_adapted
     from ..safety import atomic_folder, claim_output_folder
 
+    stats = Path(args.routing_stats) if args.routing_stats else Path(args.adapter).parent / "routing_stats.json"
     claim_output_folder(args.output, args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter,
-                                                             "--data": args.data})
+                                                             "--data": args.data, "--routing-stats": stats})
     model, tokenizer = load_adapted(args.model, args.adapter)
     if not is_mor_model(model):
         raise SystemExit(f"{args.adapter} is not a MoR/MoE-LoRA adapter: routing analysis needs a router")
     texts = {t.name: task_prompts(t, tokenizer, args.limit) for t in load_eval_tasks(args.data, args.skip_bad)}
-    stats = Path(args.routing_stats) if args.routing_stats else Path(args.adapter).parent / "routing_stats.json"
     with atomic_folder(args.output) as tmp:  # a whole new folder: no stale figures next to new ones
         result = analyze(model, texts, tmp, tokenizer=tokenizer)
         if stats.is_file() or args.routing_stats:
@@ -162,8 +163,10 @@ def add_export_lora_flags(x: argparse.ArgumentParser) -> None:
     routing.add_argument("--data", nargs="+", default=[],
                          help="task files/folders: measure each task's routing, one LoRA per task in --output/<task>")
     x.add_argument("--skip-bad", action="store_true", help="skip malformed records of --data and report how many")
-    x.add_argument("--limit", type=int, default=200, help="records per task of --data used to measure the routing")
+    x.add_argument("--limit", type=at_least_one, default=200,
+                   help="records per task of --data used to measure the routing")
     x.add_argument("--output", required=True, help="folder for the LoRA (with --data: one subfolder per task)")
+    add_overwrite(x)
     x.add_argument("--no-check", action="store_true",
                    help="skip reloading each LoRA with peft onto a fresh base model to compare logits")
 
@@ -175,31 +178,35 @@ def cmd_export_lora(args) -> int:
     from ..export import check_exported_lora, export_lora, exported_rank
     from ..layer import mixture_layers
     from ..runtime.loading import load_adapted, load_model
+    from ..safety import atomic_folder, claim_output_folder
 
+    out = claim_output_folder(args.output, args.overwrite, inputs={
+        "--model": args.model, "--adapter": args.adapter, "--routing": args.routing, "--data": args.data})
     model, tokenizer = load_adapted(args.model, args.adapter)
     try:
         layers = mixture_layers(model)
     except ValueError:
         raise SystemExit(f"{args.adapter} is not a MoR/MoE-LoRA adapter (a peft LoRA/DoRA is already a LoRA)")
     if args.routing:
-        jobs = [(Path(args.output), args.routing, PLAIN_TEXT)]
+        jobs = [(Path(), args.routing, PLAIN_TEXT)]
     else:
         jobs = []
         for task in load_eval_tasks(args.data, args.skip_bad):
             texts = task_prompts(task, tokenizer, args.limit)
-            jobs.append((Path(args.output) / task.name, model.measure_routing(texts, tokenizer=tokenizer), texts))
+            jobs.append((Path(task.name), model.measure_routing(texts, tokenizer=tokenizer), texts))
     layer = next(iter(layers.values()))
     rank = exported_rank(layer)
     if rank != layer.r:
         print(f"MoE-LoRA has no shared factors: exported at rank N*r = {layer.num_experts}*{layer.r} = {rank}")
     base = None
-    for folder, routing, texts in jobs:
-        export_lora(model, routing, folder, base_model_name_or_path=args.model)
-        print(f"LoRA (rank {rank}) written to {folder} (loads with peft.PeftModel.from_pretrained)")
-        if not args.no_check:
-            base = base if base is not None else load_model(args.model)
-            diff, base = check_exported_lora(model, routing, folder, base, tokenizer, texts)
-            print(f"  max |logit difference| vs the MoR adapter with the same fixed routing: {diff:.3g}")
+    with atomic_folder(out) as tmp:  # every LoRA or none; what was in --output is replaced as a whole
+        for name, routing, texts in jobs:
+            export_lora(model, routing, tmp / name, base_model_name_or_path=args.model)
+            print(f"LoRA (rank {rank}) written to {out / name} (loads with peft.PeftModel.from_pretrained)")
+            if not args.no_check:
+                base = base if base is not None else load_model(args.model)
+                diff, base = check_exported_lora(model, routing, tmp / name, base, tokenizer, texts)
+                print(f"  max |logit difference| vs the MoR adapter with the same fixed routing: {diff:.3g}")
     return 0
 
 
@@ -259,7 +266,7 @@ def cmd_generate(args) -> int:
 
 def add_convert_flags(c: argparse.ArgumentParser) -> None:
     c.add_argument("adapter", help="the old adapter folder (adapter_type 'mor', no peft_type)")
-    c.add_argument("output", help="new folder (must not exist)")
+    c.add_argument("output", help="new folder (must be new or empty)")
     add_model(c)
 
 
@@ -269,10 +276,10 @@ def cmd_convert_adapter(args) -> int:
 
     from ..model import convert_legacy_adapter
     from ..runtime.loading import load_model
+    from ..safety import claim_output_folder
 
-    out = Path(args.output)
-    if out.exists():
-        raise ValueError(f"{out} exists; give a new folder for the converted adapter")
+    out = claim_output_folder(args.output, overwrite=False, flag="output",
+                              inputs={"adapter": args.adapter, "--model": args.model})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the "legacy format" warning: converting is the point
         convert_legacy_adapter(args.adapter, out, load_model(args.model))

@@ -225,11 +225,32 @@ def _check_chat(record: dict) -> None:
         raise DataError("the last (assistant) message is empty; write the reply the model should learn.")
 
 
+MAX_RECORD_CHARS = 1_000_000
+"""Most characters of text one record may hold. Prompts and answers are at most a few thousand
+tokens; one 50 MB record made evaluation tokenise and pad it until the machine ran out of memory."""
+
+
+def _text_size(value: Any) -> int:
+    """Characters of text in a JSON value (strings, nested in lists and objects, keys included)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(k)) + _text_size(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_text_size(v) for v in value)
+    return 0
+
+
 def validate_record(record: Any) -> str:
     """Check one record and return its kind (``"instruction"``, ``"chat"`` or ``"choice"``).
 
     Raises :class:`DataError` (without a location; the caller adds ``file:line``).
     """
+    size = _text_size(record)
+    if size > MAX_RECORD_CHARS:
+        raise DataError(f"the record holds {size / 1e6:.1f} million characters of text, beyond any model's context "
+                        f"(the bound is {MAX_RECORD_CHARS / 1e6:g} million, ~{MAX_RECORD_CHARS // 4:,} tokens); "
+                        "shorten it or remove it (--skip-bad skips it).")
     if not isinstance(record, dict):
         raise DataError(
             f"record is a JSON {type(record).__name__}, not an object; each record must be "
@@ -327,7 +348,11 @@ def load_tasks(
     paths: Sequence[str | Path], skip_bad: bool = False, split: str | None = None
 ) -> list[Task]:
     """Read several tasks (see :func:`load_task_records`); their names must be distinct."""
-    tasks = [load_task_records(p, skip_bad=skip_bad, split=split) for p in paths]
+    return _distinct([load_task_records(p, skip_bad=skip_bad, split=split) for p in paths])
+
+
+def _distinct(tasks: list[Task]) -> list[Task]:
+    """``tasks``, refused when two share a name (one would silently replace the other in results)."""
     seen: dict[str, str] = {}
     for task in tasks:
         if task.name in seen:
@@ -369,4 +394,4 @@ def load_eval_tasks(paths: list[str], skip_bad: bool = False) -> list[Task]:
     for path in map(Path, paths):
         split = "test" if path.is_dir() and has_split(path, "test") else None
         tasks.append(load_task_records(path, skip_bad=skip_bad, split=split))
-    return tasks
+    return _distinct(tasks)

@@ -506,6 +506,13 @@ def score_items(
     per_item: list[list[_Request]] = [[] for _ in items]
     for r in requests:
         per_item[r.item].append(r)
+    nonfinite = [r for r in requests if not math.isfinite(float(r.logprob))]
+    if nonfinite:  # an accuracy computed from NaN is a number about nothing: no metric at all
+        first = items[nonfinite[0].item]
+        raise ValueError(f"{len(nonfinite)} of {len(requests)} log-likelihoods are NaN or inf (first: "
+                         f"{first.source or first.task}, choice {nonfinite[0].choice}): the model or adapter gives "
+                         "non-finite logits, so no accuracy is reported. Check the weights (a diverged or "
+                         "corrupt adapter or model) or use a wider dtype.")
     scores = []
     for item, reqs in zip(items, per_item):
         reqs.sort(key=lambda r: r.choice)

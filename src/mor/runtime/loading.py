@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -99,14 +100,35 @@ def resolve_model_path(name_or_path: str | None) -> str:
     path = Path(name_or_path)
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} exists but has no config.json: give a model folder, a .gguf file or a hub id")
+    if not path.exists() and not HUB_MODEL_ID.fullmatch(str(name_or_path)):
+        raise FileNotFoundError(f"--model {name_or_path}: no such folder or file (and not a Hugging Face model id "
+                                "such as HuggingFaceTB/SmolLM2-135M); check the path.")
     return str(name_or_path)
+
+
+HUB_MODEL_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+
+
+def _from_pretrained(loader, name_or_path: str | None, **kwargs):
+    """``loader.from_pretrained`` of :func:`resolve_model_path`, with a hub id that cannot be
+    reached (offline, misspelt, private) as one clear FileNotFoundError."""
+    resolved = resolve_model_path(name_or_path)
+    try:
+        return loader.from_pretrained(resolved, **kwargs)
+    except OSError as err:
+        if err.errno is not None or Path(resolved).exists():
+            raise  # a fault of the machine (a full disk, ...) or of a local folder: reported as such
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"--model {name_or_path}: not a local folder or file, and the Hugging Face hub "
+                                f"could not give it ({first}). Check the id, or give a local model folder "
+                                "(offline: download it first, or use the default model).") from None
 
 
 def load_tokenizer(name_or_path: str | None = None, **kwargs):
     """The tokenizer of a model, with a padding token set (the EOS token when it has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    tokenizer = _from_pretrained(AutoTokenizer, name_or_path, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -125,7 +147,7 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype | str = torch
     kwargs.setdefault("trust_remote_code", False)
     if load_in_4bit:
         kwargs["quantization_config"] = four_bit_config(dtype)
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype, **kwargs)
+    return _from_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype, **kwargs)
 
 
 def four_bit_config(compute_dtype: torch.dtype = torch.float32):

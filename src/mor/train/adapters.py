@@ -12,7 +12,8 @@ from torch import nn
 
 from ..config import ALL_METHODS, INITS, METHODS, ROUTERS, TARGET_PRESETS, MoRConfig
 from ..model import find_target_modules, get_mor_model
-from ..params import parameter_count
+from ..params import layer_parameter_count, parameter_count, target_shapes
+from ..safety import check_adapter_fits
 
 
 def parse_targets(value: str):
@@ -80,8 +81,13 @@ class AdapterSpec:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def apply_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
-    """Freeze ``model`` and attach the adapter of ``spec``; returns the peft model."""
+def apply_adapter(model: nn.Module, spec: AdapterSpec, tokens_per_step: int = 0) -> nn.Module:
+    """Freeze ``model`` and attach the adapter of ``spec``; returns the peft model.
+
+    Refused before anything is allocated: an adapter whose weights, gradients, Adam moments and
+    the activations of ``tokens_per_step`` tokens (batch size x sequence length) do not fit in
+    the memory left (see :func:`mor.safety.check_adapter_fits`)."""
+    check_adapter_fits(*training_size(model, spec, tokens_per_step))
     config = spec.to_peft_config(model)
     if isinstance(config, MoRConfig):
         return get_mor_model(model, config)
@@ -91,3 +97,18 @@ def apply_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
     if spec.init_seed is not None:
         torch.manual_seed(spec.init_seed)
     return get_peft_model(model, config)
+
+
+def training_size(model: nn.Module, spec: AdapterSpec, tokens_per_step: int = 0) -> tuple[int, str, int]:
+    """(trainable parameters, a description, activation floats) of training ``spec`` on ``model``
+    with ``tokens_per_step`` tokens a step. A mixture layer keeps, per token, the router's logits
+    and gates (2N), the down-projection (r) and the per-expert products (N*r), twice over for the
+    backward pass; a LoRA/DoRA layer keeps its r-dimensional down-projection."""
+    shapes = target_shapes(model, spec.target_modules)
+    parameters = sum(layer_parameter_count(spec.method, d_in, d_out, spec.r, spec.num_experts, spec.router)
+                     for d_in, d_out in shapes)
+    mixture = spec.method in METHODS
+    per_token = 2 * (spec.num_experts * spec.r + 2 * spec.num_experts + spec.r if mixture else spec.r)
+    what = f"the {spec.method} adapter (r={spec.r}" + (f", {spec.num_experts} experts" if mixture else "") \
+        + f", {len(shapes)} layers)"
+    return parameters, what, per_token * len(shapes) * tokens_per_step

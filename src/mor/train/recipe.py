@@ -28,8 +28,9 @@ from ..params import count_trainable_parameters
 from ..runtime.distributed import (adapter_checksum, all_gather_objects, check_launch_before_start, checkpoint_state,
                                    gather_adapter_state_dict, save_adapter, world_size)
 from ..runtime.loading import load_model, load_tokenizer
-from ..safety import (FiniteCheckCallback, atomic_folder, atomic_write_text, claim_run_folder, divergence_warning,
-                      nonfinite_tensors, release_failed_run_folder)
+from ..safety import (FiniteCheckCallback, StopOnSignal, atomic_folder, atomic_write_text, check_training_space,
+                      claim_run_folder, divergence_warning, nonfinite_tensors, release_failed_run_folder,
+                      take_run_folder)
 from .adapters import apply_adapter
 from .config import FIGURE_PROMPTS, TrainConfig
 from .setup import (build_train_dataset, cast_frozen_base, load_train_and_eval_tasks, resolve_base_dtype,
@@ -60,6 +61,7 @@ class TrainResult:
     eval_seconds: dict | None = None  # wall time of the before/after evaluations
     base_dtype: str = "fp32"
     figures: Path | None = None  # folder of the routing figures drawn after training (written after result.json)
+    resumed_from_step: int | None = None  # --resume: the checkpoint's step; ranks/train_seconds cover the steps after it
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -71,24 +73,31 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
     """Train ``cfg.adapter`` on ``cfg.data``; save it to ``<output>/adapter``; evaluate before/after.
 
     The output folder must be new or empty, or hold this same run (``resume``, same settings),
-    or ``overwrite`` must be set (see :func:`mor.safety.claim_run_folder`).
+    or ``overwrite`` must be set, and may not be, hold or lie inside an input (see
+    :func:`mor.safety.claim_run_folder`). SIGTERM / SIGINT stop the run at a complete checkpoint
+    (:class:`mor.safety.StopOnSignal`).
     """
     cfg.validate()
     cfg.max_steps = cfg.steps  # recorded resolved: 140 on the built-in suite, else -1 (epochs)
     check_launch_before_start(training_arguments(cfg).world_size)
-    created = claim_run_folder(cfg.output, cfg.resume_settings(), overwrite=cfg.overwrite, resume=cfg.resume)
+    settings = cfg.resume_settings()
+    created = claim_run_folder(cfg.output, settings, overwrite=cfg.overwrite, resume=cfg.resume,
+                               inputs={"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data})
+    stop_on_signal = StopOnSignal()
     try:
-        result, eval_tasks = _run(cfg, callbacks)
+        result, eval_tasks = _run(cfg, [stop_on_signal, *(callbacks or [])], settings)
     except BaseException:
         release_failed_run_folder(cfg.output, created)
         raise
+    finally:
+        stop_on_signal.restore()  # the process's own signal handlers again, however the run ended
     # 9. figures: router by task, routing over steps (a MoR run that was evaluated)
     if cfg.figures and cfg.adapter.method == "mor" and result.after is not None:
         result.figures = draw_figures_after_training(cfg, result.adapter_dir, eval_tasks)
     return result
 
 
-def _run(cfg: TrainConfig, callbacks: list | None) -> tuple[TrainResult, list[Task]]:
+def _run(cfg: TrainConfig, callbacks: list, settings: dict) -> tuple[TrainResult, list[Task]]:
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     run = SimpleNamespace(eval_seconds={}, before=None, after=None)
@@ -109,8 +118,10 @@ def _run(cfg: TrainConfig, callbacks: list | None) -> tuple[TrainResult, list[Ta
         with model.disable_adapter():
             run.before = _timed_evaluation(run, "before", model, tokenizer, eval_tasks, cfg)
 
-    # 4. trainer, 5. train or resume
+    # 4. trainer (the inputs loaded and the disk has room: now the old run's files go), 5. train or resume
     trainer = build_trainer(cfg, model, tokenizer, dataset, train_tasks, callbacks)
+    check_training_space(cfg.output, trainable, save_total_limit=trainer.args.save_total_limit)
+    take_run_folder(cfg.output, settings, overwrite=cfg.overwrite)
     start = time.perf_counter()
     outcome = train_or_resume(cfg, trainer)
     seconds = time.perf_counter() - start
@@ -140,7 +151,8 @@ def _run(cfg: TrainConfig, callbacks: list | None) -> tuple[TrainResult, list[Ta
                          data_report, run.before, run.after, world_size(), ranks, warnings,
                          routing_stats=stats.summary() if stats else None,
                          log_history=trainer.state.log_history, eval_seconds=run.eval_seconds or None,
-                         base_dtype=str(base_dtype).replace("torch.", ""))
+                         base_dtype=str(base_dtype).replace("torch.", ""),
+                         resumed_from_step=trainer.resumed_from_step)
     if trainer.is_world_process_zero():
         atomic_write_text(Path(cfg.output) / "result.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result, eval_tasks
@@ -152,7 +164,7 @@ def setup_model(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.dtype]:
     base = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit)
     if cfg.adapter.init_seed is None:
         cfg.adapter.init_seed = cfg.seed
-    model = apply_adapter(base, cfg.adapter)
+    model = apply_adapter(base, cfg.adapter, tokens_per_step=cfg.batch_size * cfg.max_length)
     base_dtype = resolve_base_dtype(cfg.base_dtype)
     if base_dtype != torch.float32:
         cast_frozen_base(model, base_dtype)
@@ -199,6 +211,7 @@ def train_or_resume(cfg: TrainConfig, trainer: AdapterTrainer):
             logger.warning("--resume: no complete checkpoint in %s; starting from scratch", folder)
         else:
             logger.info("resuming from %s", resume_from)
+            trainer.resumed_from_step = int(resume_from.name.rsplit("-", 1)[1])
     finished = finished_run_state(trainer, resume_from, cfg) if resume_from else None
     if finished is None:
         return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

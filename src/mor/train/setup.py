@@ -43,8 +43,10 @@ def load_train_and_eval_tasks(cfg: TrainConfig) -> tuple[list[Task], list[Task]]
             if has_split(path, "test"):
                 eval_tasks.append(load_task_records(path, skip_bad=cfg.skip_bad, split="test"))
             continue
-        split = "test" if path.is_dir() and has_split(path, "test") else None
-        task = load_task_records(path, skip_bad=cfg.skip_bad, split=split)
+        if path.is_dir() and has_split(path, "test"):
+            raise DataError(f"--data {path} holds a test split but no train split: a test split is never trained "
+                            "on. Add a train file there, give --eval-data for the test split, or name a file.")
+        task = load_task_records(path, skip_bad=cfg.skip_bad)
         if cfg.holdout:
             task, held = split_records(task, eval_size=cfg.holdout, seed=cfg.seed)
             eval_tasks.append(held)

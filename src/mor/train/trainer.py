@@ -39,6 +39,7 @@ class AdapterTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.trained_example_indices: list[int] = []  # this process's examples, from the batches' "example_index"
+        self.resumed_from_step: int | None = None  # set by a --resume (see recipe.train_or_resume)
 
     def _adapter_model(self):
         return self.accelerator.unwrap_model(self.model)

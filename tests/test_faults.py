@@ -1,0 +1,283 @@
+"""Issue #22, items 1-3: faults a real run meets. Preemption (real SIGTERM / SIGINT sent to a
+training process: mid-step, a second one mid-checkpoint, kill -9 mid-final-save), a full disk
+(a patched writer raising ENOSPC at a chosen write, and a real 3 MB tmpfs), a read-only folder
+(a tmpfs mounted read-only: chmod does not stop root), and bad input that used to trace back.
+Each asserts the exit status, the one `error:` line, and that earlier results are
+byte-identical afterwards with no temporary file left."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mor.cli import main
+from mor.safety import EXIT_PREEMPTED
+from mor.data.builtin import write_builtin_suite
+from mor.train.trainer import COMPLETE_MARKER
+from test_no_data_loss import snapshot
+
+ADAPTER_FILE = "adapter_model.safetensors"
+WORKER = Path(__file__).with_name("fault_worker.py")
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files or folders of an atomic write under ``folder``."""
+    return [str(p) for p in folder.rglob(".*") if p.name.endswith((".tmp", ".old"))]
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tasks")
+    write_builtin_suite(folder, seed=0, train_size=32, eval_size=4, tasks=["parity"])
+    return folder / "parity"
+
+
+def train_flags(model_dir, data, out, steps: int = 6):
+    return ["train", "--model", model_dir, "--data", data, "--output", out, "--r", 2, "--num-experts", 2,
+            "--batch-size", 4, "--max-steps", steps, "--save-steps", 2, "--seed", 0, "--no-eval", "--no-figures"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir, parity):
+    """The final adapter tensors of the run every interrupted run must reach after --resume."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert run_cli(*train_flags(tiny_model_dir, parity, out)) == 0
+    return load_file(str(out / "adapter" / ADAPTER_FILE))
+
+
+def assert_same_adapter(folder: Path, expected: dict[str, torch.Tensor]) -> None:
+    got = load_file(str(folder / "adapter" / ADAPTER_FILE))
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name  # bit-identical on CPU
+
+
+def run_worker(plan: str, record: Path, flags: list) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(WORKER), plan, str(record), "--", *map(str, flags)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def complete(out: Path) -> list[str]:
+    return sorted(p.parent.name for p in out.glob(f"checkpoints/checkpoint-*/{COMPLETE_MARKER}"))
+
+
+# -- item 1: preemption ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("plan, stop_step", [("SIGTERM@step:3", 3), ("SIGINT@step:3", 3),
+                                             ("SIGTERM@checkpoint:2", 3)])  # mid-step, mid-checkpoint
+def test_a_signal_finishes_the_step_checkpoints_it_and_resume_is_exact(tmp_path, tiny_model_dir, parity,
+                                                                       uninterrupted, plan, stop_step):
+    out, record = tmp_path / "run", tmp_path / "record.json"
+    flags = train_flags(tiny_model_dir, parity, out)
+    signame = plan.split("@")[0]
+    done = run_worker(plan, record, flags)
+    assert done.returncode == EXIT_PREEMPTED, done.stderr[-2000:]
+    assert f"received {signame}: finishing this step" in done.stderr
+    stopped = re.findall(r"^stopped by .*$", done.stderr, flags=re.M)  # a line of its own
+    assert len(stopped) == 1 and stopped[0].startswith(f"stopped by {signame} at step {stop_step}"), done.stderr
+    assert f"checkpoint-{stop_step}; to continue, run the same command again with --resume" in stopped[0]
+    assert "Traceback" not in done.stderr
+    assert complete(out) == ["checkpoint-2", f"checkpoint-{stop_step}"] and not (out / "adapter").exists()
+    before = json.loads(record.read_text())  # the complete checkpoints as they were when the signal came
+    assert {k: v for k, v in snapshot(out).items() if k in before} == before
+    assert run_cli(*flags, "--resume") == 0
+    assert_same_adapter(out, uninterrupted)
+
+
+def test_a_signal_after_the_last_step_stops_before_the_adapter_is_saved_and_resume_finishes(
+        tmp_path, tiny_model_dir, parity, uninterrupted):
+    out, record = tmp_path / "run", tmp_path / "record.json"
+    flags = train_flags(tiny_model_dir, parity, out)
+    done = run_worker("SIGTERM@final-save", record, flags)
+    assert done.returncode == EXIT_PREEMPTED, done.stderr[-2000:]
+    assert re.search(r"^stopped by SIGTERM after the last step, before the adapter was saved and scored: the "
+                     r"complete checkpoint is .*checkpoint-6; to finish, run the same command again with --resume",
+                     done.stderr, flags=re.M), done.stderr[-2000:]
+    assert not (out / "adapter").exists() and leftovers(out) == []  # the half-written adapter folder removed
+    assert run_cli(*flags, "--resume") == 0
+    assert_same_adapter(out, uninterrupted)
+
+
+def test_a_second_signal_mid_checkpoint_stops_at_once_and_the_last_complete_checkpoint_is_intact(
+        tmp_path, tiny_model_dir, parity, uninterrupted):
+    out, record = tmp_path / "run", tmp_path / "record.json"
+    flags = train_flags(tiny_model_dir, parity, out)
+    done = run_worker("SIGTERM@step:3,SIGTERM@checkpoint:3", record, flags)
+    assert done.returncode == 128 + 15, done.stderr[-2000:]
+    assert "error: second signal (SIGTERM): stopped at once" in done.stderr and "Traceback" not in done.stderr
+    assert complete(out) == ["checkpoint-2"]  # checkpoint-3 was cut mid-write: never marked complete
+    before = json.loads(record.read_text())
+    assert before and {k: v for k, v in snapshot(out).items() if k in before} == before
+    assert run_cli(*flags, "--resume") == 0  # drops the cut checkpoint-3, resumes from checkpoint-2
+    assert_same_adapter(out, uninterrupted)
+
+
+def test_kill_9_mid_final_save_leaves_no_adapter_and_resume_completes_it(tmp_path, tiny_model_dir, parity,
+                                                                         uninterrupted):
+    out, record = tmp_path / "run", tmp_path / "record.json"
+    flags = train_flags(tiny_model_dir, parity, out)
+    done = run_worker("SIGKILL@final-save", record, flags)
+    assert done.returncode == -9
+    assert not (out / "adapter").exists() and complete(out) == ["checkpoint-4", "checkpoint-6"]
+    assert run_cli(*flags, "--resume") == 0
+    assert_same_adapter(out, uninterrupted)
+    assert leftovers(out) == []  # the temporary adapter folder the kill left is cleared on resume
+
+
+# -- item 2/3: a full disk -------------------------------------------------------------------------
+
+def test_enospc_at_a_checkpoint_write_is_an_error_line_and_resume_is_exact(tmp_path, tiny_model_dir, parity,
+                                                                           uninterrupted, monkeypatch, capsys):
+    out = tmp_path / "run"
+    flags = train_flags(tiny_model_dir, parity, out)
+    real_save = torch.save
+
+    def save(obj, path, *args, **kwargs):  # the disk fills up while checkpoint-4 is written
+        if "checkpoint-4" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert run_cli(*flags) == 2
+    err = capsys.readouterr().err
+    assert "error: no space left on the device while writing" in err and "checkpoint-4" in err
+    assert "Traceback" not in err and complete(out) == ["checkpoint-2"]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert run_cli(*flags, "--resume") == 0
+    assert_same_adapter(out, uninterrupted)
+
+
+def _mount_tmpfs(where: Path, options: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {done.stderr.decode().strip()}")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 3 MB disk (tmpfs); filled up by the test with :func:`fill`."""
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "size=3m")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def fill(disk: Path, leave: int = 0) -> None:
+    """Take all free space of ``disk`` but ``leave`` bytes."""
+    free = shutil.disk_usage(disk).free - leave
+    with open(disk / "filler", "wb") as f:
+        try:
+            f.write(b"\0" * max(free, 0))
+        except OSError:
+            pass
+
+
+def test_a_full_disk_is_an_error_line_and_the_previous_results_stay(tiny_disk, tmp_path, tiny_model_dir, parity,
+                                                                    capsys):
+    run = tmp_path / "run"
+    assert run_cli(*train_flags(tiny_model_dir, parity, run, steps=2)) == 0
+    adapter = run / "adapter"
+    lora, results = tiny_disk / "lora", tiny_disk / "results.json"
+    export = ("export-lora", "--model", tiny_model_dir, "--adapter", adapter, "--routing", "uniform",
+              "--output", lora, "--no-check")
+    evaluate = ("eval", "--model", tiny_model_dir, "--data", parity, "--output", results, "--log-samples")
+    assert run_cli(*export) == 0 and run_cli(*evaluate) == 0
+    capsys.readouterr()
+    fill(tiny_disk)
+    before = snapshot(tiny_disk)
+    for command in ((*export, "--overwrite"), (*evaluate, "--overwrite")):
+        assert run_cli(*command) == 2, command[0]
+        err = capsys.readouterr().err
+        assert err.count("error: no space left on the device") == 1 and "Traceback" not in err, err
+        assert snapshot(tiny_disk) == before and leftovers(tiny_disk) == [], command[0]
+    assert run_cli("merge", "--model", tiny_model_dir, "--adapter", adapter, "--routing", "uniform",
+                   "--output", tiny_disk / "merged") == 2  # the merged model's size is known up front
+    assert "the merged model needs about" in capsys.readouterr().err and snapshot(tiny_disk) == before
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler", "lora", "results.json"]
+
+
+def test_training_that_cannot_fit_on_the_disk_is_refused_before_it_starts(tiny_disk, tiny_model_dir, parity,
+                                                                          capsys):
+    assert run_cli(*train_flags(tiny_model_dir, parity, tiny_disk / "run")) == 2
+    err = capsys.readouterr().err
+    assert "training (the adapter and 2 checkpoints) needs about" in err and "free" in err
+    assert sorted(p.name for p in tiny_disk.iterdir()) == []
+
+
+# -- item 2/3: a read-only folder ------------------------------------------------------------------
+
+def test_a_read_only_folder_is_an_error_line_before_any_work(tmp_path, tiny_model_dir, parity, capsys):
+    run = tmp_path / "run"
+    assert run_cli(*train_flags(tiny_model_dir, parity, run, steps=2)) == 0
+    adapter = run / "adapter"
+    disk = tmp_path / "ro"
+    _mount_tmpfs(disk, "size=3m")
+    try:
+        (disk / "old").mkdir()
+        (disk / "old" / "result.txt").write_text("previous result")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        before = snapshot(disk)
+        model = ("--model", tiny_model_dir)
+        for command in (train_flags(tiny_model_dir, parity, disk / "old", steps=1) + ["--overwrite"],
+                        ("eval", *model, "--data", parity, "--output", disk / "results.json"),
+                        ("merge", *model, "--adapter", adapter, "--routing", "uniform", "--output", disk / "m"),
+                        ("analyze", *model, "--adapter", adapter, "--data", parity, "--output", disk / "old",
+                         "--overwrite"),
+                        ("export-lora", *model, "--adapter", adapter, "--routing", "uniform", "--output", disk / "l")):
+            assert run_cli(*command) == 2, command[0]
+            err = capsys.readouterr().err
+            assert "the folder is read-only" in err and "choose a writable folder" in err, err
+            assert snapshot(disk) == before
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+# -- item 2: bad input that used to trace back -----------------------------------------------------
+
+def test_a_model_path_that_does_not_exist_is_an_error_line(tmp_path, parity, capsys):
+    assert run_cli("eval", "--model", "./tiny_typo", "--data", parity) == 2
+    assert "error: --model ./tiny_typo: no such folder or file" in capsys.readouterr().err
+
+
+def test_an_invalid_target_modules_regex_is_an_error_line(tmp_path, tiny_model_dir, parity, capsys):
+    assert run_cli(*train_flags(tiny_model_dir, parity, tmp_path / "run"), "--target-modules", ".*proj(") == 2
+    assert "is invalid: not a valid regular expression" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_dot_and_an_output_under_a_file_are_error_lines(tmp_path, tiny_model_dir, parity, monkeypatch,
+                                                               capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("mine")
+    for output, message in ((".", "is the current folder"), ("afile/out", "is a file, so nothing can be written")):
+        for command in (train_flags(tiny_model_dir, parity, output, steps=1),
+                        ("eval", "--model", tiny_model_dir, "--data", parity, "--output", output)):
+            assert run_cli(*command) == 2
+            assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_measuring_routing_on_inputs_without_tokens_is_a_clear_error(tiny_model_dir):
+    from mor.config import MoRConfig
+    from mor.runtime.loading import load_model, load_tokenizer
+    from mor.model import get_mor_model
+
+    model = get_mor_model(load_model(str(tiny_model_dir)), MoRConfig(r=2, num_experts=2))
+    for texts in ([], [""]):
+        with pytest.raises(ValueError, match="no tokens to route"):
+            model.measure_routing(texts, tokenizer=load_tokenizer(str(tiny_model_dir)))
