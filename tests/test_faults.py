@@ -71,6 +71,20 @@ def run_worker(plan: str, record: Path, flags: list) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=600)
 
 
+def interrupt(tmp_path: Path, model_dir, data, plan: str):
+    """``mor train`` into ``tmp_path/run`` in a worker that sends itself the signals of ``plan``:
+    (output folder, train flags, the worker's record file, the finished process)."""
+    out, record = tmp_path / "run", tmp_path / "record.json"
+    flags = train_flags(model_dir, data, out)
+    return out, flags, record, run_worker(plan, record, flags)
+
+
+def resume_reaches(out: Path, flags: list, expected: dict[str, torch.Tensor]) -> None:
+    """``--resume`` finishes the run with the adapter of the run that was never stopped."""
+    assert run_cli(*flags, "--resume") == 0
+    assert_same_adapter(out, expected)
+
+
 def complete(out: Path) -> list[str]:
     return sorted(p.parent.name for p in out.glob(f"checkpoints/checkpoint-*/{COMPLETE_MARKER}"))
 
@@ -81,10 +95,8 @@ def complete(out: Path) -> list[str]:
                                              ("SIGTERM@checkpoint:2", 3)])  # mid-step, mid-checkpoint
 def test_a_signal_finishes_the_step_checkpoints_it_and_resume_is_exact(tmp_path, tiny_model_dir, parity,
                                                                        uninterrupted, plan, stop_step):
-    out, record = tmp_path / "run", tmp_path / "record.json"
-    flags = train_flags(tiny_model_dir, parity, out)
+    out, flags, record, done = interrupt(tmp_path, tiny_model_dir, parity, plan)
     signame = plan.split("@")[0]
-    done = run_worker(plan, record, flags)
     assert done.returncode == EXIT_PREEMPTED, done.stderr[-2000:]
     assert f"received {signame}: finishing this step" in done.stderr
     stopped = re.findall(r"^stopped by .*$", done.stderr, flags=re.M)  # a line of its own
@@ -94,47 +106,37 @@ def test_a_signal_finishes_the_step_checkpoints_it_and_resume_is_exact(tmp_path,
     assert complete(out) == ["checkpoint-2", f"checkpoint-{stop_step}"] and not (out / "adapter").exists()
     before = json.loads(record.read_text())  # the complete checkpoints as they were when the signal came
     assert {k: v for k, v in snapshot(out).items() if k in before} == before
-    assert run_cli(*flags, "--resume") == 0
-    assert_same_adapter(out, uninterrupted)
+    resume_reaches(out, flags, uninterrupted)
 
 
 def test_a_signal_after_the_last_step_stops_before_the_adapter_is_saved_and_resume_finishes(
         tmp_path, tiny_model_dir, parity, uninterrupted):
-    out, record = tmp_path / "run", tmp_path / "record.json"
-    flags = train_flags(tiny_model_dir, parity, out)
-    done = run_worker("SIGTERM@final-save", record, flags)
+    out, flags, record, done = interrupt(tmp_path, tiny_model_dir, parity, "SIGTERM@final-save")
     assert done.returncode == EXIT_PREEMPTED, done.stderr[-2000:]
     assert re.search(r"^stopped by SIGTERM after the last step, before the adapter was saved and scored: the "
                      r"complete checkpoint is .*checkpoint-6; to finish, run the same command again with --resume",
                      done.stderr, flags=re.M), done.stderr[-2000:]
     assert not (out / "adapter").exists() and leftovers(out) == []  # the half-written adapter folder removed
-    assert run_cli(*flags, "--resume") == 0
-    assert_same_adapter(out, uninterrupted)
+    resume_reaches(out, flags, uninterrupted)
 
 
 def test_a_second_signal_mid_checkpoint_stops_at_once_and_the_last_complete_checkpoint_is_intact(
         tmp_path, tiny_model_dir, parity, uninterrupted):
-    out, record = tmp_path / "run", tmp_path / "record.json"
-    flags = train_flags(tiny_model_dir, parity, out)
-    done = run_worker("SIGTERM@step:3,SIGTERM@checkpoint:3", record, flags)
+    out, flags, record, done = interrupt(tmp_path, tiny_model_dir, parity, "SIGTERM@step:3,SIGTERM@checkpoint:3")
     assert done.returncode == 128 + 15, done.stderr[-2000:]
     assert "error: second signal (SIGTERM): stopped at once" in done.stderr and "Traceback" not in done.stderr
     assert complete(out) == ["checkpoint-2"]  # checkpoint-3 was cut mid-write: never marked complete
     before = json.loads(record.read_text())
     assert before and {k: v for k, v in snapshot(out).items() if k in before} == before
-    assert run_cli(*flags, "--resume") == 0  # drops the cut checkpoint-3, resumes from checkpoint-2
-    assert_same_adapter(out, uninterrupted)
+    resume_reaches(out, flags, uninterrupted)  # drops the cut checkpoint-3, resumes from checkpoint-2
 
 
 def test_kill_9_mid_final_save_leaves_no_adapter_and_resume_completes_it(tmp_path, tiny_model_dir, parity,
                                                                          uninterrupted):
-    out, record = tmp_path / "run", tmp_path / "record.json"
-    flags = train_flags(tiny_model_dir, parity, out)
-    done = run_worker("SIGKILL@final-save", record, flags)
+    out, flags, record, done = interrupt(tmp_path, tiny_model_dir, parity, "SIGKILL@final-save")
     assert done.returncode == -9
     assert not (out / "adapter").exists() and complete(out) == ["checkpoint-4", "checkpoint-6"]
-    assert run_cli(*flags, "--resume") == 0
-    assert_same_adapter(out, uninterrupted)
+    resume_reaches(out, flags, uninterrupted)
     assert leftovers(out) == []  # the temporary adapter folder the kill left is cleared on resume
 
 
@@ -157,8 +159,7 @@ def test_enospc_at_a_checkpoint_write_is_an_error_line_and_resume_is_exact(tmp_p
     assert "error: no space left on the device while writing" in err and "checkpoint-4" in err
     assert "Traceback" not in err and complete(out) == ["checkpoint-2"]
     monkeypatch.setattr(torch, "save", real_save)
-    assert run_cli(*flags, "--resume") == 0
-    assert_same_adapter(out, uninterrupted)
+    resume_reaches(out, flags, uninterrupted)
 
 
 def _mount_tmpfs(where: Path, options: str) -> None:
