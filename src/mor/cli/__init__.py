@@ -93,10 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as stop:  # SIGTERM / SIGINT (see mor.safety.StopOnSignal)
         print(f"\n{'error: ' if stop.status != EXIT_PREEMPTED else ''}{stop}", file=sys.stderr)  # under a progress bar
         return stop.status
-    except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); every output is written whole or not at all, so nothing half-written "
-              "is left.", file=sys.stderr)
-        return 130
     finally:
         if "torch.distributed" in sys.modules:  # a launched rank (accelerate, torchrun) leaves no gloo threads
             from ..runtime.distributed import end_process_group
