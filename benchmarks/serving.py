@@ -215,3 +215,7 @@ def summarise(args, contenders, times, prompts) -> dict:
             "settings": {k: v for k, v in vars(args).items() if k != "json"}, "prompt_tokens": [len(p) for p in prompts],
             "rounds": len(next(iter(times.values()))), "results": table, "noise_floor": noise,
             "targets": {k: {"value": v, "target": TARGETS[k]} for k, v in checks.items()}, "table": "\n".join(lines)}
+
+
+if __name__ == "__main__":
+    main()
