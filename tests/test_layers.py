@@ -16,6 +16,7 @@ LAYERS = [  # bottom to top
     {"runtime"},
     {"eval", "analysis", "lm_eval_model", "serving"},
     {"train"},
+    {"compare"},
     {"cli"},
 ]
 

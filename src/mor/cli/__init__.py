@@ -1,4 +1,5 @@
-"""The ``mor`` command line: train, eval, merge, analyze, export-lora, export-vllm, generate, convert-adapter.
+"""The ``mor`` command line: train, eval, merge, analyze, export-lora, export-vllm, generate, convert-adapter,
+compare.
 Thin: each command parses its flags, calls one library function, prints. ``mor <command> --help``
 lists every flag.
 
@@ -22,7 +23,7 @@ from typing import Callable
 logger = logging.getLogger("mor")
 
 #: Modules whose ``@command`` handlers make up ``mor`` (in the order ``mor --help`` lists them).
-COMMAND_MODULES = ("mor.cli.train", "mor.cli.adapters", "mor.cli.serving")
+COMMAND_MODULES = ("mor.cli.train", "mor.cli.adapters", "mor.cli.serving", "mor.cli.compare")
 
 
 @dataclass

@@ -1,0 +1,312 @@
+"""A comparison plan: which model, which data, which arms, how many steps and seeds, which learning
+rates to choose from. Read from YAML or JSON; every path in it is relative to the plan file.
+
+    name: mix9
+    model: null                      # hub id, folder or .gguf (null: the embedded SmolLM2-135M-Instruct)
+    data:
+      root: ../../../shared/data     # task paths below are relative to it
+      train: [commonsense/boolq, builtin:parity]   # anything --data takes; builtin:<task> for the built-in suite
+      heldout: [commonsense/piqa]    # scored, never trained on (forgetting)
+      train_per_task: 500
+      validation_per_task: 100       # carved from the training data: the learning rate is chosen on it
+      test_per_task: 300
+      heldout_per_task: 300
+    train: {max_steps: 300, batch_size: 8, max_length: 128, target: text}   # any TrainConfig setting
+    seeds: [0, 1, 2]
+    select: {lrs: [3e-4, 1e-3, 3e-3], seeds: [0]}   # each arm's rate, chosen on validation
+    arms:
+      lora: {method: lora, r: 16}
+      mor: {method: mor, num_experts: 8, router: balanced, router_lr_multiplier: 100}   # r: matched to the budget
+    budget: {method: lora, r: 16}    # arms without r get the r whose trainable parameters are nearest
+    compare: [[mor, lora]]           # a vs b (default: every arm vs the first)
+
+An arm takes adapter settings (``AdapterSpec`` fields), run settings (``TrainConfig`` fields) and
+``label``, ``lr`` (a fixed rate: no selection), ``lrs`` (its own grid) and ``seeds`` (its own seeds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from ..train.adapters import AdapterSpec
+from ..train.config import TrainConfig
+
+BUILTIN_PREFIX = "builtin:"
+# run settings the engine sets itself, per run: a plan may not set them
+ENGINE_SETTINGS = {"model", "adapter", "data", "eval_data", "output", "seed", "lr", "resume", "overwrite",
+                   "evaluate", "evaluate_before", "figures", "holdout", "eval_limit"}
+ADAPTER_FIELDS = {f.name for f in fields(AdapterSpec)}
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - ENGINE_SETTINGS
+ARM_KEYS = {"label", "lr", "lrs", "seeds"}
+
+
+class PlanError(ValueError):
+    """A plan that cannot run as written; the message names the key and what to write instead."""
+
+
+@dataclass
+class DataPlan:
+    train: list[str]
+    heldout: list[str] = field(default_factory=list)
+    root: Optional[str] = None
+    train_per_task: int = 1000
+    validation_per_task: int = 100
+    test_per_task: int = 300
+    heldout_per_task: int = 300
+    split_seed: int = 1234
+
+    def key(self) -> dict:
+        """What the carved splits depend on (paths as written: the key does not change between machines)."""
+        return {k: v for k, v in asdict(self).items() if k != "root"}
+
+    def source(self, entry: str, plan_dir: Path) -> str:
+        """The path (or builtin:/hub name) an entry of ``train`` / ``heldout`` reads."""
+        if entry.startswith(BUILTIN_PREFIX):
+            return entry
+        root = plan_dir / self.root if self.root else plan_dir
+        local = Path(entry) if Path(entry).is_absolute() else root / entry
+        return str(local.resolve()) if local.exists() else entry  # else a hub dataset id
+
+
+@dataclass
+class Select:
+    """How each arm's learning rate is chosen: every rate of ``lrs`` trained ``max_steps`` steps with
+    each of ``seeds``, scored on the validation split; the best average wins."""
+
+    lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    max_steps: Optional[int] = None  # default: the plan's
+    seeds: Optional[list[int]] = None  # default: the plan's first seed
+
+
+@dataclass
+class Arm:
+    name: str
+    adapter: dict
+    train: dict = field(default_factory=dict)
+    label: str = ""
+    lr: Optional[float] = None
+    lrs: Optional[list[float]] = None
+    seeds: Optional[list[int]] = None
+
+    def spec(self) -> AdapterSpec:
+        return AdapterSpec(**self.adapter)
+
+    def key(self) -> dict:
+        return dict(adapter=self.spec().to_dict(), train=dict(sorted(self.train.items())))
+
+
+@dataclass
+class Plan:
+    name: str
+    data: DataPlan
+    arms: dict[str, Arm]
+    model: Optional[str] = None
+    train: dict = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    select: Select = field(default_factory=Select)
+    compare: list[tuple[str, str]] = field(default_factory=list)
+    baseline: bool = False  # also score the base model (no adapter)
+    budget: Optional[dict] = None
+    processes: int = 1  # processes per training (accelerate), where the machine has them
+    routing_prompts: int = 64
+    eval_batch_size: int = 16
+    results: Optional[str] = None
+    work: Optional[str] = None
+    path: Optional[Path] = None  # the plan file
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+    def resolve(self, value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else (self.folder / p).resolve()
+
+    def results_dir(self) -> Path:
+        return self.resolve(self.results or f"results/compare/{self.name}")
+
+    def work_dir(self) -> Path:
+        return self.resolve(self.work or f"runs/compare/{self.name}")
+
+    @property
+    def scoring(self) -> str:
+        """How records are scored: option texts when the runs train on them (target: text), else labels."""
+        return "text" if self.train.get("target", "output") == "text" else "label"
+
+    def arm_seeds(self, arm: Arm) -> list[int]:
+        return list(arm.seeds) if arm.seeds is not None else list(self.seeds)
+
+    def arm_grid(self, arm: Arm) -> list[float]:
+        """The rates an arm chooses from ([its fixed lr] when it has one: no selection)."""
+        if arm.lr is not None:
+            return [arm.lr]
+        return list(arm.lrs) if arm.lrs is not None else list(self.select.lrs)
+
+    def select_seeds(self) -> list[int]:
+        return list(self.select.seeds) if self.select.seeds is not None else self.seeds[:1]
+
+    def steps(self) -> int:
+        return int(self.train.get("max_steps") or 0)
+
+    def select_steps(self) -> int:
+        return int(self.select.max_steps or self.steps())
+
+    def training_key(self, arm: Arm, lr: float, seed: int, steps: int) -> dict:
+        """Everything one training depends on."""
+        return dict(model=self.model, data=self.data.key(), train=dict(sorted(self.train.items())), arm=arm.key(),
+                    lr=lr, seed=seed, steps=steps)
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        if self.compare:
+            return [tuple(c) for c in self.compare]
+        names = list(self.arms)
+        return [(n, names[0]) for n in names[1:]] + ([(names[0], "base")] if self.baseline else [])
+
+
+def key_hash(key: Any) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def lr_name(lr: float) -> str:
+    return f"{lr:g}"
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+def _need(ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise PlanError(f"{where}: {what}")
+
+
+def _only(values: dict, known: set, where: str) -> None:
+    unknown = sorted(set(values) - known)
+    _need(not unknown, where, f"unknown key(s) {unknown}; known: {sorted(known)}")
+
+
+def _positive_ints(value, where: str) -> list[int]:
+    _need(isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+          where, "give a non-empty list of integers")
+    return list(value)
+
+
+def _rates(value, where: str) -> list[float]:
+    _need(isinstance(value, list) and value, where, "give a non-empty list of learning rates")
+    try:
+        rates = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise PlanError(f"{where}: {value!r} are not numbers; write e.g. [3e-4, 1e-3]") from None
+    _need(all(0 < r < 1 for r in rates), where, "every learning rate must be in (0, 1)")
+    return rates
+
+
+def read_plan(path: str | Path) -> Plan:
+    """The plan in ``path`` (YAML or JSON), checked: every error names the key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"plan {path}: no such file")
+    try:
+        raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise PlanError(f"plan {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({err})") from None
+    _need(isinstance(raw, dict), f"plan {path}", "give a mapping (name:, data:, arms:, ...)")
+    return plan_from_dict(raw, path)
+
+
+def plan_from_dict(raw: dict, path: Path | None = None) -> Plan:
+    where = f"plan {path}" if path else "plan"
+    known = {f.name for f in fields(Plan)} - {"path"}
+    _only(raw, known, where)
+    _need("data" in raw and "arms" in raw, where, "needs data: and arms:")
+    name = str(raw.get("name") or (path.stem if path else "compare"))
+
+    data = raw["data"]
+    _need(isinstance(data, dict), f"{where}: data", "give a mapping (train:, heldout:, sizes)")
+    _only(data, {f.name for f in fields(DataPlan)}, f"{where}: data")
+    _need(isinstance(data.get("train"), list) and data["train"] and all(isinstance(t, str) for t in data["train"]),
+          f"{where}: data.train", "give a list of tasks (paths, hub ids or builtin:<task>)")
+    data_plan = DataPlan(**data)
+    for key in ("train_per_task", "test_per_task", "heldout_per_task"):
+        _need(isinstance(getattr(data_plan, key), int) and getattr(data_plan, key) >= 1, f"{where}: data.{key}",
+              "give at least 1")
+    _need(isinstance(data_plan.validation_per_task, int) and data_plan.validation_per_task >= 0,
+          f"{where}: data.validation_per_task", "give 0 or more")
+    names = [Path(t.removeprefix(BUILTIN_PREFIX)).name for t in data_plan.train + data_plan.heldout]
+    _need(len(set(names)) == len(names), f"{where}: data", f"two tasks share a name in {names}")
+
+    train = dict(raw.get("train") or {})
+    for k in train:
+        _need(k in TRAIN_FIELDS, f"{where}: train.{k}",
+              f"not a run setting a plan may set ({'set per run by compare' if k in ENGINE_SETTINGS else 'unknown'}); "
+              f"known: {sorted(TRAIN_FIELDS)}")
+    _need(isinstance(train.get("max_steps"), int) and train["max_steps"] >= 1, f"{where}: train.max_steps",
+          "give the optimizer steps of every run (at least 1)")
+
+    select = raw.get("select") or {}
+    _need(isinstance(select, dict), f"{where}: select", "give a mapping (lrs:, max_steps:, seeds:)")
+    _only(select, {f.name for f in fields(Select)}, f"{where}: select")
+    select_plan = Select(lrs=_rates(select.get("lrs", Select().lrs), f"{where}: select.lrs"),
+                         max_steps=select.get("max_steps"),
+                         seeds=_positive_ints(select["seeds"], f"{where}: select.seeds") if "seeds" in select else None)
+
+    arms_raw = raw["arms"]
+    if isinstance(arms_raw, list):  # shorthand: [lora, mor] -> default settings, matched budget
+        arms_raw = {a: {"method": a} for a in arms_raw}
+    _need(isinstance(arms_raw, dict) and arms_raw, f"{where}: arms", "give a mapping of arm name -> settings")
+    _need("base" not in arms_raw, f"{where}: arms.base", "'base' is the untrained model (baseline: true)")
+    arms = {}
+    for arm_name, settings in arms_raw.items():
+        w = f"{where}: arms.{arm_name}"
+        settings = dict(settings or {})
+        _only(settings, ADAPTER_FIELDS | TRAIN_FIELDS | ARM_KEYS, w)
+        adapter = {k: v for k, v in settings.items() if k in ADAPTER_FIELDS}
+        try:
+            AdapterSpec(**adapter)
+        except (TypeError, ValueError) as err:
+            raise PlanError(f"{w}: {err}") from None
+        arm = Arm(str(arm_name), adapter, {k: v for k, v in settings.items() if k in TRAIN_FIELDS - ADAPTER_FIELDS},
+                  label=str(settings.get("label", "")),
+                  lr=_rates([settings["lr"]], f"{w}.lr")[0] if "lr" in settings else None,
+                  lrs=_rates(settings["lrs"], f"{w}.lrs") if "lrs" in settings else None,
+                  seeds=_positive_ints(settings["seeds"], f"{w}.seeds") if "seeds" in settings else None)
+        _need(arm.lr is None or arm.lrs is None, w, "give lr (fixed) or lrs (its grid), not both")
+        arms[str(arm_name)] = arm
+
+    plan = Plan(name=name, data=data_plan, arms=arms, model=raw.get("model"), train=train,
+                seeds=_positive_ints(raw.get("seeds", [0, 1, 2]), f"{where}: seeds"), select=select_plan,
+                compare=[tuple(c) for c in raw.get("compare") or []], baseline=bool(raw.get("baseline", False)),
+                budget=raw.get("budget"), processes=int(raw.get("processes", 1)),
+                routing_prompts=int(raw.get("routing_prompts", 64)), eval_batch_size=int(raw.get("eval_batch_size", 16)),
+                results=raw.get("results"), work=raw.get("work"), path=path.resolve() if path else None)
+    for a, b in plan.comparisons():
+        for side in (a, b):
+            _need(side in arms or (side == "base" and plan.baseline), f"{where}: compare [{a}, {b}]",
+                  f"no arm {side!r} (arms: {sorted(arms)}{', base' if plan.baseline else ''})")
+    _need(plan.processes >= 1, f"{where}: processes", "give at least 1")
+    return plan
+
+
+# -- a matched trainable-parameter budget ------------------------------------------------------------
+
+def match_budget(plan: Plan, model) -> dict[str, int]:
+    """Give every arm without an ``r`` the rank whose trainable-parameter count on ``model`` is
+    nearest the budget (default: LoRA r=16 on the arms' targets); returns each arm's count."""
+    budget = dict(plan.budget or {"method": "lora", "r": 16})
+    target = AdapterSpec(**budget).parameter_count(model)
+    counts = {}
+    for arm in plan.arms.values():
+        if "r" not in arm.adapter:
+            best = min(range(1, 257), key=lambda r: abs(AdapterSpec(**{**arm.adapter, "r": r}).parameter_count(model)
+                                                         - target))
+            arm.adapter["r"] = best
+        counts[arm.name] = arm.spec().parameter_count(model)
+        if not arm.label:
+            spec = arm.spec()
+            arm.label = f"{spec.method} r={spec.r}" + (f" N={spec.num_experts}" if spec.method in ("mor", "moelora")
+                                                        else "")
+    return counts
