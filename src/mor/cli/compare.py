@@ -62,10 +62,9 @@ def cmd_compare(args) -> int:
             Worker(plan, log=log, limit=args.limit).run()
     if args.no_report:
         return 0
-    from ..runtime.loading import load_model
     from ..compare.plan import match_budget
 
-    match_budget(plan, load_model(plan.model))
+    match_budget(plan)  # loads the model only when an arm's r is matched to the budget
     for line in selection_status(plan):
         print(line)
     text, md = write_report(plan, command_line, bootstrap=args.bootstrap)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from ..safety import atomic_write_text
-from .data import carve
 from .plan import Plan, match_budget
 
 

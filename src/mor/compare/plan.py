@@ -293,18 +293,23 @@ def plan_from_dict(raw: dict, path: Path | None = None) -> Plan:
 
 # -- a matched trainable-parameter budget ------------------------------------------------------------
 
-def match_budget(plan: Plan, model) -> dict[str, int]:
+def match_budget(plan: Plan, model=None) -> dict[str, int] | None:
     """Give every arm without an ``r`` the rank whose trainable-parameter count on ``model`` is
-    nearest the budget (default: LoRA r=16 on the arms' targets); returns each arm's count."""
-    budget = dict(plan.budget or {"method": "lora", "r": 16})
-    target = AdapterSpec(**budget).parameter_count(model)
-    counts = {}
+    nearest the budget (default: LoRA r=16 on the arms' targets), and a label to every arm; returns
+    each arm's count (None when no ``model`` was given and none was needed)."""
+    if model is None and any("r" not in arm.adapter for arm in plan.arms.values()):
+        from ..runtime.loading import load_model
+
+        model = load_model(plan.model)
+    counts = {} if model is not None else None
+    if model is not None:
+        target = AdapterSpec(**dict(plan.budget or {"method": "lora", "r": 16})).parameter_count(model)
     for arm in plan.arms.values():
         if "r" not in arm.adapter:
-            best = min(range(1, 257), key=lambda r: abs(AdapterSpec(**{**arm.adapter, "r": r}).parameter_count(model)
-                                                         - target))
-            arm.adapter["r"] = best
-        counts[arm.name] = arm.spec().parameter_count(model)
+            arm.adapter["r"] = min(range(1, 257), key=lambda r: abs(
+                AdapterSpec(**{**arm.adapter, "r": r}).parameter_count(model) - target))
+        if counts is not None:
+            counts[arm.name] = arm.spec().parameter_count(model)
         if not arm.label:
             spec = arm.spec()
             arm.label = f"{spec.method} r={spec.r}" + (f" N={spec.num_experts}" if spec.method in ("mor", "moelora")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -32,7 +31,6 @@ from ..safety import atomic_write_text
 from .data import Splits, carve, write_train_folders
 from .plan import Arm, Plan, PlanError, key_hash, lr_name
 
-logger = logging.getLogger("mor")
 SCORE_VERSION = 1  # what a result file's scores mean; a change refuses older files
 
 
@@ -152,6 +150,9 @@ class Worker:
     """Runs the jobs of one plan in this process."""
 
     def __init__(self, plan: Plan, log: Callable[[str], None] = print, limit: int | None = None):
+        from .plan import match_budget
+
+        match_budget(plan)  # an arm without r gets the budget's (every key below needs its r)
         self.plan, self.log, self.limit = plan, log, limit
         self.work = plan.work_dir()
         self._splits: Splits | None = None
@@ -249,7 +250,7 @@ class Worker:
         record["eval_seconds"] = time.perf_counter() - start
         record["finished"] = _now()
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(record, indent=1, default=str) + "\n")
+        atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
         self.log(f"finished {job.name} -> {path}")
         return record
 
