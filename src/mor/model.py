@@ -24,7 +24,7 @@ from torch import nn
 
 from .baselines.moelora import MoELoRAAdapter
 from .config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, MoRConfig, read_adapter_config
-from .layer import MixtureLayer, MoRAdapter, compute_dtype, linear_shape
+from .layer import MixtureLayer, MoRAdapter, compute_dtype, keep_4bit_states, linear_shape
 from .routing import Routing, RoutingProfile, load_balancing_loss, resolve_routing
 
 PEFT_SUPPORTED = ((0, 21), (0, 22))  # [min, max): the versions the tests cover
@@ -52,6 +52,7 @@ class MoRModel(BaseTuner):
 
     # -- injection (called by peft) --------------------------------------------------------------
     def _pre_injection_hook(self, model: nn.Module, config: MoRConfig, adapter_name: str) -> None:
+        keep_4bit_states(model)  # before any forward: a later merge dequantises 4-bit weights as loaded
         seed = config.init_seed
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
         fingerprint = base_fingerprint(model)
@@ -245,7 +246,8 @@ class MoRModel(BaseTuner):
 
         ``routing``: a RoutingProfile (per layer), one weight vector (N,) for all layers, a path to a
         saved profile, or "uniform"; it may be omitted only for router="mean" (or inside
-        ``fixed_routing``). A 4-bit base comes back in its compute dtype (see ``MixtureLayer.merge``).
+        ``fixed_routing``). A 4-bit base comes back as a plain model in the dtype it was loaded in
+        (its non-quantised weights' dtype; see ``MixtureLayer.merge``).
         """
         pinned = all(router.fixed is not None for router in self._routers().values())
         context = contextlib.nullcontext() if routing is None and pinned else self.fixed_routing(routing)
@@ -263,17 +265,17 @@ class MoRModel(BaseTuner):
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every quantised linear layer (bitsandbytes, torchao) by a plain ``nn.Linear`` in its
-    compute dtype, its weight read off the layer's own output (see ``layer.dense_weight``), and
-    drop the quantisation config: a merged model is then a plain model that saves and reloads."""
-    from .layer import dense_weight, is_quantized, plain_linear
+    """Replace every quantised linear layer (bitsandbytes, torchao) by a plain ``nn.Linear`` in the
+    dtype its weights were loaded in, its weight dequantised by ``layer.dense_weight``, and drop the
+    quantisation config: a merged model is then a plain model of one dtype that saves and reloads."""
+    from .layer import dense_weight, is_quantized, plain_linear, stored_dtype
 
     quantized = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and is_quantized(m)]
     for name in quantized:
         layer = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child,
-                plain_linear(layer, dense_weight(layer, compute_dtype(layer))))
+                plain_linear(layer, dense_weight(layer, stored_dtype(layer))))
     if quantized or getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
             if getattr(model, attr, False):
