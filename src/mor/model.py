@@ -293,6 +293,36 @@ def _tokenized_batches(texts: list[str], tokenizer, batch_size: int, max_length:
                         max_length=max_length)
 
 
+# -- the model card of an adapter folder ---------------------------------------------------------------
+
+LOADING_HEADING = "## Loading this MoR adapter"
+
+
+def write_model_card(folder: Union[str, Path]) -> None:
+    """Add how to load a MoR / MoE-LoRA adapter folder to its README.md (peft's model card, or a new one):
+    peft knows the method only after ``import mor``, else ``KeyError: 'MOR'``. Other folders are left alone."""
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    if not isinstance(config, dict) or config.get("peft_type") != PEFT_TYPE:
+        return
+    card = folder / "README.md"
+    text = card.read_text() if card.is_file() else ""
+    if LOADING_HEADING in text:
+        return
+    base = config.get("base_model_name_or_path") or "the base model it was trained on"
+    text += (f"\n{LOADING_HEADING}\n\n"
+             f"A `{config.get('method', 'mor')}` adapter of the `mor` package (Mixture of Ranks, arXiv 2410.13408; "
+             f"router `{config.get('router')}`) for `{base}`. MoR is not built into peft: `import mor` registers it, "
+             "and without it peft's loaders fail with `KeyError: 'MOR'`.\n\n"
+             "```python\nimport mor  # pip install mor: registers MoR with peft\n"
+             "from peft import AutoPeftModelForCausalLM\n\n"
+             "model = AutoPeftModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n```\n\n"
+             "or `mor.load_adapter(base_model, folder)`, `mor generate --adapter folder`. "
+             "A plain transformers model or standard LoRA folders that load without `mor`: `mor merge`, "
+             "`mor export-lora`.\n")
+    card.write_text(text)
+
+
 # -- the base model's fingerprint --------------------------------------------------------------------
 
 def base_fingerprint(model: nn.Module) -> dict:
