@@ -310,7 +310,7 @@ def write_model_card(folder: Union[str, Path]) -> None:
     if LOADING_HEADING in text:
         return
     base = config.get("base_model_name_or_path") or "the base model it was trained on"
-    text += (f"\n{LOADING_HEADING}\n\n"
+    section = (f"\n{LOADING_HEADING}\n\n"
              f"A `{config.get('method', 'mor')}` adapter of the `mor` package (Mixture of Ranks, arXiv 2410.13408; "
              f"router `{config.get('router')}`) for `{base}`. MoR is not built into peft: `import mor` registers it, "
              "and without it peft's loaders fail with `KeyError: 'MOR'`.\n\n"
@@ -320,7 +320,9 @@ def write_model_card(folder: Union[str, Path]) -> None:
              "or `mor.load_adapter(base_model, folder)`, `mor generate --adapter folder`. "
              "A plain transformers model or standard LoRA folders that load without `mor`: `mor merge`, "
              "`mor export-lora`.\n")
-    card.write_text(text)
+    closing = text.find("\n---\n", 3) if text.startswith("---\n") else -1
+    start = closing + len("\n---\n") if closing >= 0 else 0  # after peft's metadata block: the first thing read
+    card.write_text(text[:start] + section + text[start:])
 
 
 # -- the base model's fingerprint --------------------------------------------------------------------
