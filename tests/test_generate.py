@@ -5,6 +5,7 @@ routing) and a peft LoRA."""
 from __future__ import annotations
 
 import io
+import sys
 
 import pytest
 import torch
@@ -115,6 +116,16 @@ def test_cli_generate_with_mor_lora_and_merged_adapters(tmp_path, tiny_model_dir
     assert "error: " in (err := capsys.readouterr().err) and "--routing" in err  # a learned router needs one
     assert main(["generate", "--model", str(tiny_model_dir), "--merged", "--routing", "uniform", "--prompt", "x"]) == 2
     assert "error: " in (err := capsys.readouterr().err) and "MoR or MoE-LoRA" in err
+
+
+def test_cli_generate_without_prompts_is_an_error_line(tiny_model_dir, monkeypatch, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    assert main(["generate", "--model", str(tiny_model_dir)]) == 2  # was SystemExit: exit 1, no "error:" line
+    assert capsys.readouterr().err == "error: give --prompt TEXT, or pipe prompts on stdin (one per line)\n"
 
 
 def test_generation_settings_validate():

@@ -11,14 +11,68 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.mark.slow
-def test_readme_quickstart_runs(smollm2_path, tmp_path, monkeypatch):
-    code = re.search(r"## Quickstart \(Python\).*?```python\n(.*?)```", README.read_text(), re.S).group(1)
-    monkeypatch.chdir(tmp_path)
+def readme_python_blocks() -> list[str]:
+    """Every ```python block of the README, in order, as written."""
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def run_readme_blocks(blocks: list[str], folder: Path) -> dict:
+    """Run the README's Python blocks as one session in ``folder``: plain blocks are executed, ``>>>``
+    blocks checked as doctests (their printed output must be the README's)."""
+    import doctest
+
     namespace: dict = {}
-    exec(compile(code, "README quickstart", "exec"), namespace)
+    for number, code in enumerate(blocks, 1):
+        if code.lstrip().startswith(">>>"):
+            test = doctest.DocTestParser().get_doctest(code, namespace, f"README block {number}", "README.md", 0)
+            runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+            runner.run(test, clear_globs=False)
+            assert runner.failures == 0, f"README block {number} printed something else"
+        else:
+            exec(compile(code, f"README block {number}", "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture
+def readme_model(tmp_path_factory, monkeypatch):
+    """``resolve_model_path(None)`` (the README's model) gives a tiny LLaMA + tokenizer folder, 64 wide
+    (bitsandbytes' CPU kernel needs blocks of 64): the blocks run verbatim in seconds."""
+    from conftest import make_tiny_llama, make_tiny_tokenizer
+
+    import mor.runtime.loading
+
+    folder = tmp_path_factory.mktemp("readme-model")
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tok), hidden=64)
+    model.config.pad_token_id, model.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    real = mor.runtime.loading.resolve_model_path
+    monkeypatch.setattr(mor.runtime.loading, "resolve_model_path",
+                        lambda name=None: str(folder) if name in (None, "smollm2") else real(name))
+    return folder
+
+
+def test_every_readme_python_block_runs_as_written(readme_model, tmp_path, monkeypatch):
+    blocks = readme_python_blocks()
+    assert len(blocks) >= 4  # the trainable-parameter count, the quickstart, TRL, the 4-bit base
+    monkeypatch.chdir(tmp_path)
+    code = [b for b in blocks if not b.lstrip().startswith(">>>")]  # its printed count is SmolLM2's (slow test)
+    namespace = run_readme_blocks(code, tmp_path)
     assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "merged" / "config.json").is_file()
+    assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
+    assert "mor" not in type(namespace["merged"]).__module__
+    assert namespace["trainer"].args.learning_rate == 1e-3  # the learning rate the README recommends
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    assert len({p.dtype for p in namespace["merged"].parameters()}) == 1  # the 4-bit block's merge
+
+
+@pytest.mark.slow
+def test_readme_quickstart_runs_on_smollm2(smollm2_path, tmp_path, monkeypatch):
+    blocks = readme_python_blocks()
+    monkeypatch.chdir(tmp_path)
+    namespace = run_readme_blocks([blocks[0], blocks[1]], tmp_path)  # the printed count, the quickstart
+    assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
     assert "mor" not in type(namespace["merged"]).__module__
 
 

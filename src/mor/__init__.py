@@ -4,7 +4,11 @@
     model = peft.get_peft_model(base_model, mor.MoRConfig(r=8, num_experts=8))
 """
 
-from .model import register as _register
+from .runtime.system import silence_unactionable_warnings as _silence
+
+_silence()  # before peft imports bitsandbytes, which logs a warning no user can act on
+
+from .model import register as _register  # noqa: E402
 
 _register()  # MoR becomes a peft method: get_peft_model, PeftModel.from_pretrained, TRL's peft_config
 

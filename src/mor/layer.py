@@ -18,6 +18,7 @@ The MoE-LoRA baseline (``mor.baselines.moelora.MoELoRAAdapter``) plugs into the 
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import NamedTuple
 
@@ -196,11 +197,74 @@ def is_quantized(layer: nn.Module) -> bool:
     return type(layer.weight) not in (torch.Tensor, nn.Parameter) or not layer.weight.dtype.is_floating_point
 
 
+def is_4bit(layer: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit linear layer (its weight carries a ``quant_state``)."""
+    return getattr(getattr(layer, "weight", None), "quant_state", None) is not None
+
+
+def keep_4bit_states(model: nn.Module) -> None:
+    """Remember each bitsandbytes 4-bit layer's quantisation state as loaded, before its first forward.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first no-grad forward in
+    eval mode for a bf16 kernel, rounding the per-block absmax to bf16 (its own inverse cannot undo
+    that). With the state kept, :func:`unpacked_4bit` gives back the weight as loaded, bit for bit.
+    The copy is shallow: it holds the original absmax (one byte per 64 weights), not the weights."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and not getattr(state, "packing_format_for_cpu", False):
+            module.mor_quant_state = copy.copy(state)
+
+
+def unpacked_4bit(layer: nn.Module):
+    """(codes, quant_state) of a bitsandbytes 4-bit layer in bitsandbytes' standard layout, as
+    ``bitsandbytes.functional.dequantize_4bit`` takes them: the layer's own if it was never repacked
+    for the CPU kernel, else the codes unpacked by bitsandbytes' inverse and the state
+    :func:`keep_4bit_states` kept (the inverse's bf16-rounded state if none was kept)."""
+    weight = layer.weight
+    state = weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return weight.data, state
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    codes, inverse_state = _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.copy(state))
+    return codes, getattr(layer, "mor_quant_state", inverse_state)
+
+
+def keep_4bit_layout(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking ``model``'s 4-bit layers for its CPU bf16 kernel (see
+    :func:`keep_4bit_states`): a repacked layer passes no gradient to its input (bitsandbytes 0.50
+    registers no backward for that kernel) and computes differently from the training forward, so a
+    model that is evaluated while it trains must keep the layout it trains with. Returns how many
+    layers it applies to (0 off a CPU with AVX512-BF16)."""
+    kept = 0
+    for module in model.modules():
+        if is_4bit(module) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            kept += 1
+    return kept
+
+
+def stored_dtype(layer: nn.Module) -> torch.dtype:
+    """The float dtype a layer's weight is held in: for a bitsandbytes 4-bit layer the dtype its weights
+    had when they were quantised (that of the model's other weights, e.g. fp32 when loaded without a
+    dtype), else :func:`compute_dtype`. A merged 4-bit layer takes it, so the model stays one dtype."""
+    if is_4bit(layer):
+        state = layer.weight.quant_state
+        return getattr(state, "original_dtype", None) if getattr(state, "packing_format_for_cpu", False) \
+            else state.dtype
+    return compute_dtype(layer)
+
+
 @torch.no_grad()
 def dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """W (d_out, d_in) as the layer really applies it: for quantised layers it is read off the
-    layer's own output on the identity (dequantising by hand can disagree with the kernel the
-    layer runs), so a merge built on it is exact to the un-merged model."""
+    """W (d_out, d_in) as the layer holds it. A bitsandbytes 4-bit layer is dequantised by
+    bitsandbytes' own ``dequantize_4bit`` from its state as loaded (:func:`unpacked_4bit`): the exact
+    weight its training forward multiplies by. Other quantised layers (8-bit, torchao) are read off
+    the layer's own output on the identity."""
+    if is_4bit(layer):
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(*unpacked_4bit(layer)).to(dtype)
     if not is_quantized(layer):
         weight = layer.weight.to(dtype)
         return weight.T if isinstance(layer, Conv1D) else weight
@@ -257,13 +321,14 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
     # -- merging with fixed routing -----------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold sum_i g_i D_i into W for each adapter whose router is pinned (``fixed_routing``)
-        or uniform (router="mean"). A quantised base becomes a plain linear layer in its compute
-        dtype (dequantised exactly as the layer computes, then the update added)."""
+        or uniform (router="mean"). A quantised base becomes a plain linear layer in the dtype its
+        weights were loaded in (:func:`stored_dtype`; dequantised by :func:`dense_weight`, the update
+        added in fp32)."""
         names = check_adapters_to_merge(self, adapter_names)
         if not names:
             return
         base = self.base_layer
-        dtype = compute_dtype(base)
+        dtype = stored_dtype(base)
         weight = dense_weight(base, torch.float32)
         for name in names:
             adapter = self.mor[name]

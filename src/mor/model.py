@@ -24,7 +24,7 @@ from torch import nn
 
 from .baselines.moelora import MoELoRAAdapter
 from .config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, MoRConfig, read_adapter_config
-from .layer import MixtureLayer, MoRAdapter, compute_dtype, linear_shape
+from .layer import MixtureLayer, MoRAdapter, compute_dtype, keep_4bit_states, linear_shape
 from .routing import Routing, RoutingProfile, load_balancing_loss, resolve_routing
 
 PEFT_SUPPORTED = ((0, 21), (0, 22))  # [min, max): the versions the tests cover
@@ -52,6 +52,7 @@ class MoRModel(BaseTuner):
 
     # -- injection (called by peft) --------------------------------------------------------------
     def _pre_injection_hook(self, model: nn.Module, config: MoRConfig, adapter_name: str) -> None:
+        keep_4bit_states(model)  # before any forward: a later merge dequantises 4-bit weights as loaded
         seed = config.init_seed
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
         fingerprint = base_fingerprint(model)
@@ -245,7 +246,8 @@ class MoRModel(BaseTuner):
 
         ``routing``: a RoutingProfile (per layer), one weight vector (N,) for all layers, a path to a
         saved profile, or "uniform"; it may be omitted only for router="mean" (or inside
-        ``fixed_routing``). A 4-bit base comes back in its compute dtype (see ``MixtureLayer.merge``).
+        ``fixed_routing``). A 4-bit base comes back as a plain model in the dtype it was loaded in
+        (its non-quantised weights' dtype; see ``MixtureLayer.merge``).
         """
         pinned = all(router.fixed is not None for router in self._routers().values())
         context = contextlib.nullcontext() if routing is None and pinned else self.fixed_routing(routing)
@@ -263,17 +265,17 @@ class MoRModel(BaseTuner):
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every quantised linear layer (bitsandbytes, torchao) by a plain ``nn.Linear`` in its
-    compute dtype, its weight read off the layer's own output (see ``layer.dense_weight``), and
-    drop the quantisation config: a merged model is then a plain model that saves and reloads."""
-    from .layer import dense_weight, is_quantized, plain_linear
+    """Replace every quantised linear layer (bitsandbytes, torchao) by a plain ``nn.Linear`` in the
+    dtype its weights were loaded in, its weight dequantised by ``layer.dense_weight``, and drop the
+    quantisation config: a merged model is then a plain model of one dtype that saves and reloads."""
+    from .layer import dense_weight, is_quantized, plain_linear, stored_dtype
 
     quantized = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and is_quantized(m)]
     for name in quantized:
         layer = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child,
-                plain_linear(layer, dense_weight(layer, compute_dtype(layer))))
+                plain_linear(layer, dense_weight(layer, stored_dtype(layer))))
     if quantized or getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
             if getattr(model, attr, False):
@@ -289,6 +291,38 @@ def _tokenized_batches(texts: list[str], tokenizer, batch_size: int, max_length:
     for start in range(0, len(texts), batch_size):
         yield tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
                         max_length=max_length)
+
+
+# -- the model card of an adapter folder ---------------------------------------------------------------
+
+LOADING_HEADING = "## Loading this MoR adapter"
+
+
+def write_model_card(folder: Union[str, Path]) -> None:
+    """Add how to load a MoR / MoE-LoRA adapter folder to its README.md (peft's model card, or a new one):
+    peft knows the method only after ``import mor``, else ``KeyError: 'MOR'``. Other folders are left alone."""
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    if not isinstance(config, dict) or config.get("peft_type") != PEFT_TYPE:
+        return
+    card = folder / "README.md"
+    text = card.read_text() if card.is_file() else ""
+    if LOADING_HEADING in text:
+        return
+    base = config.get("base_model_name_or_path") or "the base model it was trained on"
+    section = (f"\n{LOADING_HEADING}\n\n"
+             f"A `{config.get('method', 'mor')}` adapter of the `mor` package (Mixture of Ranks, arXiv 2410.13408; "
+             f"router `{config.get('router')}`) for `{base}`. MoR is not built into peft: `import mor` registers it, "
+             "and without it peft's loaders fail with `KeyError: 'MOR'`.\n\n"
+             "```python\nimport mor  # pip install mor: registers MoR with peft\n"
+             "from peft import AutoPeftModelForCausalLM\n\n"
+             "model = AutoPeftModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n```\n\n"
+             "or `mor.load_adapter(base_model, folder)`, `mor generate --adapter folder`. "
+             "A plain transformers model or standard LoRA folders that load without `mor`: `mor merge`, "
+             "`mor export-lora`.\n")
+    closing = text.find("\n---\n", 3) if text.startswith("---\n") else -1
+    start = closing + len("\n---\n") if closing >= 0 else 0  # after peft's metadata block: the first thing read
+    card.write_text(text[:start] + section + text[start:])
 
 
 # -- the base model's fingerprint --------------------------------------------------------------------

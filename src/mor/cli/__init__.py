@@ -108,6 +108,25 @@ def add_model(p: argparse.ArgumentParser) -> None:
                    help="hub id, local folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
 
 
+def add_load_in_4bit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
+                   help="load the base in bitsandbytes nf4 (--no-load-in-4bit: full precision); default: the way "
+                        "the adapter's training run loaded it (its training.json), else full precision")
+
+
+def load_in_4bit_of(args: argparse.Namespace) -> bool:
+    """``--load-in-4bit`` or the adapter's recorded setting; prints one line saying which, and a
+    warning when a given flag contradicts the record (on stderr: stdout is the command's output)."""
+    from ..runtime.loading import base_loading
+
+    load_in_4bit, line, warning = base_loading(args.adapter, args.load_in_4bit)
+    if args.adapter is not None:
+        print(line, file=sys.stderr)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return load_in_4bit
+
+
 def add_data(p: argparse.ArgumentParser, required: bool, help: str | None = None) -> None:
     p.add_argument("--data", nargs="+", required=required, default=[],
                    help=help or "task files (JSON list or JSONL) or folders; each is one task named after it")

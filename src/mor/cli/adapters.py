@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..data import DEFAULT_TEMPLATE
-from . import add_data, add_model, add_overwrite, at_least_one, command
+from . import add_data, add_load_in_4bit, add_model, add_overwrite, at_least_one, command, load_in_4bit_of
 
 PLAIN_TEXT = ["The quick brown fox jumps over the lazy dog."]  # the check text when no --data is given
 
@@ -17,6 +17,7 @@ PLAIN_TEXT = ["The quick brown fox jumps over the lazy dog."]  # the check text 
 
 def add_eval_flags(e: argparse.ArgumentParser) -> None:
     add_model(e)
+    add_load_in_4bit(e)
     e.add_argument("--adapter", default=None, help="adapter folder (MoR, MoE-LoRA, LoRA or DoRA)")
     add_data(e, required=True)
     e.add_argument("--limit", type=at_least_one, default=None, help="score at most this many records per task")
@@ -47,13 +48,13 @@ def cmd_eval(args) -> int:
         check_output_file(args.output, args.overwrite, inputs={"--data": args.data, "--adapter": args.adapter,
                                                                "--model": args.model, "--routing": args.routing})
     tasks = load_eval_tasks(args.data, args.skip_bad)
-    model, tokenizer = load_adapted(args.model, args.adapter)
+    model, tokenizer = load_adapted(args.model, args.adapter, load_in_4bit=load_in_4bit_of(args))
     common = dict(batch_size=args.batch_size, limit=args.limit, template=args.template, skip_bad=args.skip_bad,
                   log_samples=args.log_samples)
     if not args.merged:
         results = evaluate_model(model, tokenizer, tasks, args.scoring, **common)
     elif not is_mor_model(model):
-        raise SystemExit("--merged needs a MoR or MoE-LoRA adapter (--adapter)")
+        raise ValueError("--merged needs a MoR or MoE-LoRA adapter (--adapter)")
     else:
         results = evaluate_merged(model, tokenizer, tasks, args.scoring, routing=args.routing, **common)
     for task in tasks:
@@ -69,6 +70,7 @@ def cmd_eval(args) -> int:
 
 def add_merge_flags(m: argparse.ArgumentParser) -> None:
     add_model(m)
+    add_load_in_4bit(m)
     m.add_argument("--adapter", required=True, help="MoR or MoE-LoRA adapter folder")
     add_data(m, required=False, help="task files/folders whose routing to measure (or give --routing)")
     m.add_argument("--routing", default=None, help="a saved routing_profile.json instead of measuring on --data")
@@ -82,29 +84,33 @@ def cmd_merge(args) -> int:
     from ..export import merge_checked
     from ..model import is_mor_model
     from ..routing import RoutingProfile
-    from ..runtime.loading import load_adapted
+    from ..runtime.loading import given_model_name, load_adapted
     from ..safety import atomic_folder, check_free_space, claim_output_folder
 
     out = claim_output_folder(args.output, args.overwrite, inputs={
         "--model": args.model, "--adapter": args.adapter, "--routing": args.routing, "--data": args.data})
-    model, tokenizer = load_adapted(args.model, args.adapter)
+    model, tokenizer = load_adapted(args.model, args.adapter, load_in_4bit=load_in_4bit_of(args))
     check_free_space(out, sum(p.numel() * p.element_size() for p in model.parameters()), "the merged model")
     if not is_mor_model(model):
-        raise SystemExit(f"{args.adapter} is not a MoR/MoE-LoRA adapter; LoRA/DoRA merge with peft's merge_and_unload")
+        raise ValueError(f"{args.adapter} is not a MoR/MoE-LoRA adapter; LoRA/DoRA merge with peft's merge_and_unload")
     if args.routing:
         routing, texts = RoutingProfile.load(args.routing), PLAIN_TEXT
     elif not args.data:
-        raise SystemExit("give --data (a task whose routing to measure) or --routing profile.json")
+        raise ValueError("give --data (a task whose routing to measure) or --routing profile.json")
     else:
         texts = _prompts_of(args.data, args.skip_bad, tokenizer, args.limit)
         routing = model.measure_routing(texts, tokenizer=tokenizer, progress=True)
-    merged, diff = merge_checked(model, routing, tokenizer, texts)
+    merged, check = merge_checked(model, routing, tokenizer, texts)
+    merged.config.base_model_name_or_path = given_model_name(args.model)  # as given, not a cache folder
     with atomic_folder(out) as tmp:  # a whole new folder: nothing of what was there is mixed in
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         routing.save(tmp / "routing_profile.json")
     print(f"Merged model written to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
-    print(f"Max |logit difference| vs the un-merged model with the same fixed routing: {diff:.3g}")
+    print(f"Max |logit difference| vs the un-merged model with the same fixed routing: {check.max_difference:.3g} "
+          f"(top-1 token agreement {100 * check.top1_agreement:.1f} %)")
+    if check.note:
+        print(check.note)
     print(f"Mean routing weights over layers: {[round(x, 4) for x in routing.mean().tolist()]}")
     return 0
 
@@ -119,6 +125,7 @@ def _prompts_of(data: list[str], skip_bad: bool, tokenizer, limit: int | None) -
 
 def add_analyze_flags(a: argparse.ArgumentParser) -> None:
     add_model(a)
+    add_load_in_4bit(a)
     a.add_argument("--adapter", required=True, help="MoR or MoE-LoRA adapter folder")
     add_data(a, required=True)
     a.add_argument("--limit", type=at_least_one, default=100, help="records per task used to measure routing")
@@ -140,9 +147,9 @@ def cmd_analyze(args) -> int:
     stats = Path(args.routing_stats) if args.routing_stats else Path(args.adapter).parent / "routing_stats.json"
     claim_output_folder(args.output, args.overwrite, inputs={"--model": args.model, "--adapter": args.adapter,
                                                              "--data": args.data, "--routing-stats": stats})
-    model, tokenizer = load_adapted(args.model, args.adapter)
+    model, tokenizer = load_adapted(args.model, args.adapter, load_in_4bit=load_in_4bit_of(args))
     if not is_mor_model(model):
-        raise SystemExit(f"{args.adapter} is not a MoR/MoE-LoRA adapter: routing analysis needs a router")
+        raise ValueError(f"{args.adapter} is not a MoR/MoE-LoRA adapter: routing analysis needs a router")
     texts = {t.name: task_prompts(t, tokenizer, args.limit) for t in load_eval_tasks(args.data, args.skip_bad)}
     with atomic_folder(args.output) as tmp:  # a whole new folder: no stale figures next to new ones
         result = analyze(model, texts, tmp, tokenizer=tokenizer)
@@ -157,6 +164,7 @@ def cmd_analyze(args) -> int:
 
 def add_export_lora_flags(x: argparse.ArgumentParser) -> None:
     add_model(x)
+    add_load_in_4bit(x)
     x.add_argument("--adapter", required=True, help="MoR or MoE-LoRA adapter folder")
     routing = x.add_mutually_exclusive_group(required=True)
     routing.add_argument("--routing", default=None, help="a saved routing_profile.json (or 'uniform'): one LoRA in --output")
@@ -177,16 +185,17 @@ def cmd_export_lora(args) -> int:
     from ..data import load_eval_tasks, task_prompts
     from ..export import check_exported_lora, export_lora, exported_rank
     from ..layer import mixture_layers
-    from ..runtime.loading import load_adapted, load_model
+    from ..runtime.loading import given_model_name, load_adapted, load_model
     from ..safety import atomic_folder, claim_output_folder
 
     out = claim_output_folder(args.output, args.overwrite, inputs={
         "--model": args.model, "--adapter": args.adapter, "--routing": args.routing, "--data": args.data})
-    model, tokenizer = load_adapted(args.model, args.adapter)
+    four_bit = load_in_4bit_of(args)
+    model, tokenizer = load_adapted(args.model, args.adapter, load_in_4bit=four_bit)
     try:
         layers = mixture_layers(model)
     except ValueError:
-        raise SystemExit(f"{args.adapter} is not a MoR/MoE-LoRA adapter (a peft LoRA/DoRA is already a LoRA)")
+        raise ValueError(f"{args.adapter} is not a MoR/MoE-LoRA adapter (a peft LoRA/DoRA is already a LoRA)")
     if args.routing:
         jobs = [(Path(), args.routing, PLAIN_TEXT)]
     else:
@@ -201,10 +210,10 @@ def cmd_export_lora(args) -> int:
     base = None
     with atomic_folder(out) as tmp:  # every LoRA or none; what was in --output is replaced as a whole
         for name, routing, texts in jobs:
-            export_lora(model, routing, tmp / name, base_model_name_or_path=args.model)
+            export_lora(model, routing, tmp / name, base_model_name_or_path=given_model_name(args.model))
             print(f"LoRA (rank {rank}) written to {out / name} (loads with peft.PeftModel.from_pretrained)")
             if not args.no_check:
-                base = base if base is not None else load_model(args.model)
+                base = base if base is not None else load_model(args.model, load_in_4bit=four_bit)
                 diff, base = check_exported_lora(model, routing, tmp / name, base, tokenizer, texts)
                 print(f"  max |logit difference| vs the MoR adapter with the same fixed routing: {diff:.3g}")
     return 0
@@ -214,6 +223,7 @@ def cmd_export_lora(args) -> int:
 
 def add_generate_flags(g: argparse.ArgumentParser) -> None:
     add_model(g)
+    add_load_in_4bit(g)
     g.add_argument("--adapter", default=None, help="MoR, MoE-LoRA, LoRA or DoRA adapter folder (default: base model)")
     g.add_argument("--merged", action="store_true", help="merge the MoR/MoE-LoRA adapter with --routing first")
     g.add_argument("--routing", default=None,
@@ -239,20 +249,18 @@ def cmd_generate(args) -> int:
     from ..runtime.generate import GenerationSettings, generate_all, read_prompts
     from ..runtime.loading import load_adapted
 
+    if not args.prompt and sys.stdin.isatty():  # before loading anything
+        raise ValueError("give --prompt TEXT, or pipe prompts on stdin (one per line)")
+    prompts = args.prompt or read_prompts(sys.stdin)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                   chat_template=not args.no_chat_template)
-    model, tokenizer = load_adapted(args.model, args.adapter, merge=args.merged, routing=args.routing)
+    model, tokenizer = load_adapted(args.model, args.adapter, merge=args.merged, routing=args.routing,
+                                   load_in_4bit=load_in_4bit_of(args))
     context = contextlib.nullcontext()
     if args.routing and not args.merged:
         if not is_mor_model(model):
             raise ValueError("--routing needs a MoR or MoE-LoRA adapter (--adapter)")
         context = model.fixed_routing(args.routing)
-    if args.prompt:
-        prompts = args.prompt
-    elif sys.stdin.isatty():
-        raise SystemExit("give --prompt TEXT, or pipe prompts on stdin (one per line)")
-    else:
-        prompts = read_prompts(sys.stdin)
     torch.manual_seed(args.seed)
     with context:
         for text in prompts:

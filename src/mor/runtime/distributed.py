@@ -291,10 +291,13 @@ def write_adapter(model: nn.Module, save_directory: Union[str, Path], state: Map
     FSDP1 peft cannot match the cleaned names against the wrapped module tree, so the config and
     the tensors (under peft's checkpoint keys) are written here.
     """
+    from ..model import write_model_card
+
     check_full_state_dict(state)
     folder = Path(save_directory)
     if not _fsdp1_roots(model) and not any("_fsdp_wrapped_module" in n for n, _ in model.named_modules()):
         model.save_pretrained(str(folder), state_dict=dict(state))
+        write_model_card(folder)
         return
     from safetensors.torch import save_file
 
@@ -314,6 +317,7 @@ def write_adapter(model: nn.Module, save_directory: Union[str, Path], state: Map
             key = key.removesuffix(".weight")
         tensors[key] = value.contiguous()
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_model_card(folder)
 
 
 def checkpoint_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -160,6 +161,46 @@ def four_bit_config(compute_dtype: torch.dtype = torch.float32):
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
+
+
+def given_model_name(name_or_path: str | None) -> str:
+    """The base model as the user named it (a hub id, a folder, a .gguf file, or "smollm2" for the
+    embedded default), never the cache folder it resolves to: what saved folders record as their base."""
+    return str(name_or_path) if name_or_path not in (None, "") else DEFAULT_MODEL
+
+
+def recorded_4bit(adapter: str | Path | None) -> bool | None:
+    """Whether the ``mor train`` run that saved ``adapter`` loaded its base in 4-bit (``training.json``
+    beside the weights, ``train_config.load_in_4bit``); None when the folder records no run."""
+    record = Path(adapter) / "training.json" if adapter is not None else None
+    if record is None or not record.is_file():
+        return None
+    try:
+        value = json.loads(record.read_text()).get("train_config", {}).get("load_in_4bit")
+    except (ValueError, AttributeError):
+        return None
+    return bool(value) if value is not None else None
+
+
+def base_loading(adapter: str | Path | None, load_in_4bit: bool | None) -> tuple[bool, str, str | None]:
+    """How to load the base under ``adapter``: (4-bit?, one line saying so, a warning or None).
+    ``load_in_4bit`` None: the way the adapter's run trained it (training.json); given: that, with a
+    warning when it differs from the recorded one (the outputs are then not the model as trained)."""
+    recorded = recorded_4bit(adapter)
+    chosen = load_in_4bit if load_in_4bit is not None else bool(recorded)
+    kind = "in 4-bit (bitsandbytes nf4)" if chosen else "in full precision"
+    if load_in_4bit is not None:
+        why = "--load-in-4bit" if load_in_4bit else "--no-load-in-4bit"
+    elif recorded is not None:
+        why = f"as the adapter was trained: {Path(adapter) / 'training.json'} records load_in_4bit={recorded}"
+    else:
+        why = "no training.json beside the adapter; give --load-in-4bit if it was trained on a 4-bit base"
+    warning = None
+    if recorded is not None and load_in_4bit is not None and load_in_4bit != recorded:
+        warning = (f"the adapter was trained on a {'4-bit' if recorded else 'full-precision'} base "
+                   f"({Path(adapter) / 'training.json'}), but {why} loads it {kind}: its outputs will differ "
+                   "from the model as trained")
+    return chosen, f"Base model loaded {kind} ({why})", warning
 
 
 def load_adapted(model: str | None = None, adapter: str | Path | None = None, *, merge: bool = False,

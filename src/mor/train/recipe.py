@@ -23,7 +23,7 @@ from transformers import set_seed
 from ..analysis.routing_stats import STATS_NAME, RoutingStatsCallback
 from ..data import Task, collate
 from ..eval.tasks import evaluate_model
-from ..layer import find_routers
+from ..layer import find_routers, keep_4bit_layout
 from ..params import count_trainable_parameters
 from ..runtime.distributed import (adapter_checksum, all_gather_objects, check_launch_before_start, checkpoint_state,
                                    gather_adapter_state_dict, save_adapter, world_size)
@@ -162,6 +162,7 @@ def setup_model(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.dtype]:
     """The base with the adapter attached (seeded by ``cfg.seed`` unless it has its own seed), the
     frozen base in ``cfg.base_dtype``, the router's initial weights scaled."""
     base = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit)
+    keep_4bit_layout(base)  # evaluated while it trains: a 4-bit base keeps the layout gradients flow through
     if cfg.adapter.init_seed is None:
         cfg.adapter.init_seed = cfg.seed
     model = apply_adapter(base, cfg.adapter, tokens_per_step=cfg.batch_size * cfg.max_length)
