@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..data.builtin import DEFAULT_TRAIN_SIZE
+from ..data.sources import EVAL_SPLIT, TRAIN_SPLIT
+from ..data.tables import parse_columns
 from .adapters import AdapterSpec
 
 # The default run (`mor train` alone, or run_training(TrainConfig())) must finish in under 10
@@ -41,8 +43,15 @@ class TrainConfig:
     model: Optional[str] = setting(None, "hub id, local folder or .gguf file (default: the embedded "
                                          "SmolLM2-135M-Instruct)")
     adapter: AdapterSpec = field(default_factory=AdapterSpec, metadata={"help": "the adapter (its own flags)"})
-    data: list[str] = setting([], "task files (JSON list or JSONL), folders or Hugging Face dataset ids; each is "
-                                  "one task named after it (default: the built-in multi-task suite)")
+    data: list[str] = setting([], "tasks: JSON list / JSONL / parquet / arrow / CSV files, folders of them, datasets "
+                                  "save_to_disk folders, or hub:NAME[:CONFIG] hub datasets; each is one task named after "
+                                  "it (default: the built-in multi-task suite)")
+    data_split: str = setting(TRAIN_SPLIT, "the split of --data to train on, where it has named splits (a folder's "
+                                           "<split>.json, a DatasetDict, a hub dataset)")
+    eval_split: str = setting(EVAL_SPLIT, "the split of --data and --eval-data to evaluate, where they hold it")
+    columns: dict = setting({}, "map record fields onto the data's columns, FIELD=COLUMN pairs separated by commas "
+                                "(e.g. instruction=question,output=answer; fields: instruction, input, output, answer, "
+                                "choices, label, question, messages)", parse=parse_columns)
     eval_data: list[str] = setting([], "extra eval tasks (default: the test splits of --data)")
     holdout: int = setting(0, "carve this many eval records out of tasks with no test split")
     target: str = setting("output", "output: the record's answer; text: the correct option's text "
@@ -91,6 +100,9 @@ class TrainConfig:
     routing_probe_size: int = setting(8, "probe prompts per task for the routing statistics")
     figures: bool = setting(True, "skip the routing figures after training a MoR adapter", flag="--no-figures",
                             resume_free=True)
+
+    def __post_init__(self):
+        self.columns = parse_columns(self.columns)  # "field=column,..." (a flag) or a mapping (a --config file)
 
     @property
     def scoring(self) -> str:
