@@ -56,6 +56,11 @@ class TrainConfig:
     holdout: int = setting(0, "carve this many eval records out of tasks with no test split")
     target: str = setting("output", "output: the record's answer; text: the correct option's text "
                                     "(evaluation then scores option texts, lm-eval style)", choices=("output", "text"))
+    chat_template: Optional[str] = setting(None, "a Jinja chat template (its text or a file holding it) for chat and "
+                                                 "instruction records, in place of the tokenizer's")
+    use_chat_template: bool = setting(True, "render records as plain text (chat turns as 'User: ...', "
+                                            "'Assistant: ...'), not through the tokenizer's chat template",
+                                      flag="--no-chat-template")
     mix: str = setting("proportional", "how tasks are mixed: proportional to their size, or uniform",
                        choices=("proportional", "uniform"))
     output: str = setting("runs/mor", "run folder: adapter/, checkpoints/, result.json, figures/")
@@ -139,6 +144,8 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "give 0 or more")
         need(self.holdout >= 0, "holdout", "give 0 or more")
         need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "give at least 1")
+        need(self.chat_template is None or self.use_chat_template, "chat_template",
+             "give --chat-template or --no-chat-template, not both")
         need(self.routing_stats_steps is None or self.routing_stats_steps >= 0, "routing_stats_steps",
              "give 0 (off) or more")
         for item in fields(self):

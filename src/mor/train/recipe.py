@@ -33,8 +33,8 @@ from ..safety import (FiniteCheckCallback, StopOnSignal, atomic_folder, atomic_w
                       take_run_folder)
 from .adapters import apply_adapter
 from .config import FIGURE_PROMPTS, TrainConfig
-from .setup import (build_train_dataset, cast_frozen_base, load_train_and_eval_tasks, resolve_base_dtype,
-                    routing_probes, scale_router_init)
+from .setup import (build_train_dataset, cast_frozen_base, choose_chat_template, load_train_and_eval_tasks,
+                    resolve_base_dtype, routing_probes, scale_router_init)
 from .trainer import (AdapterTrainer, CompleteCheckpointCallback, LaunchCheckCallback, discard_incomplete_checkpoints,
                       finished_run_state, last_complete_checkpoint, training_arguments)
 
@@ -100,6 +100,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
 def _run(cfg: TrainConfig, callbacks: list, settings: dict) -> tuple[TrainResult, list[Task]]:
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
+    choose_chat_template(tokenizer, cfg)
     run = SimpleNamespace(eval_seconds={}, before=None, after=None)
 
     # 1. setup data
@@ -254,7 +255,7 @@ def draw_figures_after_training(cfg: TrainConfig, adapter_dir: Path, eval_tasks:
     from ..data import task_prompts
     from ..runtime.loading import load_adapted
 
-    model, tokenizer = load_adapted(cfg.model, adapter_dir)
+    model, tokenizer = load_adapted(cfg.model, adapter_dir, tokenizer=str(adapter_dir))  # the run's chat template
     texts = {t.name: task_prompts(t, tokenizer, FIGURE_PROMPTS) for t in eval_tasks}
     folder = Path(cfg.output) / "figures"
     analyze(model, texts, folder, tokenizer=tokenizer)

@@ -11,6 +11,7 @@ import torch
 
 from ..data import (DataError, DataSource, Task, collate, load_eval_tasks, mix_tasks, split_records, tokenize_examples,
                     training_examples)
+from ..data.prompts import read_chat_template
 from ..layer import find_routers
 from .config import TrainConfig
 
@@ -40,6 +41,15 @@ def load_train_and_eval_tasks(cfg: TrainConfig) -> tuple[list[Task], list[Task]]
         raise ValueError(f"two --data entries have the same task name: {names}; rename one of them")
     eval_tasks.extend(load_eval_tasks(cfg.eval_data, cfg.skip_bad, cfg.columns, cfg.eval_split))
     return train_tasks, eval_tasks
+
+
+def choose_chat_template(tokenizer, cfg: TrainConfig) -> None:
+    """The run's chat template on ``tokenizer`` (saved with the adapter): ``--chat-template``'s,
+    none with ``--no-chat-template``, else the tokenizer's own."""
+    if not cfg.use_chat_template:
+        tokenizer.chat_template = None
+    elif cfg.chat_template is not None:
+        tokenizer.chat_template = read_chat_template(cfg.chat_template)
 
 
 def builtin_data_folder(output: Union[str, Path]) -> Path:
