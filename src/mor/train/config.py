@@ -70,9 +70,10 @@ class TrainConfig:
     batch_size: int = setting(8, "examples per device per micro-batch")
     grad_accum: int = setting(1, "micro-batches per optimizer step")
     lr: float = setting(1e-3, "learning rate (1e-3 for MoR, MoE-LoRA, LoRA and DoRA alike)")
-    warmup_ratio: float = setting(0.05, "fraction of the steps spent warming the learning rate up")
-    scheduler: str = setting("cosine", "learning-rate schedule (a transformers SchedulerType: cosine, linear, "
-                                       "constant, constant_with_warmup, ...)")
+    warmup_ratio: float = setting(0.05, "fraction of the steps spent warming the learning rate up (rounded up to "
+                                        "whole steps; the first step already runs at lr/warmup steps, never at 0)")
+    lr_scheduler: str = setting("cosine", "learning-rate schedule (a transformers SchedulerType: cosine, linear, "
+                                          "constant, constant_with_warmup, ...)")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     max_length: int = setting(256, "truncate examples to this many tokens")
     seed: int = setting(0, "seed of the data order, the task mixing and the adapter's initialisation")
@@ -82,6 +83,22 @@ class TrainConfig:
     skip_bad: bool = setting(False, "skip malformed records and report how many")
     save_steps: int = setting(50, "save a checkpoint every this many steps", resume_free=True)
     logging_steps: int = setting(10, "log the loss every this many steps", resume_free=True)
+    report_to: str = setting("tensorboard", "where the trainer's logs go besides the console (tensorboard: "
+                                            "<output>/checkpoints/runs)", choices=("none", "tensorboard", "wandb", "mlflow"),
+                             resume_free=True)
+    eval_steps: Optional[int] = setting(None, "every this many steps, log the loss on the eval tasks (eval_<task>_loss; "
+                                              "default: never)", resume_free=True)
+    packing: bool = setting(False, "pack each micro-batch's examples into one row without padding, positions restarting "
+                                   "per example so that none attends to another (transformers' "
+                                   "DataCollatorWithFlattening; the loss stays on the answers only)")
+    bf16: Optional[bool] = setting(None, "bf16 autocast for forward and backward (adapter and optimizer stay fp32; "
+                                         "default: on a GPU with bf16, else off; on CPU through torch's CPU autocast)")
+    attn_implementation: Optional[str] = setting(None, "the base model's attention (eager, sdpa, flash_attention_2, ...; "
+                                                       "passed to from_pretrained; default: transformers' choice)")
+    push_to_hub: bool = setting(False, "upload the adapter and a model card to the Hugging Face Hub after training "
+                                       "(needs a token: huggingface-cli login or HF_TOKEN)", resume_free=True)
+    hub_model_id: Optional[str] = setting(None, "the hub repository --push-to-hub uploads to (default: the --output "
+                                                "folder's name, under your account)", resume_free=True)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory)")
     load_in_4bit: bool = setting(False, "quantise the frozen base to bitsandbytes nf4 (QLoRA-style); the adapter "
                                         "trains in fp32")
@@ -144,6 +161,8 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "give 0 or more")
         need(self.holdout >= 0, "holdout", "give 0 or more")
         need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "give at least 1")
+        need(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", "give at least 1 (or leave it out)")
+        need(self.hub_model_id is None or self.push_to_hub, "hub_model_id", "give --push-to-hub too")
         need(self.chat_template is None or self.use_chat_template, "chat_template",
              "give --chat-template or --no-chat-template, not both")
         need(self.routing_stats_steps is None or self.routing_stats_steps >= 0, "routing_stats_steps",
