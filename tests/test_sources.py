@@ -135,3 +135,23 @@ def test_the_cli_takes_a_parquet_file_and_refuses_a_bad_column_in_one_line(tmp_p
     assert not out.exists()
     assert main([*argv, "--columns", MAPPING]) == 0
     assert json.loads((out / "result.json").read_text())["data_report"]["tasks"] == {"quiz": 3}
+
+
+def test_columns_and_splits_come_from_a_config_file_too(tmp_path, monkeypatch):
+    import yaml
+
+    import mor.train
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"data": ["hub:acme/quiz"], "columns": {"instruction": "question"},
+                                    "data_split": "validation"}))
+    ran = []
+    monkeypatch.setattr(mor.train, "run_training", lambda cfg: ran.append(cfg) or (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--config", str(path)])
+    assert (ran[0].columns, ran[0].data_split, ran[0].data) == ({"instruction": "question"}, "validation", ["hub:acme/quiz"])
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--config", str(path), "--columns", "output=reply"])  # the flag wins
+    assert ran[1].columns == {"output": "reply"}
+    path.write_text(yaml.safe_dump({"columns": {"prompt": "question"}}))
+    assert main(["train", "--config", str(path)]) == 2

@@ -295,7 +295,8 @@ def draw_figures_after_training(cfg: TrainConfig, adapter_dir: Path, eval_tasks:
     from ..data import task_prompts
     from ..runtime.loading import load_adapted
 
-    model, tokenizer = load_adapted(cfg.model, adapter_dir, tokenizer=str(adapter_dir))  # the run's chat template
+    model, tokenizer = load_adapted(cfg.model, adapter_dir)
+    choose_chat_template(tokenizer, cfg)  # the run's prompts
     texts = {t.name: task_prompts(t, tokenizer, FIGURE_PROMPTS) for t in eval_tasks}
     folder = Path(cfg.output) / "figures"
     analyze(model, texts, folder, tokenizer=tokenizer)
