@@ -192,7 +192,7 @@ def execute(run: Run, s: Settings, data: dict, data_dir: Path, work: Path, resul
         cfg = TrainConfig(model=s.model, adapter=AdapterSpec(**run.adapter), target="text", output=str(out),
                           data=[str(data_dir / t) for t in s.tasks], max_steps=s.steps, batch_size=s.batch_size,
                           lr=extras.pop("lr", s.lr),  # a learning-rate arm's own rate, else the common one
-                          warmup_ratio=s.warmup_ratio, scheduler="cosine", max_length=s.max_length,
+                          warmup_ratio=s.warmup_ratio, lr_scheduler="cosine", max_length=s.max_length,
                           seed=run.seed, save_steps=max(10, s.steps // 6), logging_steps=1,  # every loss: bf16 vs fp32 step by step
                           routing_stats_steps=max(1, s.steps // 30),
                           evaluate=False, base_dtype=extras.pop("base_dtype", s.base_dtype),
