@@ -443,7 +443,7 @@ def test_training_examples_output(chat_tok):
     task = task_of(ARC, chat, EXPLICIT, name="mix")
     plain = training_examples(task, target="output")
     assert plain[0] == TrainingExample("mix", ARC["instruction"] + "\n\n", ARC["output"], "mem.json:1")
-    assert (plain[1].prompt, plain[1].target) == ("Be brief.\n\nHi?\n\n", "Hello.")
+    assert (plain[1].prompt, plain[1].target) == ("System: Be brief.\n\nUser: Hi?\n\nAssistant: ", "Hello.")
     assert (plain[2].prompt, plain[2].target) == ("What color is grass?\n\n", "green")
     templated = training_examples(task, target="output", tokenizer=chat_tok)
     assert templated[0].prompt == f"<|im_start|>user\n{ARC['instruction']}<|im_end|>\n<|im_start|>assistant\n"

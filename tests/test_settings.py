@@ -86,11 +86,11 @@ def test_a_bad_config_file_is_one_error_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name,value", [("max_steps", 0), ("grad_accum", 0), ("logging_steps", 0), ("lr", float("inf")),
-                                        ("warmup_ratio", 1.5), ("eval_batch_size", 0), ("scheduler", "cosine"),
+                                        ("warmup_ratio", 1.5), ("eval_batch_size", 0), ("lr_scheduler", "cosine"),
                                         ("base_dtype", "fp16")])
 def test_validation_names_the_flag_of_the_field(name, value):
     cfg = TrainConfig(**{name: value})
-    if name == "scheduler":  # any transformers schedule name: not a closed list here
+    if name == "lr_scheduler":  # any transformers schedule name: not a closed list here
         cfg.validate()
         return
     with pytest.raises(ValueError, match=f"^{flag_name(TrainConfig, name)} "):

@@ -129,7 +129,9 @@ def load_in_4bit_of(args: argparse.Namespace) -> bool:
 
 def add_data(p: argparse.ArgumentParser, required: bool, help: str | None = None) -> None:
     p.add_argument("--data", nargs="+", required=required, default=[],
-                   help=help or "task files (JSON list or JSONL) or folders; each is one task named after it")
+                   help=help or "tasks: JSON/JSONL/parquet/arrow/CSV files, folders of them, datasets "
+                        "save_to_disk folders or hub:NAME[:CONFIG]; each is one task named after it (its test "
+                        "split where it has one)")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records and report how many")
 
 

@@ -24,11 +24,15 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
         kind = _plain_type(hints[item.name])
         flag = flag_name(cls, item.name)
         help_text = meta["help"]
+        if kind is bool and default is None:  # on, off, or left to the run to decide
+            parser.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+            continue
         if kind is bool:
             parser.add_argument(flag, dest=item.name, action="store_false" if default else "store_true",
                                 help=help_text)
             continue
-        if default not in (None, [], "") and "default" not in help_text:
+        if default not in (None, [], "", {}) and "default" not in help_text:
             help_text += f" (default: {default})"
         if kind is list:
             parser.add_argument(flag, dest=item.name, nargs="+", default=default, help=help_text)

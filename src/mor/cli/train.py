@@ -44,6 +44,8 @@ def cmd_train(args) -> int:
     result = run_training(cfg)
     print(f"\nTrained {cfg.adapter.method} ({result.trainable_parameters:,} trainable parameters) for "
           f"{result.global_step} steps in {result.train_seconds:.0f} s; adapter saved to {result.adapter_dir}")
+    if result.hub_repo:
+        print(f"Pushed the adapter and its model card to https://huggingface.co/{result.hub_repo}")
     for warning in result.warnings:
         print(f"warning: {warning}")
     if result.after:

@@ -286,7 +286,7 @@ class Worker:
         """The run's settings (TrainConfig field names): the plan's, the arm's, and the engine's own."""
         plan = self.plan
         settings = dict(save_steps=max(10, steps // 6), logging_steps=1, routing_stats_steps=max(1, steps // 30),
-                        scheduler="cosine")
+                        lr_scheduler="cosine")
         settings.update(plan.train)
         settings.update(arm.train)
         settings.update(model=plan.model, data=list(self._data_folders), output=str(out), lr=lr, seed=seed,

@@ -19,7 +19,9 @@ Vocabulary used throughout:
 
 Every record remembers ``file:line`` so that every error can point at it.
 
-The package, by job: ``records`` (reading files, validation), ``choices`` (multiple-choice
+The package, by job: ``records`` (reading JSON files, validation), ``tables`` (what ``datasets``
+reads: parquet / arrow / CSV, saved folders, the hub; column mapping), ``sources`` (every form of
+a ``--data`` entry and its splits), ``choices`` (multiple-choice
 parsing), ``prompts`` (prompts, items, examples), ``batches`` (tokenising, collating, mixing);
 ``types`` holds the shared vocabulary. Everything public is importable from ``mor.data``.
 """
@@ -29,14 +31,16 @@ from .batches import (IGNORE_INDEX, TokenizedExample, TokenizedTask, collate, mi
 from .choices import ParsedChoice, parse_multiple_choice
 from .prompts import (DEFAULT_TEMPLATE, LABEL_CONTINUATION, TARGET_DELIMITER, chat_prompt, instruction_prompt,
                       multiple_choice_items, task_prompts, text_prompt, training_examples)
-from .records import (DATA_SUFFIXES, SPLIT_NAMES, Record, Task, has_split, load_eval_tasks, load_hub_task,
-                      load_task_records, load_tasks, task_name, validate_record)
+from .records import (DATA_SUFFIXES, SPLIT_NAMES, Record, Task, has_split, load_task_records, load_tasks, task_name,
+                      validate_record)
+from .sources import DataSource, load_eval_tasks, load_hub_task
+from .tables import RECORD_FIELDS, parse_columns
 from .types import DataError, MultipleChoiceItem, TrainingExample
 
 __all__ = [
     "DataError", "MultipleChoiceItem", "TrainingExample", "Record", "Task", "ParsedChoice", "TokenizedExample",
     "TokenizedTask", "DEFAULT_TEMPLATE", "LABEL_CONTINUATION", "TARGET_DELIMITER", "SPLIT_NAMES", "DATA_SUFFIXES",
-    "IGNORE_INDEX", "task_name", "has_split", "load_eval_tasks", "load_task_records", "load_tasks", "load_hub_task", "validate_record",
+    "IGNORE_INDEX", "DataSource", "RECORD_FIELDS", "parse_columns", "task_name", "has_split", "load_eval_tasks", "load_task_records", "load_tasks", "load_hub_task", "validate_record",
     "parse_multiple_choice", "text_prompt", "instruction_prompt", "chat_prompt", "multiple_choice_items",
     "training_examples", "task_prompts", "tokenize_example", "tokenize_examples", "collate", "mix_tasks", "split_records",
 ]

@@ -44,8 +44,28 @@ def _split_ids(tokenizer: Any, prompt: str, target: str) -> tuple[list[int], lis
     return prompt_ids, _encode(tokenizer, target)
 
 
+def _prompt_labels(tokenizer: Any, example: TrainingExample, prompt_ids: list[int]) -> list[int]:
+    """Labels of the prompt's tokens: -100, except the tokens of its ``trained_spans`` (a chat's
+    earlier assistant turns): every token whose characters overlap a span, which is what
+    transformers' ``return_assistant_tokens_mask`` marks (the tokens from the span's first
+    character to its last)."""
+    labels = [IGNORE_INDEX] * len(prompt_ids)
+    if not example.trained_spans:
+        return labels
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("multi-turn chat records need a fast tokenizer (offsets locate the earlier assistant turns)")
+    encoding = tokenizer(example.prompt, add_special_tokens=False, return_offsets_mapping=True)
+    if list(encoding["input_ids"]) != prompt_ids:  # the prompt's ids are its own encoding (see _split_ids)
+        raise ValueError(f"{example.source}: the prompt's tokens changed between two encodings")
+    for k, (first, last) in enumerate(encoding["offset_mapping"]):
+        if any(first < end and last > start for start, end in example.trained_spans):
+            labels[k] = prompt_ids[k]
+    return labels
+
+
 def tokenize_example(example: TrainingExample, tokenizer: Any, max_length: int) -> TokenizedExample:
-    """Prompt ids + target ids + EOS; labels are -100 on the prompt and the ids on target + EOS.
+    """Prompt ids + target ids + EOS; labels are the ids on target + EOS and on the prompt's
+    ``trained_spans`` (a chat's earlier assistant turns), -100 on the rest of the prompt.
 
     Over ``max_length``: the prompt is cut from the left first (its end, next to the target,
     is kept); if target + EOS alone is still too long, the prompt is dropped and the target's
@@ -58,18 +78,20 @@ def tokenize_example(example: TrainingExample, tokenizer: Any, max_length: int) 
     if eos is None:
         raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token before tokenising.")
     prompt_ids, target_ids = _split_ids(tokenizer, example.prompt, example.target)
+    prompt_labels = _prompt_labels(tokenizer, example, prompt_ids)
     target_ids = target_ids + [eos]
     truncated = len(prompt_ids) + len(target_ids) > max_length
     if truncated:
         room = max_length - len(target_ids)
         if room >= 0:
             prompt_ids = prompt_ids[len(prompt_ids) - room :] if room else []
+            prompt_labels = prompt_labels[len(prompt_labels) - room :] if room else []
         else:
-            prompt_ids, target_ids = [], target_ids[:max_length]
+            prompt_ids, prompt_labels, target_ids = [], [], target_ids[:max_length]
     out = TokenizedExample(
         input_ids=prompt_ids + target_ids,
         attention_mask=[1] * (len(prompt_ids) + len(target_ids)),
-        labels=[IGNORE_INDEX] * len(prompt_ids) + target_ids,
+        labels=prompt_labels + target_ids,
     )
     out.truncated, out.task, out.source = truncated, example.task, example.source
     return out

@@ -3,6 +3,7 @@ learns) from validated records."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .choices import ParsedChoice, parse_multiple_choice
@@ -32,13 +33,29 @@ def _has_chat_template(tokenizer: Any) -> bool:
     return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
 
 
-def _render_chat(messages: list[dict], tokenizer: Any) -> str:
-    """Messages rendered with the tokenizer's chat template and a generation prompt; without a
-    template, the contents joined by blank lines and ending in one."""
+def read_chat_template(value: str) -> str:
+    """The Jinja chat template ``--chat-template`` gives: the text of the file it names, or itself."""
+    path = Path(value)
+    if len(value) < 4096 and "\n" not in value and path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template {value}: no such file, and not a Jinja template (it has no {{{{ or {{%); "
+                     "give a template file or its text")
+
+
+def _render_chat(messages: list[dict], tokenizer: Any, generation_prompt: bool = True) -> str:
+    """Messages rendered with the tokenizer's chat template (and a generation prompt); without a
+    template, each turn as ``"{Role}: {content}\\n\\n"`` (and ``"Assistant: "``)."""
     if _has_chat_template(tokenizer):
         clean = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['content']}\n\n" for m in messages)
+        try:
+            return tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as err:  # a template that cannot render these turns (jinja's errors): name it
+            raise DataError(f"the chat template cannot render these messages ({type(err).__name__}: {err}); "
+                            "give --chat-template with one that can, or --no-chat-template") from None
+    turns = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages)
+    return turns + ("Assistant: " if generation_prompt else "")
 
 
 def instruction_prompt(instruction: str, input: str = "", tokenizer: Any = None) -> str:
@@ -46,12 +63,36 @@ def instruction_prompt(instruction: str, input: str = "", tokenizer: Any = None)
     tokenizer has one, else ``"{instruction}\\n\\n{input}\\n\\n"`` (``"{instruction}\\n\\n"``
     when the input is empty)."""
     user = f"{instruction}\n\n{input}" if input and input.strip() else instruction
+    if not _has_chat_template(tokenizer):
+        return f"{user}\n\n"
     return _render_chat([{"role": "user", "content": user}], tokenizer)
 
 
 def chat_prompt(messages: list[dict], tokenizer: Any = None) -> str:
     """Prompt for a chat record: all messages but the final assistant reply, rendered."""
     return _render_chat(messages[:-1], tokenizer)
+
+
+def assistant_spans(messages: list[dict], tokenizer: Any = None) -> tuple[tuple[int, int], ...]:
+    """``(start, end)`` character spans, in :func:`chat_prompt`'s text, of every assistant turn
+    before the last: each turn as the template renders it (its content and end-of-turn marker),
+    found as the text the turn adds to the conversation before it.
+
+    Raises :class:`DataError` when the template renders earlier turns differently once later
+    turns follow (the turns could not be located; training them would supervise other text)."""
+    prompt = chat_prompt(messages, tokenizer)
+    spans = []
+    for i, message in enumerate(messages[:-1]):
+        if message["role"] != "assistant":
+            continue
+        before = _render_chat(messages[:i], tokenizer)
+        through = _render_chat(messages[: i + 1], tokenizer, generation_prompt=False)
+        if not (through.startswith(before) and prompt.startswith(through)):
+            raise DataError(f"assistant turn {i} cannot be located for the loss: the chat template renders a "
+                            "conversation differently from the turns before it plus the new turn; give "
+                            "--chat-template with a template that renders turn by turn, or --no-chat-template")
+        spans.append((len(before), len(through)))
+    return tuple(spans)
 
 
 def _record_prompt(record: Record, tokenizer: Any) -> str:
@@ -135,8 +176,9 @@ def _output_example(task: str, record: Record, tokenizer: Any) -> TrainingExampl
     prompt = _record_prompt(record, tokenizer)
     if record.kind == "instruction":
         target = data["output"]
-    elif record.kind == "chat":
+    elif record.kind == "chat":  # every assistant turn is learnt: the last as target, earlier ones in the prompt
         target = data["messages"][-1]["content"]
+        return TrainingExample(task, prompt, target, record.source, assistant_spans(data["messages"], tokenizer))
     else:
         parsed = _parse(record)
         target = parsed.options[parsed.gold]
@@ -162,6 +204,8 @@ def training_examples(
     ``target="output"``: prompt = the record's prompt (chat template + generation prompt when
     the tokenizer has one, else plain), target = ``output`` (instruction records), the final
     assistant message (chat records) or the correct choice's text (question/choices records).
+    A chat record's earlier assistant turns are learnt too (``trained_spans`` of the prompt):
+    assistant-only loss on every turn.
 
     ``target="text"``: prompt and target exactly as text scoring builds the gold choice
     (``template`` prompt, ``" " + correct option``; blanks: the partial sentence and its rest),

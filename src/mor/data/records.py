@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from .choices import _FORMAT, _check_choice, _check_choices, _nonempty_str, parse_multiple_choice
+from .tables import TABLE_FORMATS, check_columns, column_hint, rename_fields, table_rows
 from .types import DataError
-
 
 
 SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
 """File stems that name a split, not a task: ``boolq/train.json`` is task "boolq"."""
 
-DATA_SUFFIXES = (".json", ".jsonl")
+DATA_SUFFIXES = (".json", ".jsonl", *TABLE_FORMATS)
+"""Files a task is read from: JSON list / JSON Lines here, parquet / arrow / CSV through ``datasets``."""
 
 
 @dataclass
@@ -275,10 +276,13 @@ def validate_record(record: Any) -> str:
 
 
 def _records_from_values(
-    values: Iterable[tuple[int, Any]], file: str, skip_bad: bool, skipped: list[str]
+    values: Iterable[tuple[int, Any]], file: str, skip_bad: bool, skipped: list[str],
+    columns: dict[str, str] | None = None,
 ) -> list[Record]:
     records = []
     for line, value in values:
+        if columns and isinstance(value, dict):
+            value = rename_fields(value, columns)
         try:
             kind = validate_record(value)
         except DataError as err:
@@ -290,12 +294,23 @@ def _records_from_values(
     return records
 
 
-def _read_file(path: Path, skip_bad: bool, skipped: list[str]) -> list[Record]:
+def _read_file(path: Path, skip_bad: bool, skipped: list[str], columns: dict[str, str] | None = None) -> list[Record]:
+    """Records of one file: JSON / JSON Lines by content, parquet / arrow / CSV by suffix (rows
+    located as ``file:row``, 1-based)."""
+    if path.suffix.lower() in TABLE_FORMATS:
+        names, values = table_rows(path)
+        check_columns(columns or {}, names, str(path))
+        try:
+            return _records_from_values(values, str(path), skip_bad, skipped, columns)
+        except DataError as err:
+            raise column_hint(err, names) from None
     bad: list[str] | None = [] if skip_bad else None
     values = list(_iter_file_values(path, bad))
     if bad:
         skipped.extend(bad)
-    return _records_from_values(values, str(path), skip_bad, skipped)
+    if columns:
+        check_columns(columns, (k for _, v in values if isinstance(v, dict) for k in v), str(path))
+    return _records_from_values(values, str(path), skip_bad, skipped, columns)
 
 
 def _folder_files(folder: Path, split: str | None) -> list[Path]:
@@ -307,11 +322,12 @@ def _folder_files(folder: Path, split: str | None) -> list[Path]:
         if not chosen:
             hint = " (carve one with mor.data.split_records)" if split.lower() == "train" else ""
             raise FileNotFoundError(
-                f"{folder} has no {split}.json or {split}.jsonl{hint}; its data files are: {names}"
+                f"{folder} has no {split} file ({split}.json, .jsonl, .parquet, .arrow or .csv){hint}; its data "
+                f"files are: {names}"
             )
         return chosen
     if not files:
-        raise FileNotFoundError(f"{folder} has no .json or .jsonl files")
+        raise FileNotFoundError(f"{folder} has no data files ({', '.join(DATA_SUFFIXES)})")
     split_files = [p for p in files if p.stem.lower() in SPLIT_NAMES]
     if split_files and len(files) > 1:
         raise DataError(
@@ -321,12 +337,15 @@ def _folder_files(folder: Path, split: str | None) -> list[Path]:
     return files
 
 
-def load_task_records(path: str | Path, skip_bad: bool = False, split: str | None = None) -> Task:
-    """Read one task from a JSON-list file, a JSON Lines file, or a folder.
+def load_task_records(path: str | Path, skip_bad: bool = False, split: str | None = None,
+                      columns: dict[str, str] | None = None) -> Task:
+    """Read one task from a JSON-list file, a JSON Lines file, a parquet / arrow / CSV file, or a
+    folder of them (``save_to_disk`` folders and hub datasets: :mod:`mor.data.sources`).
 
     A folder is one task: its ``<split>.json``/``.jsonl`` when ``split`` is given, else its only
     data file, else all its data files (refused when they are several splits). ``split`` is
-    ignored for a file. With ``skip_bad=True`` malformed records (and bad JSON Lines lines) are
+    ignored for a file. ``columns`` maps record fields onto the data's columns (``{"instruction":
+    "question"}``). With ``skip_bad=True`` malformed records (and bad JSON Lines lines) are
     skipped and listed in ``Task.skipped``; a syntax error inside a JSON list still raises,
     since nothing after it can be trusted.
 
@@ -337,7 +356,7 @@ def load_task_records(path: str | Path, skip_bad: bool = False, split: str | Non
         raise FileNotFoundError(f"task data not found: {path}")
     files = _folder_files(path, split) if path.is_dir() else [path]
     skipped: list[str] = []
-    records = [r for f in files for r in _read_file(f, skip_bad, skipped)]
+    records = [r for f in files for r in _read_file(f, skip_bad, skipped, columns)]
     if not records:
         why = f" ({len(skipped)} skipped as malformed; first: {skipped[0]})" if skipped else ""
         raise DataError(f"{path}: the task has no records{why}; add records or fix the skipped ones.")
@@ -364,34 +383,6 @@ def _distinct(tasks: list[Task]) -> list[Task]:
     return tasks
 
 
-def load_hub_task(dataset_id: str, split: str = "train", name: str | None = None, skip_bad: bool = False) -> Task:
-    """Read a Hugging Face dataset split whose rows are records of the kinds above.
-
-    Needs network (or a local datasets cache). Rows are located as ``<id>[<split>]:<row>``,
-    1-based. Not used by the offline tests.
-    """
-    import datasets
-
-    rows = datasets.load_dataset(dataset_id, name, split=split)
-    file = f"{dataset_id}[{split}]"
-    skipped: list[str] = []
-    # datasets fills fields a row lacks with None; drop them so optional fields stay optional
-    values = ((k + 1, {key: v for key, v in row.items() if v is not None}) for k, row in enumerate(rows))
-    records = _records_from_values(values, file, skip_bad, skipped)
-    if not records:
-        raise DataError(f"{file}: the dataset has no usable records ({len(skipped)} skipped).")
-    return Task(dataset_id.rstrip("/").split("/")[-1], records, [file], skipped)
-
-
 def has_split(folder: Path, split: str) -> bool:
-    """Whether ``folder`` holds ``<split>.json`` or ``<split>.jsonl``."""
+    """Whether ``folder`` holds a ``<split>`` data file (``<split>.json``, ``.jsonl``, ``.parquet``, ...)."""
     return any((folder / f"{split}{ext}").is_file() for ext in DATA_SUFFIXES)
-
-
-def load_eval_tasks(paths: list[str], skip_bad: bool = False) -> list[Task]:
-    """Tasks to evaluate: a folder's test split when it has one, else the whole file/folder."""
-    tasks = []
-    for path in map(Path, paths):
-        split = "test" if path.is_dir() and has_split(path, "test") else None
-        tasks.append(load_task_records(path, skip_bad=skip_bad, split=split))
-    return _distinct(tasks)

@@ -27,9 +27,11 @@ class MultipleChoiceItem:
 
 @dataclass
 class TrainingExample:
-    """One supervised example: the loss is taken on ``target`` only."""
+    """One supervised example: the loss is taken on ``target`` and on the ``trained_spans`` of the
+    prompt (a multi-turn chat's earlier assistant turns), nothing else."""
 
     task: str
     prompt: str  # fully rendered prompt text (chat template already applied where used)
     target: str  # response text; the tokeniser appends EOS
     source: str = ""
+    trained_spans: tuple = ()  # (start, end) character spans of ``prompt`` learnt too: earlier assistant turns

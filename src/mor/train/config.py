@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..data.builtin import DEFAULT_TRAIN_SIZE
+from ..data.sources import EVAL_SPLIT, TRAIN_SPLIT
+from ..data.tables import parse_columns
 from .adapters import AdapterSpec
 
 # The default run (`mor train` alone, or run_training(TrainConfig())) must finish in under 10
@@ -41,12 +43,24 @@ class TrainConfig:
     model: Optional[str] = setting(None, "hub id, local folder or .gguf file (default: the embedded "
                                          "SmolLM2-135M-Instruct)")
     adapter: AdapterSpec = field(default_factory=AdapterSpec, metadata={"help": "the adapter (its own flags)"})
-    data: list[str] = setting([], "task files (JSON list or JSONL), folders or Hugging Face dataset ids; each is "
-                                  "one task named after it (default: the built-in multi-task suite)")
+    data: list[str] = setting([], "tasks: JSON list / JSONL / parquet / arrow / CSV files, folders of them, datasets "
+                                  "save_to_disk folders, or hub:NAME[:CONFIG] hub datasets; each is one task named after "
+                                  "it (default: the built-in multi-task suite)")
+    data_split: str = setting(TRAIN_SPLIT, "the split of --data to train on, where it has named splits (a folder's "
+                                           "<split>.json, a DatasetDict, a hub dataset)")
+    eval_split: str = setting(EVAL_SPLIT, "the split of --data and --eval-data to evaluate, where they hold it")
+    columns: dict = setting({}, "map record fields onto the data's columns, FIELD=COLUMN pairs separated by commas "
+                                "(e.g. instruction=question,output=answer; fields: instruction, input, output, answer, "
+                                "choices, label, question, messages)", parse=parse_columns)
     eval_data: list[str] = setting([], "extra eval tasks (default: the test splits of --data)")
     holdout: int = setting(0, "carve this many eval records out of tasks with no test split")
     target: str = setting("output", "output: the record's answer; text: the correct option's text "
                                     "(evaluation then scores option texts, lm-eval style)", choices=("output", "text"))
+    chat_template: Optional[str] = setting(None, "a Jinja chat template (its text or a file holding it) for chat and "
+                                                 "instruction records, in place of the tokenizer's")
+    use_chat_template: bool = setting(True, "render records as plain text (chat turns as 'User: ...', "
+                                            "'Assistant: ...'), not through the tokenizer's chat template",
+                                      flag="--no-chat-template")
     mix: str = setting("proportional", "how tasks are mixed: proportional to their size, or uniform",
                        choices=("proportional", "uniform"))
     output: str = setting("runs/mor", "run folder: adapter/, checkpoints/, result.json, figures/")
@@ -56,9 +70,10 @@ class TrainConfig:
     batch_size: int = setting(8, "examples per device per micro-batch")
     grad_accum: int = setting(1, "micro-batches per optimizer step")
     lr: float = setting(1e-3, "learning rate (1e-3 for MoR, MoE-LoRA, LoRA and DoRA alike)")
-    warmup_ratio: float = setting(0.05, "fraction of the steps spent warming the learning rate up")
-    scheduler: str = setting("cosine", "learning-rate schedule (a transformers SchedulerType: cosine, linear, "
-                                       "constant, constant_with_warmup, ...)")
+    warmup_ratio: float = setting(0.05, "fraction of the steps spent warming the learning rate up (rounded up to "
+                                        "whole steps; the first step already runs at lr/warmup steps, never at 0)")
+    lr_scheduler: str = setting("cosine", "learning-rate schedule (a transformers SchedulerType: cosine, linear, "
+                                          "constant, constant_with_warmup, ...)")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     max_length: int = setting(256, "truncate examples to this many tokens")
     seed: int = setting(0, "seed of the data order, the task mixing and the adapter's initialisation")
@@ -68,6 +83,22 @@ class TrainConfig:
     skip_bad: bool = setting(False, "skip malformed records and report how many")
     save_steps: int = setting(50, "save a checkpoint every this many steps", resume_free=True)
     logging_steps: int = setting(10, "log the loss every this many steps", resume_free=True)
+    report_to: str = setting("tensorboard", "where the trainer's logs go besides the console (tensorboard: "
+                                            "<output>/checkpoints/runs)", choices=("none", "tensorboard", "wandb", "mlflow"),
+                             resume_free=True)
+    eval_steps: Optional[int] = setting(None, "every this many steps, log the loss on the eval tasks (eval_<task>_loss; "
+                                              "default: never)", resume_free=True)
+    packing: bool = setting(False, "pack each micro-batch's examples into one row without padding, positions restarting "
+                                   "per example so that none attends to another (transformers' "
+                                   "DataCollatorWithFlattening; the loss stays on the answers only)")
+    bf16: Optional[bool] = setting(None, "bf16 autocast for forward and backward (adapter and optimizer stay fp32; "
+                                         "default: on a GPU with bf16, else off; on CPU through torch's CPU autocast)")
+    attn_implementation: Optional[str] = setting(None, "the base model's attention (eager, sdpa, flash_attention_2, ...; "
+                                                       "passed to from_pretrained; default: transformers' choice)")
+    push_to_hub: bool = setting(False, "upload the adapter and a model card to the Hugging Face Hub after training "
+                                       "(needs a token: huggingface-cli login or HF_TOKEN)", resume_free=True)
+    hub_model_id: Optional[str] = setting(None, "the hub repository --push-to-hub uploads to (default: the --output "
+                                                "folder's name, under your account)", resume_free=True)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory)")
     load_in_4bit: bool = setting(False, "quantise the frozen base to bitsandbytes nf4 (QLoRA-style); the adapter "
                                         "trains in fp32")
@@ -91,6 +122,9 @@ class TrainConfig:
     routing_probe_size: int = setting(8, "probe prompts per task for the routing statistics")
     figures: bool = setting(True, "skip the routing figures after training a MoR adapter", flag="--no-figures",
                             resume_free=True)
+
+    def __post_init__(self):
+        self.columns = parse_columns(self.columns)  # "field=column,..." (a flag) or a mapping (a --config file)
 
     @property
     def scoring(self) -> str:
@@ -127,6 +161,10 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "give 0 or more")
         need(self.holdout >= 0, "holdout", "give 0 or more")
         need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "give at least 1")
+        need(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", "give at least 1 (or leave it out)")
+        need(self.hub_model_id is None or self.push_to_hub, "hub_model_id", "give --push-to-hub too")
+        need(self.chat_template is None or self.use_chat_template, "chat_template",
+             "give --chat-template or --no-chat-template, not both")
         need(self.routing_stats_steps is None or self.routing_stats_steps >= 0, "routing_stats_steps",
              "give 0 (off) or more")
         for item in fields(self):

@@ -1,11 +1,11 @@
 """A training run as a recipe of named phases:
 
     setup data -> setup model -> evaluate before -> trainer -> train (or resume) -> save adapter
-    -> evaluate after -> write result -> figures
+    -> evaluate after -> write result (and the adapter's model card) -> push to the hub -> figures
 
 ``run_training(TrainConfig())`` is the run ``mor train`` makes. The pieces live beside this file:
 the settings (``config``), the adapter (``adapters``), the data and model setup (``setup``), the
-Trainer and its callbacks (``trainer``).
+Trainer and its callbacks (``trainer``), the model card and the upload (``hub``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from transformers import set_seed
+from transformers import DataCollatorWithFlattening, set_seed
 
 from ..analysis.routing_stats import STATS_NAME, RoutingStatsCallback
-from ..data import Task, collate
+from ..data import Task, collate, tokenize_examples, training_examples
 from ..eval.tasks import evaluate_model
 from ..layer import find_routers, keep_4bit_layout
 from ..params import count_trainable_parameters
@@ -33,8 +33,9 @@ from ..safety import (FiniteCheckCallback, StopOnSignal, atomic_folder, atomic_w
                       take_run_folder)
 from .adapters import apply_adapter
 from .config import FIGURE_PROMPTS, TrainConfig
-from .setup import (build_train_dataset, cast_frozen_base, load_train_and_eval_tasks, resolve_base_dtype,
-                    routing_probes, scale_router_init)
+from .hub import check_hub_token, model_card, push_adapter
+from .setup import (build_train_dataset, cast_frozen_base, choose_chat_template, load_train_and_eval_tasks,
+                    resolve_base_dtype, routing_probes, scale_router_init)
 from .trainer import (AdapterTrainer, CompleteCheckpointCallback, LaunchCheckCallback, discard_incomplete_checkpoints,
                       finished_run_state, last_complete_checkpoint, training_arguments)
 
@@ -62,6 +63,7 @@ class TrainResult:
     base_dtype: str = "fp32"
     figures: Path | None = None  # folder of the routing figures drawn after training (written after result.json)
     resumed_from_step: int | None = None  # --resume: the checkpoint's step; ranks/train_seconds cover the steps after it
+    hub_repo: str | None = None  # --push-to-hub: the repository the adapter was uploaded to
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -78,6 +80,8 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
     (:class:`mor.safety.StopOnSignal`).
     """
     cfg.validate()
+    if cfg.push_to_hub:
+        check_hub_token()  # before hours of training, not after
     cfg.max_steps = cfg.steps  # recorded resolved: 140 on the built-in suite, else -1 (epochs)
     check_launch_before_start(training_arguments(cfg).world_size)
     settings = cfg.resume_settings()
@@ -91,7 +95,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
         raise
     finally:
         stop_on_signal.restore()  # the process's own signal handlers again, however the run ended
-    # 9. figures: router by task, routing over steps (a MoR run that was evaluated)
+    # 10. figures: router by task, routing over steps (a MoR run that was evaluated)
     if cfg.figures and cfg.adapter.method == "mor" and result.after is not None:
         result.figures = draw_figures_after_training(cfg, result.adapter_dir, eval_tasks)
     return result
@@ -100,6 +104,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
 def _run(cfg: TrainConfig, callbacks: list, settings: dict) -> tuple[TrainResult, list[Task]]:
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
+    choose_chat_template(tokenizer, cfg)
     run = SimpleNamespace(eval_seconds={}, before=None, after=None)
 
     # 1. setup data
@@ -119,7 +124,7 @@ def _run(cfg: TrainConfig, callbacks: list, settings: dict) -> tuple[TrainResult
             run.before = _timed_evaluation(run, "before", model, tokenizer, eval_tasks, cfg)
 
     # 4. trainer (the inputs loaded and the disk has room: now the old run's files go), 5. train or resume
-    trainer = build_trainer(cfg, model, tokenizer, dataset, train_tasks, callbacks)
+    trainer = build_trainer(cfg, model, tokenizer, dataset, train_tasks, callbacks, eval_tasks)
     check_training_space(cfg.output, trainable, save_total_limit=trainer.args.save_total_limit)
     take_run_folder(cfg.output, settings, overwrite=cfg.overwrite)
     start = time.perf_counter()
@@ -154,6 +159,14 @@ def _run(cfg: TrainConfig, callbacks: list, settings: dict) -> tuple[TrainResult
                          base_dtype=str(base_dtype).replace("torch.", ""),
                          resumed_from_step=trainer.resumed_from_step)
     if trainer.is_world_process_zero():
+        atomic_write_text(adapter_dir / "README.md", model_card(cfg, result))  # in place of peft's blank card
+        if cfg.push_to_hub:  # 9. push the adapter and its card (a failed upload loses nothing)
+            try:
+                result.hub_repo = push_adapter(cfg, result)
+            except Exception as err:
+                result.warnings.append(f"--push-to-hub failed ({type(err).__name__}: {err}); the adapter is in "
+                                       f"{adapter_dir}: upload it with `huggingface-cli upload <repo> {adapter_dir}`")
+                logger.warning(result.warnings[-1])
         atomic_write_text(Path(cfg.output) / "result.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result, eval_tasks
 
@@ -161,7 +174,8 @@ def _run(cfg: TrainConfig, callbacks: list, settings: dict) -> tuple[TrainResult
 def setup_model(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.dtype]:
     """The base with the adapter attached (seeded by ``cfg.seed`` unless it has its own seed), the
     frozen base in ``cfg.base_dtype``, the router's initial weights scaled."""
-    base = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit)
+    attention = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    base = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit, **attention)
     keep_4bit_layout(base)  # evaluated while it trains: a 4-bit base keeps the layout gradients flow through
     if cfg.adapter.init_seed is None:
         cfg.adapter.init_seed = cfg.seed
@@ -177,17 +191,13 @@ def setup_model(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.dtype]:
 
 
 def build_trainer(cfg: TrainConfig, model, tokenizer, dataset: list[dict], train_tasks: list[Task],
-                  callbacks: list | None = None) -> AdapterTrainer:
+                  callbacks: list | None = None, eval_tasks: list[Task] | None = None) -> AdapterTrainer:
     """The AdapterTrainer of the run, with its callbacks: complete checkpoints, finite weights,
-    the launch check, and the routing statistics of a MoR / MoE-LoRA adapter."""
-
-    def collate_with_indices(batch):
-        return {**collate(batch, tokenizer.pad_token_id),
-                "example_index": torch.tensor([example["example_index"] for example in batch])}
-
+    the launch check, and the routing statistics of a MoR / MoE-LoRA adapter; with ``eval_steps``,
+    the eval tasks' examples as its eval datasets (one loss per task)."""
     trainer = AdapterTrainer(
         model=model, args=training_arguments(cfg), train_dataset=dataset, processing_class=tokenizer,
-        data_collator=collate_with_indices,
+        data_collator=batch_collator(tokenizer.pad_token_id, cfg.packing), eval_dataset=eval_datasets(cfg, tokenizer, eval_tasks or []),
         callbacks=[CompleteCheckpointCallback(), FiniteCheckCallback(), *(callbacks or [])],
     )
     trainer.add_callback(LaunchCheckCallback(trainer))
@@ -198,6 +208,37 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, dataset: list[dict], train
                                                      Path(cfg.output) / STATS_NAME, stats_every).attach(trainer)
         trainer.add_callback(trainer.routing_stats)
     return trainer
+
+
+def batch_collator(pad_token_id: int, packing: bool = False):
+    """The run's collator: right-padded batches, or (``packing``) each batch's examples in one row
+    without padding, positions restarting per example (transformers' DataCollatorWithFlattening).
+    transformers keeps packed examples apart only when the 2-D attention mask is absent and no
+    KV cache is made, so packed batches ask for none (``use_cache=False``). Both carry the
+    examples' indices (which process trained on what)."""
+    flatten = DataCollatorWithFlattening() if packing else None
+
+    def collate_batch(batch: list[dict]) -> dict:
+        features = [{key: example[key] for key in ("input_ids", "attention_mask", "labels")} for example in batch]
+        tensors = {**flatten(features), "use_cache": False} if flatten else collate(features, pad_token_id)
+        return {**tensors, "example_index": torch.tensor([example.get("example_index", -1) for example in batch])}
+
+    return collate_batch
+
+
+def eval_datasets(cfg: TrainConfig, tokenizer, eval_tasks: list[Task]) -> dict[str, list[dict]] | None:
+    """``{task: tokenised examples}`` whose loss ``eval_steps`` logs (the first ``eval_limit`` of
+    each eval task, built as training builds its examples)."""
+    if not cfg.eval_steps:
+        return None
+    if not eval_tasks:
+        raise ValueError("--eval-steps needs eval tasks: a test split in --data, --holdout N or --eval-data")
+    datasets = {}
+    for task in eval_tasks:
+        examples = training_examples(task, target=cfg.target, tokenizer=tokenizer,
+                                     skipped=[] if cfg.skip_bad else None)[: cfg.eval_limit]
+        datasets[task.name] = [dict(f) for f in tokenize_examples(examples, tokenizer, cfg.max_length).features]
+    return datasets
 
 
 def train_or_resume(cfg: TrainConfig, trainer: AdapterTrainer):
@@ -256,6 +297,7 @@ def draw_figures_after_training(cfg: TrainConfig, adapter_dir: Path, eval_tasks:
     from ..runtime.loading import load_adapted
 
     model, tokenizer = load_adapted(cfg.model, adapter_dir)
+    choose_chat_template(tokenizer, cfg)  # the run's prompts
     texts = {t.name: task_prompts(t, tokenizer, FIGURE_PROMPTS) for t in eval_tasks}
     folder = Path(cfg.output) / "figures"
     analyze(model, texts, folder, tokenizer=tokenizer)

@@ -4,20 +4,18 @@ training stream; the routing probes) and its model (the frozen base's dtype, the
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Union
 
 import torch
 
-from ..data import (DataError, Task, collate, has_split, load_eval_tasks, load_hub_task, load_task_records,
-                    mix_tasks, split_records, tokenize_examples, training_examples)
+from ..data import (DataError, DataSource, Task, collate, load_eval_tasks, mix_tasks, split_records, tokenize_examples,
+                    training_examples)
+from ..data.prompts import read_chat_template
 from ..layer import find_routers
 from .config import TrainConfig
 
 logger = logging.getLogger("mor")
-
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name of a Hugging Face dataset
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -25,50 +23,33 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name of a Hugging Fa
 def load_train_and_eval_tasks(cfg: TrainConfig) -> tuple[list[Task], list[Task]]:
     """Training tasks from ``cfg.data`` (or the built-in suite) and their eval tasks.
 
-    A folder with train/test files gives both splits; a folder or file without a train split is
-    all training data, unless ``holdout`` carves a seeded eval split out of it.
+    An entry with named splits gives its ``data_split`` to train on and its ``eval_split`` (when
+    it has one) to evaluate; an undivided one is all training data, unless ``holdout`` carves a
+    seeded eval split out of it (see :class:`mor.data.DataSource`).
     """
-    paths = [Path(p) for p in cfg.data] or _builtin_paths(cfg)
+    specs = list(cfg.data) or _builtin_paths(cfg)
+    columns = cfg.columns if cfg.data else None  # the built-in suite's records need no mapping
     train_tasks, eval_tasks = [], []
-    for path in paths:
-        if not path.exists() and HUB_ID.fullmatch(str(path)):
-            train, held = _hub_task_splits(str(path), cfg.skip_bad)
-            train_tasks.append(train)
-            eval_tasks.extend(held)
-            continue
-        if not path.exists():
-            raise FileNotFoundError(f"--data {path}: no such file or folder (nor a Hugging Face dataset id)")
-        if path.is_dir() and has_split(path, "train"):
-            train_tasks.append(load_task_records(path, skip_bad=cfg.skip_bad, split="train"))
-            if has_split(path, "test"):
-                eval_tasks.append(load_task_records(path, skip_bad=cfg.skip_bad, split="test"))
-            continue
-        if path.is_dir() and has_split(path, "test"):
-            raise DataError(f"--data {path} holds a test split but no train split: a test split is never trained "
-                            "on. Add a train file there, give --eval-data for the test split, or name a file.")
-        task = load_task_records(path, skip_bad=cfg.skip_bad)
-        if cfg.holdout:
+    for spec in specs:
+        task, held = DataSource(spec, columns, cfg.skip_bad).train_and_eval(cfg.data_split, cfg.eval_split)
+        if held is None and cfg.holdout:
             task, held = split_records(task, eval_size=cfg.holdout, seed=cfg.seed)
-            eval_tasks.append(held)
         train_tasks.append(task)
+        eval_tasks.extend([held] if held is not None else [])
     names = [t.name for t in train_tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"two --data entries have the same task name: {names}; rename one of them")
-    eval_tasks.extend(load_eval_tasks(cfg.eval_data, cfg.skip_bad))
+    eval_tasks.extend(load_eval_tasks(cfg.eval_data, cfg.skip_bad, cfg.columns, cfg.eval_split))
     return train_tasks, eval_tasks
 
 
-def _hub_task_splits(dataset_id: str, skip_bad: bool) -> tuple[Task, list[Task]]:
-    """Train split (and test split, when there is one) of a Hugging Face dataset id."""
-    try:
-        train = load_hub_task(dataset_id, split="train", skip_bad=skip_bad)
-    except (OSError, ConnectionError) as err:
-        raise FileNotFoundError(f"--data {dataset_id}: not a local file or folder, and the Hugging Face "
-                                f"dataset could not be loaded ({err})") from err
-    try:
-        return train, [load_hub_task(dataset_id, split="test", skip_bad=skip_bad)]
-    except ValueError:  # the dataset has no "test" split
-        return train, []
+def choose_chat_template(tokenizer, cfg: TrainConfig) -> None:
+    """The run's chat template on ``tokenizer`` (saved with the adapter): ``--chat-template``'s,
+    none with ``--no-chat-template``, else the tokenizer's own."""
+    if not cfg.use_chat_template:
+        tokenizer.chat_template = None
+    elif cfg.chat_template is not None:
+        tokenizer.chat_template = read_chat_template(cfg.chat_template)
 
 
 def builtin_data_folder(output: Union[str, Path]) -> Path:

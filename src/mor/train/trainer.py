@@ -10,6 +10,8 @@ precision on GPU, gradient checkpointing and multi-process launch (``accelerate 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import logging
 import math
@@ -72,6 +74,14 @@ class AdapterTrainer(Trainer):
 
     router_lr_multiplier: float = 1.0
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Trainer's schedule, its warmup started one step earlier (see warmup_from_the_first_step)."""
+        fresh = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if fresh:
+            warmup_from_the_first_step(scheduler, self.args.get_warmup_steps(num_training_steps))
+        return scheduler
+
     def create_optimizer(self, model=None):
         """Trainer's optimizer, with the router's parameters (names containing "router") moved to
         their own groups at lr * ``router_lr_multiplier``."""
@@ -79,6 +89,23 @@ class AdapterTrainer(Trainer):
         if self.router_lr_multiplier != 1.0:
             split_router_groups(optimizer, self.model if model is None else model, self.router_lr_multiplier)
         return optimizer
+
+
+def warmup_from_the_first_step(scheduler, warmup_steps: int) -> None:
+    """Make step ``k`` (1-based) of the warmup run at ``k / warmup_steps`` of the peak: transformers'
+    warmup schedules give the first optimizer step ``0 / warmup_steps``, a step that changes nothing
+    (``--max-steps 1`` saved an untrained adapter). The warmup's multipliers are taken one step
+    ahead; after it the schedule is transformers' own, unchanged (the peak is held one extra step)."""
+    if not warmup_steps or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
+    scheduler.lr_lambdas = [functools.partial(_ahead_in_warmup, f, warmup_steps) for f in scheduler.lr_lambdas]
+    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def _ahead_in_warmup(factor, warmup_steps: int, step: int) -> float:
+    return factor(step + 1) if step < warmup_steps else factor(step)
 
 
 def split_router_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module, multiplier: float) -> None:
@@ -167,22 +194,27 @@ def _checkpointing_arguments(enabled: bool) -> dict:
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
+def _report_to(name: str) -> list[str]:
+    """``--report-to`` as TrainingArguments takes it, refused when its package is missing."""
+    if name == "none":
+        return []
+    if importlib.util.find_spec(name) is None:
+        raise ValueError(f"--report-to {name}: the {name} package is not installed; pip install {name}, "
+                         "or choose --report-to none")
+    return [name]
+
+
 def training_arguments(cfg: TrainConfig) -> TrainingArguments:
     """The transformers TrainingArguments of a run (checkpoints under ``<output>/checkpoints``)."""
     on_gpu = torch.cuda.is_available()
-    try:
-        import tensorboard  # noqa: F401
-
-        report_to = ["tensorboard"]
-    except ImportError:
-        report_to = []
+    bf16 = cfg.bf16 if cfg.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()
     return TrainingArguments(
         output_dir=str(Path(cfg.output) / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay,
-        lr_scheduler_type=cfg.scheduler,
+        lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a fraction of the total steps
         max_steps=cfg.steps,
         num_train_epochs=cfg.epochs,
@@ -193,12 +225,17 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        report_to=report_to,
+        report_to=_report_to(cfg.report_to),
+        eval_strategy="steps" if cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        prediction_loss_only=True,
         remove_unused_columns=False,
         label_names=["labels"],
         **_checkpointing_arguments(cfg.gradient_checkpointing),
         dataloader_pin_memory=on_gpu,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        bf16=bf16,
+        use_cpu=bf16 and not on_gpu,  # bf16 on CPU is torch's CPU autocast, which transformers allows only so
         dataloader_num_workers=0,
         disable_tqdm=False,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
