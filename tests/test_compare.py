@@ -279,3 +279,23 @@ def test_a_folder_task_without_a_train_split_trains_on_the_rest_of_its_test_spli
     seen = [r.data["question"] for s in (splits.train, splits.validation, splits.test) for r in s["qa"].records]
     assert len(seen) == len(set(seen)) == 55
     assert "rest of its test split" in splits.provenance["qa"]
+
+
+def test_a_plan_reads_what_data_reads_a_saved_datasetdict_with_columns(tmp_path):
+    """A ``save_to_disk`` DatasetDict (train and test splits) whose columns are mapped onto record
+    fields: the test records come from its test split, train and validation from its train split."""
+    datasets = pytest.importorskip("datasets")
+    from mor.compare.data import carve
+
+    def rows(prefix, n):
+        return {"q": [f"{prefix} {i}?" for i in range(n)], "opts": [["yes", "no"]] * n, "gold": [i % 2 for i in range(n)]}
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows("train", 40)),
+                          "test": datasets.Dataset.from_dict(rows("test", 20))}).save_to_disk(str(tmp_path / "qa"))
+    plan = plan_from_dict({**BASE_PLAN, "data": dict(train=[str(tmp_path / "qa")], train_per_task=25,
+                                                      validation_per_task=10, test_per_task=12,
+                                                      columns={"question": "q", "choices": "opts", "label": "gold"})})
+    splits = carve(plan, tmp_path / "work")
+    assert all(r.data["question"].startswith("test") for r in splits.test["qa"].records)
+    assert all(r.data["question"].startswith("train") for s in (splits.train, splits.validation) for r in s["qa"].records)
+    assert (len(splits.train["qa"]), len(splits.validation["qa"]), len(splits.test["qa"])) == (25, 10, 12)

@@ -13,7 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import Task, has_split, load_hub_task, load_task_records, split_records
+from ..data import Task, split_records
+from ..data.sources import DataSource
 from ..data.builtin import TASK_NAMES, write_builtin_suite
 from ..safety import atomic_write_text
 from .plan import BUILTIN_PREFIX, Plan, PlanError, key_hash
@@ -43,59 +44,50 @@ def _take(task: Task, size: int, seed: int) -> tuple[Task, Task]:
     return Task(task.name, [], list(task.files)), task
 
 
-def _load(source: str, split: str | None, builtin_folder: Path, plan: Plan) -> Task:
-    if source.startswith(BUILTIN_PREFIX):
-        name = source[len(BUILTIN_PREFIX):]
-        if name not in TASK_NAMES:
-            raise PlanError(f"data: {source}: no such built-in task; choose from {', '.join(TASK_NAMES)}")
-        folder = builtin_folder / name
-        if not (folder / "train.json").is_file():
-            d = plan.data
-            write_builtin_suite(builtin_folder, seed=d.split_seed, train_size=d.train_per_task + d.validation_per_task,
-                                eval_size=max(d.test_per_task, d.heldout_per_task), tasks=[name])
-        return load_task_records(folder, split=split)
-    path = Path(source)
-    if path.exists():
-        if path.is_dir() and split and not has_split(path, split):
-            raise FileNotFoundError(f"{path}: no {split} split")
-        return load_task_records(path, split=split if path.is_dir() else None)
-    return load_hub_task(source, split=split or "train")
-
-
-def _has_train(source: str) -> bool:
-    """Built-in tasks and hub datasets have a train split; a folder when it holds one; a file never."""
-    path = Path(source)
-    if source.startswith(BUILTIN_PREFIX) or not path.exists():
-        return True
-    return path.is_dir() and has_split(path, "train")
+def _builtin(source: str, builtin_folder: Path, plan: Plan) -> DataSource:
+    """The built-in task ``builtin:<name>``, generated (train and test) under ``builtin_folder``."""
+    name = source[len(BUILTIN_PREFIX):]
+    if name not in TASK_NAMES:
+        raise PlanError(f"data: {source}: no such built-in task; choose from {', '.join(TASK_NAMES)}")
+    folder = builtin_folder / name
+    if not (folder / "train.json").is_file():
+        d = plan.data
+        write_builtin_suite(builtin_folder, seed=d.split_seed, train_size=d.train_per_task + d.validation_per_task,
+                            eval_size=max(d.test_per_task, d.heldout_per_task), tasks=[name])
+    return DataSource(folder)
 
 
 def carve(plan: Plan, work: Path) -> Splits:
-    """The plan's splits (built-in tasks are generated under ``work``)."""
+    """The plan's splits (built-in tasks are generated under ``work``). Any form ``--data`` reads
+    (mor.data.sources), with the plan's ``data.columns``."""
     d, out = plan.data, Splits()
     builtin_folder = work / f"builtin_{key_hash(d.key())}"
     for entry in d.train + d.heldout:
         source = d.source(entry, plan.folder)
+        data = _builtin(source, builtin_folder, plan) if source.startswith(BUILTIN_PREFIX) else \
+            DataSource(source, columns=d.columns)
         heldout = entry in d.heldout
         size = d.heldout_per_task if heldout else d.test_per_task
-        has_test = source.startswith(BUILTIN_PREFIX) or not Path(source).is_dir() or has_split(Path(source), "test")
-        test_all = _load(source, "test" if has_test else None, builtin_folder, plan)
-        name = Path(entry.removeprefix(BUILTIN_PREFIX)).name
+        splits = data.splits or []
+        own_train = "train" in splits and "test" in splits
+        # the test records: its test split, else carved first from its train split or undivided records
+        test_all = data.load("test" if "test" in splits else "train" if "train" in splits else None)
+        name = Path(entry.removeprefix(BUILTIN_PREFIX).removeprefix("hub:")).name
         rest, test = _take(test_all, size, d.split_seed)
         test.name = rest.name = name
         (out.heldout if heldout else out.test)[name] = test
         if heldout:
             out.provenance[name] = f"held out (never trained): {len(test)} of {len(test_all)} test records"
             continue
-        own_train = _has_train(source)
-        pool = _load(source, "train", builtin_folder, plan) if own_train else rest
+        pool = data.load("train") if own_train else rest
         pool.name = name
         leftover, train = _take(pool, d.train_per_task, d.split_seed + 2)
         if not train.records:
             raise PlanError(f"data: {entry}: no records left to train on after the test carve; lower "
                             "data.test_per_task or give the task a train split")
         out.train[name] = train
-        where = "its train split" if own_train else f"the rest of its test split (no train split; seed {d.split_seed})"
+        where = "its train split" if own_train else \
+            f"the rest of its {'test split' if 'test' in splits else 'records'} (no train/test pair; seed {d.split_seed})"
         text = f"{len(train)} train from {where}"
         if d.validation_per_task:
             if not leftover.records:

@@ -58,14 +58,15 @@ class DataPlan:
     test_per_task: int = 300
     heldout_per_task: int = 300
     split_seed: int = 1234
+    columns: dict = field(default_factory=dict)  # record field -> column of the data (as --columns)
 
     def key(self) -> dict:
         """What the carved splits depend on (paths as written: the key does not change between machines)."""
-        return {k: v for k, v in asdict(self).items() if k != "root"}
+        return {k: v for k, v in asdict(self).items() if k != "root" and not (k == "columns" and not v)}
 
     def source(self, entry: str, plan_dir: Path) -> str:
         """The path (or builtin:/hub name) an entry of ``train`` / ``heldout`` reads."""
-        if entry.startswith(BUILTIN_PREFIX):
+        if entry.startswith((BUILTIN_PREFIX, "hub:")):
             return entry
         root = plan_dir / self.root if self.root else plan_dir
         local = Path(entry) if Path(entry).is_absolute() else root / entry
