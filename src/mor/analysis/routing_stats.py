@@ -209,8 +209,11 @@ class RoutingStatsCallback(TrainerCallback):
         self.trainer = trainer
         return self
 
-    def measure(self, model, step: int) -> dict:
+    def measure(self, model, step: int, write: bool = True) -> dict:
+        """The statistics at ``step``; ``write``: keep, save and log them (rank 0 of a run)."""
         record = {"step": step, **measure_routing_stats(model, self.probes)}
+        if not write:
+            return record
         self.records = [r for r in self.records if r["step"] != step] + [record]
         atomic_write_text(self.path, json.dumps(self.records) + "\n")
         self.pending = {f"routing/{k}": round(record[k], 6) for k in SCALARS}
@@ -233,18 +236,21 @@ class RoutingStatsCallback(TrainerCallback):
         scalars, self.pending = self.pending, {}
         return scalars
 
+    # Every process measures at the same steps (under FSDP / ZeRO-3 the forward pass is a collective
+    # that gathers the sharded parameters, so rank 0 alone would wait for the others forever); only
+    # rank 0 keeps, writes and logs the records.
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not self.records and self.path.is_file():  # a resumed run: keep the records up to its checkpoint
+        zero = state.is_world_process_zero
+        if zero and not self.records and self.path.is_file():  # a resumed run: keep the records up to its checkpoint
             self.records = [r for r in load_stats(self.path) if r["step"] <= state.global_step]
-        if state.is_world_process_zero and model is not None and not any(r["step"] == state.global_step
-                                                                          for r in self.records):
-            self.measure(model, state.global_step)
+        if model is not None:  # (a resumed run measures its checkpoint's step again: the same weights, the same record)
+            self.measure(model, state.global_step, write=zero)
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         last = state.max_steps and state.global_step >= state.max_steps
-        if state.is_world_process_zero and model is not None and (state.global_step % self.every == 0 or last):
-            self.measure(model, state.global_step)
+        if model is not None and (state.global_step % self.every == 0 or last):
+            self.measure(model, state.global_step, write=state.is_world_process_zero)
         return control
 
     def summary(self) -> dict | None:
