@@ -224,8 +224,8 @@ class RoutingStatsCallback(TrainerCallback):
         writer = None
         for cb in getattr(getattr(self.trainer, "callback_handler", None), "callbacks", []):
             writer = getattr(cb, "tb_writer", None) or writer
-        if writer is None:
-            return
+        if writer is None or not Path(writer.log_dir).is_dir():  # the folder vanished: the trainer's next log
+            return                                                # starts a new writer (train.trainer)
         for layer, stats in record["layers"].items():
             short = _short(layer)
             writer.add_scalar(f"routing_layers/entropy_bits/{short}", stats["entropy_bits"], record["step"])
