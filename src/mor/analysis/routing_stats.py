@@ -11,9 +11,10 @@ For a router's gates G(x) in R^N over the real (non-padding) tokens of a probe s
 
 The routers are observed through the method's one routing measurement
 (``mor.routing.GateRecorder``: forward hooks, hook output = the gates, shape (..., N)), so this
-module reads the routing without touching the layer or the router. ``RoutingStatsCallback`` measures the statistics during training on a
-small fixed probe set per task, logs the layer averages to the trainer's log (tensorboard), and
-appends one record per measurement to ``routing_stats.json``; ``mor analyze`` draws them.
+module reads the routing without touching the layer or the router. ``RoutingStatsCallback``
+measures the statistics during training on a small fixed probe set per task, logs the layer
+averages to the trainer's log (tensorboard), and appends one record per measurement to
+``routing_stats.json``; ``mor analyze`` draws them.
 """
 
 from __future__ import annotations
