@@ -242,7 +242,14 @@ class ShardedAndSigterm(TrainerCallback):
             os.kill(os.getpid(), signal.SIGTERM)
 run_training = train.run_training
 train.run_training = lambda cfg, callbacks=None: run_training(cfg, [*(callbacks or []), ShardedAndSigterm()])
-sys.exit(cli.main(sys.argv[1:]))
+code = cli.main(sys.argv[1:])
+if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+    # DeepSpeed on gloo (CPU only; GPUs use NCCL) now and then aborts at interpreter shutdown after
+    # the work is done and the group destroyed ("terminate called without an active exception"):
+    # leave without the shutdown, so the exit status is the CLI's
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+sys.exit(code)
 """
 ZERO3_ON_CPU = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # shard even tiny tensors
