@@ -1,7 +1,8 @@
 """Training on two CPU processes for real: DDP through `accelerate launch` (data split, identical
 adapters, gradient accumulation, resume after a kill), and FSDP2 / FSDP1 / DeepSpeed ZeRO-3
 through torchrun (the adapter is gathered whole, written once, reloads equal to the ranks', and
-loads back into the sharded model).
+loads back into the sharded model), and preemption under the Trainer's FSDP2 and ZeRO-3 (SIGTERM, a gathered
+checkpoint, an exact resume; accelerate's CPU refusal of both lifted in the launched script).
 
 Every multi-process test asserts that two ranks ran: `accelerate launch --num_processes 2 --cpu`
 starts ONE process on a CPU-only machine, so a test that only checks for a saved adapter proves
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -50,9 +52,11 @@ def _free_port() -> str:
         return str(sock.getsockname()[1])
 
 
-def accelerate_two_processes(*args, script: list[str] | None = None) -> subprocess.CompletedProcess:
-    """`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m mor.cli ARGS`."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+def accelerate_two_processes(*args, script: list[str] | None = None,
+                             launch: tuple[str, ...] = ("--multi_gpu",)) -> subprocess.CompletedProcess:
+    """`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m mor.cli ARGS`
+    (``launch``: the distribution flags in place of ``--multi_gpu``)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", _free_port(), *(script or ["-m", "mor.cli"]), *map(str, args)]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
@@ -188,6 +192,136 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_one_checkpoint_and_resume
     assert resumed.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=1e-5)
+
+
+SHARDED_ON_CPU = """
+import json, os, signal, sys
+import accelerate.state, torch
+from accelerate.utils import DistributedType
+from transformers import TrainerCallback
+import mor.train.recipe
+from mor import cli, train
+
+# accelerate runs FSDP and DeepSpeed only on accelerators: on CPU it stays MULTI_CPU and drops
+# their plugins without a word, and mor refuses that launch (check_launch_before_start). Both are
+# lifted here, so that the Trainer's own FSDP2 / ZeRO-3 path (accelerate's fully_shard or the
+# DeepSpeed engine, their sharded optimizer checkpoints, our gathered adapter) runs over gloo.
+init = accelerate.state.AcceleratorState.__init__
+def init_sharded(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    if self.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if kwargs.get("fsdp_plugin") is not None:
+        self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, kwargs["fsdp_plugin"]
+    elif kwargs.get("deepspeed_plugin") is not None:
+        plugin = kwargs["deepspeed_plugin"]
+        plugin.set_mixed_precision("no")
+        plugin.select(_from_accelerator_state=True)
+        self.distributed_type, self.deepspeed_plugins = DistributedType.DEEPSPEED, plugin
+    else:
+        return
+    accelerate.state.PartialState._shared_state["distributed_type"] = self.distributed_type  # as accelerate does
+accelerate.state.AcceleratorState.__init__ = init_sharded
+mor.train.recipe.check_launch_before_start = lambda world_size: None
+
+def sharded(p):
+    if isinstance(p, torch.distributed.tensor.DTensor):  # FSDP2
+        return True
+    return hasattr(p, "ds_tensor") and p.ds_tensor.numel() < p.ds_numel  # a ZeRO-3 partition
+
+sigterm_at = int(sys.argv.pop(1))  # SIGTERM to rank 1 during this step (0: never)
+out = sys.argv[sys.argv.index("--output") + 1]
+class ShardedAndSigterm(TrainerCallback):
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        rank = os.environ["RANK"]
+        adapter = [p for n, p in model.named_parameters() if ".mor." in n]
+        with open(f"{out}.rank{rank}.sharding.json", "w") as f:  # what this step really ran under
+            json.dump({"distributed_type": accelerate.state.AcceleratorState().distributed_type.name,
+                       "adapter_sharded": bool(adapter) and all(sharded(p) for p in adapter)}, f)
+        if rank == "1" and state.global_step + 1 == sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+run_training = train.run_training
+train.run_training = lambda cfg, callbacks=None: run_training(cfg, [*(callbacks or []), ShardedAndSigterm()])
+code = cli.main(sys.argv[1:])
+if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+    # DeepSpeed on gloo (CPU only; GPUs use NCCL) now and then aborts at interpreter shutdown after
+    # the work is done and the group destroyed ("terminate called without an active exception"):
+    # leave without the shutdown, so the exit status is the CLI's
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+sys.exit(code)
+"""
+ZERO3_ON_CPU = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # shard even tiny tensors
+                "zero_allow_untested_optimizer": True}
+DISTRIBUTED_TYPE = {"fsdp2": "FSDP", "zero3": "DEEPSPEED"}
+
+
+def sharded_two_processes(mode: str, tmp_path: Path, out: Path, model_dir, tasks, *extra, sigterm_at: int = 0):
+    """`mor train` on two CPU processes under the Trainer's FSDP2 or ZeRO-3 (see SHARDED_ON_CPU)."""
+    script = tmp_path / "sharded_on_cpu.py"
+    script.write_text(SHARDED_ON_CPU)
+    if mode == "zero3":
+        config = tmp_path / "zero3.json"
+        config.write_text(json.dumps(ZERO3_ON_CPU))
+        launch = ("--use_deepspeed", "--deepspeed_config_file", str(config))
+    else:
+        launch = ("--use_fsdp", "--fsdp_version", "2")
+    return accelerate_two_processes(*train_args(model_dir, tasks, out), *extra, launch=launch,
+                                    script=[str(script), str(sigterm_at)])
+
+
+def assert_ran_sharded(mode: str, out: Path) -> None:
+    for rank in range(2):
+        ran = json.loads(Path(f"{out}.rank{rank}.sharding.json").read_text())
+        assert ran == {"distributed_type": DISTRIBUTED_TYPE[mode], "adapter_sharded": True}, ran
+
+
+@pytest.fixture(scope="module")
+def sharded_run(request, tmp_path_factory, tiny_model_dir, tiny_tasks) -> tuple[str, Path]:
+    """An uninterrupted 2-process run under the Trainer's FSDP2 or ZeRO-3 (``request.param``)."""
+    mode = request.param
+    if mode == "zero3":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is in the test extra: pip install -e '.[test]'")
+    folder = tmp_path_factory.mktemp(mode)
+    proc = sharded_two_processes(mode, folder, folder / "run", tiny_model_dir, tiny_tasks)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_ran_sharded(mode, folder / "run")
+    return mode, folder / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharded_run", ["fsdp2", "zero3"], indirect=True)
+def test_sigterm_under_sharding_writes_the_gathered_adapter_and_resume_is_exact(tmp_path, sharded_run,
+                                                                               tiny_model_dir, tiny_tasks):
+    """Issue 22 item 1 under FSDP2 and ZeRO-3: SIGTERM on one of two processes during step 3
+    finishes the step on both, writes checkpoint-3 (the adapter gathered whole from the shards,
+    the framework's sharded optimizer state), the ranks exit 75, and --resume reaches the
+    uninterrupted run's adapter bit for bit."""
+    mode, uninterrupted = sharded_run
+    out = tmp_path / "preempted"
+    proc = sharded_two_processes(mode, tmp_path, out, tiny_model_dir, tiny_tasks, sigterm_at=3)
+    assert proc.returncode != 0 and not (out / "adapter").exists()
+    assert_ran_sharded(mode, out)
+    assert "stopped by SIGTERM at step 3" in proc.stderr  # rank 1, which got the signal
+    assert "stopped by a signal on another process at step 3" in proc.stderr  # rank 0 stopped with it
+    statuses = {int(s) for s in re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)}
+    assert 75 in statuses and statuses <= {75, -15}, proc.stderr[-3000:]  # -15: the launcher ending a rank it outlived
+    checkpoint = out / "checkpoints" / "checkpoint-3"
+    assert sorted(p.parent.name for p in (out / "checkpoints").glob("checkpoint-*/checkpoint_complete")) == [
+        "checkpoint-2", "checkpoint-3"]
+    sharded_state = {"fsdp2": "optimizer_0", "zero3": "global_step3"}[mode]  # accelerate's / DeepSpeed's own
+    assert (checkpoint / sharded_state).is_dir()
+    expected = load_file(str(uninterrupted / "adapter" / "adapter_model.safetensors"))
+    stopped = load_file(str(checkpoint / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in stopped.items()} == {k: v.shape for k, v in expected.items()}  # whole, not shards
+
+    proc = sharded_two_processes(mode, tmp_path, out, tiny_model_dir, tiny_tasks, "--resume")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(resumed[key], expected[key]), key  # bit-identical on CPU
 
 
 @pytest.mark.parametrize("mode", ["fsdp2", "fsdp1", "zero3"])

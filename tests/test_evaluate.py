@@ -102,7 +102,7 @@ def hand_items():
 @pytest.mark.parametrize("batch_size", [1, 2, 8])
 def test_hand_built_scores_ranking_and_accuracy(with_cache, batch_size, caplog):
     model = BigramLM(with_cache)
-    with caplog.at_level(logging.WARNING, logger="mor.eval.scoring"):
+    with caplog.at_level(logging.WARNING, logger="mor.eval.loglik"):
         scores = score_items(model, word_tokenizer(), hand_items(), batch_size=batch_size, progress=False)
     assert ("prefix reuse unavailable" in caplog.text) is (not with_cache)
 

@@ -140,6 +140,44 @@ def test_kill_9_mid_final_save_leaves_no_adapter_and_resume_completes_it(tmp_pat
     assert leftovers(out) == []  # the temporary adapter folder the kill left is cleared on resume
 
 
+@pytest.mark.parametrize("vanishes", ["event file", "event folder"])
+def test_tensorboard_files_vanishing_under_a_run_neither_stop_it_nor_change_its_result(
+        tmp_path, tiny_model_dir, parity, uninterrupted, monkeypatch, capsys, caplog, vanishes):
+    """tensorboard is a side channel: its event file or folder deleted mid-training (by hand, a
+    cleanup job) must not end the run. (transformers' own callback dies in its writer thread and
+    the run ended with `error: [Errno 2] No such file or directory: ...events.out.tfevents...`.)"""
+    pytest.importorskip("tensorboard")
+    from transformers import TrainerCallback
+
+    import mor.train
+
+    deleted = []
+
+    class Vanish(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 3:  # during step 4, after the first logs were written
+                events = sorted(Path(args.output_dir).glob("runs/*/events.out.tfevents*"))
+                assert events, "no tensorboard event file to delete"
+                deleted.extend(events)
+                if vanishes == "event file":
+                    events[0].unlink()
+                else:
+                    shutil.rmtree(events[0].parent)
+
+    run_training = mor.train.run_training
+    monkeypatch.setattr(mor.train, "run_training",
+                        lambda cfg, callbacks=None: run_training(cfg, [*(callbacks or []), Vanish()]))
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="mor"):
+        assert run_cli(*train_flags(tiny_model_dir, parity, out), "--logging-steps", 1) == 0
+    assert deleted and "Traceback" not in capsys.readouterr().err
+    assert_same_adapter(out, uninterrupted)
+    assert json.loads((out / "result.json").read_text())["global_step"] == 6
+    if vanishes == "event folder":
+        assert "tensorboard: the event folder" in caplog.text and "vanished during the run" in caplog.text
+        assert list(deleted[0].parent.glob("events.out.tfevents*"))  # logging went on in a new event file
+
+
 # -- item 2/3: a full disk -------------------------------------------------------------------------
 
 def test_enospc_at_a_checkpoint_write_is_an_error_line_and_resume_is_exact(tmp_path, tiny_model_dir, parity,

@@ -80,7 +80,7 @@ def test_the_recorder_measures_the_routing_profile_measure_routing_returns(tiny_
     got = recorder.profile()
     assert set(got.weights) == set(expected.weights) and len(got.weights) > 1
     for layer, weights in expected.weights.items():
-        assert torch.allclose(got.weights[layer], weights, atol=1e-6), layer
+        assert torch.equal(got.weights[layer], weights), layer  # one measurement (mor.routing.GateRecorder)
     assert not torch.allclose(got.weights[layer], torch.full_like(weights, 1 / 3))  # a learned, non-uniform router
 
 

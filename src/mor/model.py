@@ -25,7 +25,7 @@ from torch import nn
 from .baselines.moelora import MoELoRAAdapter
 from .config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, MoRConfig, read_adapter_config
 from .layer import MixtureLayer, MoRAdapter, compute_dtype, keep_4bit_states, linear_shape
-from .routing import Routing, RoutingProfile, load_balancing_loss, resolve_routing
+from .routing import GateRecorder, Routing, RoutingProfile, load_balancing_loss, resolve_routing
 
 PEFT_SUPPORTED = ((0, 21), (0, 22))  # [min, max): the versions the tests cover
 
@@ -207,38 +207,22 @@ class MoRModel(BaseTuner):
         if progress:
             from tqdm.auto import tqdm
             batches = tqdm(batches, desc="measuring routing", unit="batch")
-        routers = self._routers()
-        sums = {name: 0.0 for name in routers}
-        count, mask = 0, None
-
-        def accumulate(name):
-            def hook(_router, _inputs, gates):
-                flat = gates.float().reshape(-1, gates.shape[-1])  # (T, N)
-                weights = mask.reshape(-1, 1).to(flat)
-                if weights.shape[0] != flat.shape[0]:
-                    raise ValueError(f"routing profile: the attention mask covers {weights.shape[0]} tokens but "
-                                     f"layer {name} saw {flat.shape[0]}")
-                sums[name] = sums[name] + (flat * weights).sum(dim=0)
-            return hook
-
-        handles = [router.register_forward_hook(accumulate(name)) for name, router in routers.items()]
         was_training = self.model.training
         self.model.eval()
         device = next(p for p in self.model.parameters()).device
         try:
-            for batch in batches:
-                input_ids = batch["input_ids"].to(device)
-                mask = batch.get("attention_mask")
-                mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-                self.model(input_ids=input_ids, attention_mask=mask)
-                count += int(mask.sum())
+            with GateRecorder(self._routers()) as recorder:
+                for batch in batches:
+                    input_ids = batch["input_ids"].to(device)
+                    mask = batch.get("attention_mask")
+                    mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+                    recorder.mask = mask
+                    self.model(input_ids=input_ids, attention_mask=mask)
         finally:
-            for handle in handles:
-                handle.remove()
             self.model.train(was_training)
-        if not count:
+        if not recorder.tokens():
             raise ValueError(no_tokens)
-        return RoutingProfile({name: (total / count).cpu() for name, total in sums.items()})
+        return recorder.profile()
 
     def merge_and_unload(self, routing: Routing = None, progressbar: bool = False, safe_merge: bool = True,
                          adapter_names: list[str] | None = None) -> nn.Module:

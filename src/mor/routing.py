@@ -9,6 +9,10 @@
 
 A router can be pinned to a fixed weight vector g (``fixed``): then every token gets g, which
 is what makes the exact merge W' = W + sum_i g_i D_i possible.
+
+Routing is measured one way: ``GateRecorder`` hooks the routers and sums their gates over the
+real tokens; ``MoRModel.measure_routing`` reads a ``RoutingProfile`` off it, and
+``mor.analysis.routing_stats`` adds entropy and load statistics on top of it.
 """
 
 from __future__ import annotations
@@ -125,6 +129,75 @@ class RoutingProfile:
             raise ValueError(f"{path} is not a routing profile (invalid JSON: {err})") from err
         except (AttributeError, TypeError, ValueError) as err:
             raise ValueError(f"{path} is not a routing profile ({err})") from err
+
+
+class GateSums:
+    """The gates of one router summed over the real tokens it saw: ``gate_sum`` (N,), ``tokens``.
+    Summed in float64 (float32 on MPS, which has no float64) on the gates' device."""
+
+    def __init__(self):
+        self.gate_sum: torch.Tensor | None = None  # (N,), after the first add
+        self.tokens = 0
+
+    def add(self, gates: torch.Tensor) -> None:
+        """Add gates (T, N) of T real tokens."""
+        total = gates.to(torch.float32 if gates.device.type == "mps" else torch.float64).sum(0)  # (N,)
+        self.gate_sum = total if self.gate_sum is None else self.gate_sum + total
+        self.tokens += gates.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        """The mean gate g (N,) over the tokens, float32 on the CPU."""
+        return (self.gate_sum / self.tokens).float().cpu()
+
+
+class GateRecorder:
+    """Context manager: a forward hook on every router of ``routers`` ({layer name: router}) adds
+    its gates G(x) over the batch's real tokens to the sums of the current ``task``. Before each
+    forward, set ``mask`` to the batch's attention mask (None: every token is real) and, to
+    separate tasks, ``task``. ``sums[task][layer]`` is an ``accumulator`` (``GateSums``, or a
+    subclass that keeps more statistics)."""
+
+    accumulator = GateSums
+
+    def __init__(self, routers: Mapping[str, nn.Module]):
+        self.routers = dict(routers)
+        self.task: str = "all"
+        self.mask: torch.Tensor | None = None
+        self.sums: dict[str, dict[str, GateSums]] = {}  # task -> layer -> sums
+        self._handles = []
+
+    def __enter__(self) -> "GateRecorder":
+        self._handles = [router.register_forward_hook(self._hook(name)) for name, router in self.routers.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, name: str):
+        def hook(_router, _inputs, gates):
+            flat = gates.detach().reshape(-1, gates.shape[-1])  # (T, N)
+            if self.mask is not None:
+                keep = self.mask.reshape(-1).to(flat.device).bool()
+                if keep.numel() != flat.shape[0]:
+                    raise ValueError(f"routing: the attention mask covers {keep.numel()} tokens but router {name} "
+                                     f"saw {flat.shape[0]}; set the recorder's mask to the batch's attention mask")
+                flat = flat[keep]
+            self.sums.setdefault(self.task, {}).setdefault(name, self.accumulator()).add(flat)
+        return hook
+
+    def tokens(self, task: str = "all") -> int:
+        """Real tokens routed for ``task`` (0 if none)."""
+        layers = self.sums.get(task, {})
+        return next(iter(layers.values())).tokens if layers else 0
+
+    def profile(self, task: str = "all") -> RoutingProfile:
+        """The routing profile of ``task``: every layer's mean gate over the task's real tokens."""
+        if not self.tokens(task):
+            raise ValueError(f"no tokens were routed for {task!r} while recording; run a forward pass on "
+                             "inputs with tokens")
+        return RoutingProfile({layer: sums.mean() for layer, sums in self.sums[task].items()})
 
 
 ROUTING_NAME = "routing_profile.json"  # a profile saved next to what it made

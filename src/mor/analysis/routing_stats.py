@@ -9,11 +9,12 @@ For a router's gates G(x) in R^N over the real (non-padding) tokens of a probe s
     jsd          generalised Jensen-Shannon divergence of the tasks' mean gates, equal weights:
                  H(mean_t g_t) - mean_t H(g_t)                            (bits; 0 = tasks route alike)
 
-The routers are found by class (``mor.routing.Router``) and observed through forward hooks
-(hook output = the gates, shape (..., N)), so this module reads the routing without touching
-the layer or the router. ``RoutingStatsCallback`` measures the statistics during training on a
-small fixed probe set per task, logs the layer averages to the trainer's log (tensorboard), and
-appends one record per measurement to ``routing_stats.json``; ``mor analyze`` draws them.
+The routers are observed through the method's one routing measurement
+(``mor.routing.GateRecorder``: forward hooks, hook output = the gates, shape (..., N)), so this
+module reads the routing without touching the layer or the router. ``RoutingStatsCallback``
+measures the statistics during training on a small fixed probe set per task, logs the layer
+averages to the trainer's log (tensorboard), and appends one record per measurement to
+``routing_stats.json``; ``mor analyze`` draws them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..layer import find_routers
-from ..routing import RoutingProfile
+from ..routing import GateRecorder, GateSums
 from ..safety import atomic_write_text
 
 STATS_NAME = "routing_stats.json"
@@ -69,69 +70,41 @@ def top_expert_share(gates: torch.Tensor) -> torch.Tensor:
 
 # -- measuring with hooks ------------------------------------------------------------------------
 
-class _Accumulator:
-    """Per-layer sums over the real tokens of one task: gates, entropies, top-expert counts."""
+class _Accumulator(GateSums):
+    """Per-layer sums over the real tokens of one task: gates (``GateSums``), entropies and
+    top-expert counts, in float64 on the CPU."""
 
-    def __init__(self, num_experts: int):
-        self.gate_sum = torch.zeros(num_experts, dtype=torch.float64)
-        self.top_count = torch.zeros(num_experts, dtype=torch.float64)
+    def __init__(self):
+        super().__init__()
+        self.top_count: torch.Tensor | float = 0.0  # (N,) after the first add
         self.entropy_sum = 0.0
-        self.tokens = 0
 
     def add(self, gates: torch.Tensor) -> None:  # gates (T, N), real tokens only
-        gates = gates.double()
-        self.gate_sum += gates.sum(0)
-        self.top_count += top_expert_share(gates).sum(0)
+        gates = gates.cpu().double()
+        super().add(gates)
+        self.top_count = self.top_count + top_expert_share(gates).sum(0)
         self.entropy_sum += float(entropy_bits(gates).sum())
-        self.tokens += gates.shape[0]
 
 
-class RoutingRecorder:
-    """Context manager: hooks every router of ``model`` and accumulates statistics per layer and
-    task. Set ``task`` and ``mask`` (the batch's attention mask, or None) before each forward."""
+class RoutingRecorder(GateRecorder):
+    """The routing recorder of the method (``mor.routing.GateRecorder``: hooks every router of
+    ``model``, sums the gates per task and layer; ``profile(task)`` is what
+    ``MoRModel.measure_routing`` returns for the same batches), keeping entropies and top-expert
+    counts as well for :meth:`summary`. Set ``task`` and ``mask`` before each forward."""
+
+    accumulator = _Accumulator
 
     def __init__(self, model: nn.Module):
-        self.routers = find_routers(model)
-        if not self.routers:
+        routers = find_routers(model)
+        if not routers:
             raise ValueError("the model has no router (mor.routing.Router): routing statistics need a MoR or "
                              "MoE-LoRA adapter")
-        self.task: str = "all"
-        self.mask: torch.Tensor | None = None
-        self.sums: dict[str, dict[str, _Accumulator]] = {}  # task -> layer -> sums
-        self._handles = []
-
-    def __enter__(self) -> "RoutingRecorder":
-        for name, router in self.routers.items():
-            self._handles.append(router.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, name: str):
-        def hook(module, inputs, gates):
-            flat = gates.detach().float().reshape(-1, gates.shape[-1])  # (T, N)
-            if self.mask is not None:
-                keep = self.mask.reshape(-1).to(flat.device).bool()
-                if keep.numel() != flat.shape[0]:
-                    raise ValueError(f"routing stats: the mask covers {keep.numel()} tokens but router {name} saw "
-                                     f"{flat.shape[0]}; set recorder.mask to the batch's attention mask")
-                flat = flat[keep]
-            task = self.sums.setdefault(self.task, {})
-            task.setdefault(name, _Accumulator(flat.shape[-1])).add(flat.cpu())
-        return hook
+        super().__init__(routers)
 
     def gate_means(self) -> dict[str, dict[str, list[float]]]:
         """Per task and layer, the mean gate over the task's real tokens (N values)."""
         return {task: {layer: (acc.gate_sum / max(acc.tokens, 1)).tolist() for layer, acc in layers.items()}
                 for task, layers in self.sums.items()}
-
-    def profile(self, task: str = "all") -> RoutingProfile:
-        """The routing profile of ``task``: the mean gate of every layer over its real tokens, what
-        ``MoRModel.measure_routing`` returns for the same batches."""
-        return RoutingProfile({layer: (acc.gate_sum / acc.tokens).float() for layer, acc in self.sums[task].items()})
 
     def summary(self) -> dict:
         """Statistics per layer (over all tasks' tokens) and per task, plus their layer averages."""
@@ -237,8 +210,11 @@ class RoutingStatsCallback(TrainerCallback):
         self.trainer = trainer
         return self
 
-    def measure(self, model, step: int) -> dict:
+    def measure(self, model, step: int, write: bool = True) -> dict:
+        """The statistics at ``step``; ``write``: keep, save and log them (rank 0 of a run)."""
         record = {"step": step, **measure_routing_stats(model, self.probes)}
+        if not write:
+            return record
         self.records = [r for r in self.records if r["step"] != step] + [record]
         atomic_write_text(self.path, json.dumps(self.records) + "\n")
         self.pending = {f"routing/{k}": round(record[k], 6) for k in SCALARS}
@@ -249,8 +225,8 @@ class RoutingStatsCallback(TrainerCallback):
         writer = None
         for cb in getattr(getattr(self.trainer, "callback_handler", None), "callbacks", []):
             writer = getattr(cb, "tb_writer", None) or writer
-        if writer is None:
-            return
+        if writer is None or not Path(writer.log_dir).is_dir():  # the folder vanished: the trainer's next log
+            return                                                # starts a new writer (train.trainer)
         for layer, stats in record["layers"].items():
             short = _short(layer)
             writer.add_scalar(f"routing_layers/entropy_bits/{short}", stats["entropy_bits"], record["step"])
@@ -261,18 +237,21 @@ class RoutingStatsCallback(TrainerCallback):
         scalars, self.pending = self.pending, {}
         return scalars
 
+    # Every process measures at the same steps (under FSDP / ZeRO-3 the forward pass is a collective
+    # that gathers the sharded parameters, so rank 0 alone would wait for the others forever); only
+    # rank 0 keeps, writes and logs the records.
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not self.records and self.path.is_file():  # a resumed run: keep the records up to its checkpoint
+        zero = state.is_world_process_zero
+        if zero and not self.records and self.path.is_file():  # a resumed run: keep the records up to its checkpoint
             self.records = [r for r in load_stats(self.path) if r["step"] <= state.global_step]
-        if state.is_world_process_zero and model is not None and not any(r["step"] == state.global_step
-                                                                          for r in self.records):
-            self.measure(model, state.global_step)
+        if model is not None:  # (a resumed run measures its checkpoint's step again: the same weights, the same record)
+            self.measure(model, state.global_step, write=zero)
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         last = state.max_steps and state.global_step >= state.max_steps
-        if state.is_world_process_zero and model is not None and (state.global_step % self.every == 0 or last):
-            self.measure(model, state.global_step)
+        if model is not None and (state.global_step % self.every == 0 or last):
+            self.measure(model, state.global_step, write=state.is_world_process_zero)
         return control
 
     def summary(self) -> dict | None:

@@ -10,6 +10,7 @@ precision on GPU, gradient checkpointing and multi-process launch (``accelerate 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -22,6 +23,7 @@ from typing import Union
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 
 from ..config import WEIGHTS_NAME
 from ..runtime.distributed import check_launch, load_adapter_file, save_adapter
@@ -42,6 +44,8 @@ class AdapterTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.trained_example_indices: list[int] = []  # this process's examples, from the batches' "example_index"
         self.resumed_from_step: int | None = None  # set by a --resume (see recipe.train_or_resume)
+        if self.pop_callback(TensorBoardCallback) is not None:  # report_to="tensorboard"'s, which a lost folder stops
+            self.add_callback(SideChannelTensorBoard())
 
     def _adapter_model(self):
         return self.accelerator.unwrap_model(self.model)
@@ -123,6 +127,34 @@ def split_router_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module
     if not any(g.get("router") for g in groups):
         logger.warning("--router-lr-multiplier: the model has no parameter named *router*; nothing changed")
     optimizer.param_groups = groups
+
+
+class SideChannelTensorBoard(TensorBoardCallback):
+    """transformers' tensorboard logging as a side channel that cannot stop a run: when the event
+    folder vanishes under the run (deleted by hand, a cleanup job), the next log starts a new
+    writer there (the lost scalars stay lost); a write that fails all the same is a warning.
+    (transformers' own callback dies in its writer thread and the run ends with the OSError.)"""
+
+    def _drop_writer(self, why: str) -> None:
+        logger.warning("tensorboard: %s; training goes on and logging restarts with a new event file", why)
+        with contextlib.suppress(OSError):
+            self.tb_writer.close()
+        self.tb_writer = None  # on_log makes a new one, which creates the folder again
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.tb_writer is not None and not Path(self.tb_writer.log_dir).is_dir():
+            self._drop_writer(f"the event folder {self.tb_writer.log_dir} vanished during the run")
+        try:
+            super().on_log(args, state, control, logs=logs, **kwargs)
+        except OSError as err:
+            self._drop_writer(f"writing the event file failed ({err})")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        try:
+            super().on_train_end(args, state, control, **kwargs)
+        except OSError as err:
+            logger.warning("tensorboard: closing the event file failed (%s); the run's result is not affected", err)
+            self.tb_writer = None
 
 
 class CompleteCheckpointCallback(TrainerCallback):
