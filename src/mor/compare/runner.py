@@ -274,12 +274,18 @@ class Worker:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(marker, json.dumps(dict(key=key, key_hash=key_hash(key)), indent=1, default=str) + "\n")
         self.log(f"train {arm.name} lr {lr_name(lr)} seed {seed} ({steps} steps)" + (" resuming" if cfg["resume"] else ""))
-        if plan.processes > 1:
-            self._train_launched(cfg, out)
-        else:
-            from ..train import TrainConfig, run_training
+        from ..safety import Stopped
 
-            run_training(TrainConfig.from_dict(cfg, source=f"plan {plan.path}"))
+        try:
+            if plan.processes > 1:
+                self._train_launched(cfg, out)
+            else:
+                from ..train import TrainConfig, run_training
+
+                run_training(TrainConfig.from_dict(cfg, source=f"plan {plan.path}"))
+        except Stopped as stop:  # SIGTERM / SIGINT: the training's checkpoint is complete; the plan resumes it
+            raise Stopped(f"{str(stop).split(';')[0]}; to continue, run the same `mor compare` command again "
+                          "(the plan resumes this training from that checkpoint)", stop.status) from None
         return json.loads(done.read_text())
 
     def train_config(self, arm: Arm, lr: float, seed: int, steps: int, out: Path) -> dict:
