@@ -116,7 +116,9 @@ def tables(summary: dict, tasks: list[str], heldout: list[str]) -> str:
         text += ("\n\nlearning rate chosen on the validation split (validation task average, %)\n\n"
                  + markdown_table(["arm", *grid, "chosen"],
                                   [[r["label"], *(_pct(r["lr_selection"]["validation_average"].get(lr)) for lr in grid),
-                                    r["lr_selection"]["chosen"]] for r in selected]))
+                                    r["lr_selection"]["chosen"] + (" (grid edge)" if r["lr_selection"]["chosen"] in
+                                                                   (grid[0], grid[-1]) else "")]
+                                   for r in selected]))
 
     label = {r["arm"]: r["label"] for r in rows}
     chead = ["comparison", "seeds", "diff, trained avg (pts)", "2 s.e.", "bootstrap 95%", "discordant",
@@ -258,6 +260,8 @@ def selection_status(plan: Plan) -> list[str]:
                                       job_key(plan, Job("select", arm.name, s, g))) is not None)
             lines.append(f"{arm.name}: {done} of {len(grid) * len(plan.select_seeds())} learning-rate trials done")
         else:
+            edge = "; at the edge of the grid: widen it (lrs:) to know the best rate is inside" \
+                if lr in (min(grid), max(grid)) else ""
             lines.append(f"{arm.name}: lr {lr_name(lr)} chosen on validation "
-                         + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in scores.items()))
+                         + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in scores.items()) + edge)
     return lines
