@@ -18,8 +18,10 @@ import threading
 #: every import on a CPU with AVX512-BF16 when the optional `kernels` package (a hub download) is absent,
 #: and then runs its own CPU kernel; DeepSpeed, imported by transformers' Trainer, the second on every
 #: machine without a GPU.
-UNACTIONABLE_WARNINGS = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
-                         ("DeepSpeed", "Setting accelerator to CPU."))
+UNACTIONABLE_WARNINGS = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    ("DeepSpeed", "Setting accelerator to CPU."),
+)
 
 
 class _DropMessage(logging.Filter):
@@ -93,6 +95,9 @@ class _RegisterWithPeft(importlib.abc.MetaPathFinder):
 
 
 class _CountedLoader(importlib.abc.Loader):
+    """The module's own loader, whose ``exec_module`` goes through ``_RegisterWithPeft.run``; the rest
+    of its interface is the loader's (``python -m`` calls ``get_code``; resources, ``is_package`` ...)."""
+
     def __init__(self, loader: importlib.abc.Loader, finder: _RegisterWithPeft):
         self.loader, self.finder = loader, finder
 
@@ -101,3 +106,6 @@ class _CountedLoader(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         self.finder.run(self.loader, module)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
