@@ -26,6 +26,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 def defaults_from_file(path: str) -> dict:
     """The flag defaults of ``mor train --config FILE``: its settings, checked (an unknown key or a
     bad value is an error naming it), flattened onto the flags' names."""
+    from ..train.config import TrainConfig, read_settings_file
+
     values = read_settings_file(path)
     cfg = TrainConfig.from_dict(values, source=f"--config {path}")
     given = set(values) | set(values.get("adapter") or {})
