@@ -75,6 +75,16 @@ def test_mor_is_a_peft_method_whichever_is_imported_first(imports, tmp_path, tin
     assert done.stdout.split() == ["MoRModel"]
 
 
+def test_a_failed_import_does_not_keep_mor_from_registering(tmp_path):
+    (tmp_path / "broken.py").write_text("import peft\nraise RuntimeError('broken on purpose')\n")
+    code = ("import sys\nimport mor\nmor.__path__.append(sys.argv[1])\ntry:\n    import mor.broken\n"
+            "except RuntimeError:\n    pass\nimport mor.routing\nfrom peft import mapping\n"
+            "print(mapping.PEFT_TYPE_TO_TUNER_MAPPING['MOR'].__name__)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["MoRModel"]
+
+
 def test_every_public_name_of_mor_is_there():
     assert mor.__all__ and all(getattr(mor, name).__name__ == name for name in mor.__all__)
     assert set(mor.__all__) <= set(dir(mor))

@@ -82,9 +82,10 @@ class _RegisterWithPeft(importlib.abc.MetaPathFinder):
         finally:
             with self.lock:
                 self.running -= 1
-                register_now = self.running == 0 and not self.registering and "peft" in sys.modules
-                self.registering |= register_now
-        if register_now:  # the import ended without an exception, and it is the outermost one
+        with self.lock:  # the module ran without an exception
+            register_now = self.running == 0 and not self.registering and "peft" in sys.modules
+            self.registering |= register_now
+        if register_now:  # the outermost import has ended
             from .model import register
 
             try:
