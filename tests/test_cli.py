@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,6 +30,35 @@ def tiny_tasks(tmp_path_factory) -> list[str]:
 
 def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
+
+
+HEAVY = ("torch", "peft", "transformers")
+
+
+def test_mor_help_and_import_mor_import_neither_peft_nor_torch():
+    # `mor --help` lists every command from its @command help without importing a command's heavy modules
+    code = """if True:
+        import sys
+        import mor
+        after_import = [m for m in sys.argv[1:] if m in sys.modules]
+        from mor.cli import main
+        try:
+            main(["--help"])
+        except SystemExit as exit_:
+            assert exit_.code == 0
+        after_help = [m for m in sys.argv[1:] if m in sys.modules]
+        print("heavy after import mor:", after_import, "after mor --help:", after_help)
+    """
+    done = subprocess.run([sys.executable, "-c", code, *HEAVY], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "heavy after import mor: [] after mor --help: []" in done.stdout, done.stdout
+    from mor.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert len(commands) >= 9 and all(f"\n    {name} " in done.stdout for name in commands), done.stdout
+    # `python -m mor.cli` runs through the same import machinery (mor.startup's finder hands runpy the code)
+    done = subprocess.run([sys.executable, "-m", "mor.cli", "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "export-vllm" in done.stdout, done.stderr
 
 
 @pytest.mark.parametrize("method", ["mor", "moelora", "lora", "dora"])

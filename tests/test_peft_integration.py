@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -57,6 +59,37 @@ def test_get_peft_model_and_peft_loaders_take_mor(tmp_path, tiny_model_dir):
     assert names and all(".mor." in n for n in names)
     train_steps(trainable, steps=1)
     assert not torch.equal(logits(trainable), expected)
+
+
+@pytest.mark.parametrize("imports", ["import mor\nimport peft", "import peft\nimport mor",
+                                     "import mor.config\nimport peft",  # a mor module brings peft in: registered
+                                     "import mor.layer\nimport peft"])   # when its import has ended
+def test_mor_is_a_peft_method_whichever_is_imported_first(imports, tmp_path, tiny_model_dir):
+    # `import mor` imports neither peft nor torch (`mor --help` stays fast) yet peft's loaders know MoR
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    get_peft_model(base, MoRConfig(r=4, num_experts=3)).save_pretrained(tmp_path)
+    code = (f"import sys\n{imports}\nmodel = peft.AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])\n"
+            "print(type(model.base_model).__name__)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["MoRModel"]
+
+
+def test_a_failed_import_does_not_keep_mor_from_registering(tmp_path):
+    (tmp_path / "broken.py").write_text("import peft\nraise RuntimeError('broken on purpose')\n")
+    code = ("import sys\nimport mor\nmor.__path__.append(sys.argv[1])\ntry:\n    import mor.broken\n"
+            "except RuntimeError:\n    pass\nimport mor.routing\nfrom peft import mapping\n"
+            "print(mapping.PEFT_TYPE_TO_TUNER_MAPPING['MOR'].__name__)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["MoRModel"]
+
+
+def test_every_public_name_of_mor_is_there():
+    assert mor.__all__ and all(getattr(mor, name).__name__ == name for name in mor.__all__)
+    assert set(mor.__all__) <= set(dir(mor))
+    with pytest.raises(AttributeError, match="no attribute 'MoRConfg'"):
+        mor.MoRConfg
 
 
 def test_named_adapters_switch_and_save_side_by_side(tmp_path):

@@ -2,27 +2,39 @@
 
     import mor, peft
     model = peft.get_peft_model(base_model, mor.MoRConfig(r=8, num_experts=8))
+
+``import mor`` is instant: the names below are imported on first use, and MoR is registered with
+peft (get_peft_model, PeftModel.from_pretrained, TRL's peft_config) as soon as peft is imported,
+before or after mor (see ``mor.startup``).
 """
 
-from .runtime.system import silence_unactionable_warnings as _silence
+from importlib import import_module
 
-_silence()  # before peft imports bitsandbytes, which logs a warning no user can act on
+from .startup import register_with_peft_when_imported, silence_unactionable_warnings
 
-from .model import register as _register  # noqa: E402
-
-_register()  # MoR becomes a peft method: get_peft_model, PeftModel.from_pretrained, TRL's peft_config
-
-from .baselines.moelora import MoELoRAAdapter  # noqa: E402
-from .config import MoELoRAConfig, MoRConfig  # noqa: E402
-from .layer import MixtureLayer, MoRAdapter  # noqa: E402
-from .model import MoRModel, RoutingProfile, get_mor_model, is_mor_model, load_adapter  # noqa: E402
-from .params import count_trainable_parameters, layer_parameter_count, parameter_count  # noqa: E402
-from .routing import Router, load_balancing_loss  # noqa: E402
+silence_unactionable_warnings()  # before peft imports bitsandbytes, which logs a warning no user can act on
+register_with_peft_when_imported()
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "MoRConfig", "MoELoRAConfig", "MoRAdapter", "MoELoRAAdapter", "MixtureLayer", "MoRModel", "RoutingProfile",
-    "Router", "get_mor_model", "is_mor_model", "load_adapter", "parameter_count", "layer_parameter_count",
-    "count_trainable_parameters", "load_balancing_loss",
-]
+#: The public names, and the module of each (imported when the name is first used).
+_PUBLIC = {
+    "MoRConfig": "config", "MoELoRAConfig": "config", "MoRAdapter": "layer", "MoELoRAAdapter": "baselines.moelora",
+    "MixtureLayer": "layer", "MoRModel": "model", "RoutingProfile": "model", "Router": "routing",
+    "get_mor_model": "model", "is_mor_model": "model", "load_adapter": "model", "parameter_count": "params",
+    "layer_parameter_count": "params", "count_trainable_parameters": "params", "load_balancing_loss": "routing",
+}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'mor' has no attribute {name!r}")
+    value = getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

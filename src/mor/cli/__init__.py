@@ -8,7 +8,9 @@ A command is a parser and a handler registered together::
     @command("export-vllm", "write a vLLM-ready folder", arguments=add_export_vllm_flags)
     def cmd_export_vllm(args) -> int: ...
 
-in a module listed in ``COMMAND_MODULES`` (imported when the parser is built).
+in a module listed in ``COMMAND_MODULES`` (imported when the parser is built: so a command module
+imports nothing heavy at its top, and ``main`` adds the flags of the command being run only — ``mor
+--help`` lists the commands without importing torch or peft).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Callable
+from typing import Callable, Iterable
 
 logger = logging.getLogger("mor")
 
@@ -45,7 +47,9 @@ def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser],
     return register
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``mor`` parser: every command listed with its help, and the flags of ``commands`` (default:
+    all of them; building a command's flags may import what they are generated from)."""
     from .. import __version__
 
     for module in COMMAND_MODULES:
@@ -55,24 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mor {__version__}")
     sub = parser.add_subparsers(dest="command")
     for cmd in COMMANDS.values():
-        cmd.arguments(sub.add_parser(cmd.name, help=cmd.help, description=cmd.help))
+        command_parser = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        if commands is None or cmd.name in commands:
+            cmd.arguments(command_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..data import DataError
-
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
     if not argv:
         argv = ["train"]  # `mor` alone runs the default job
+    # the command is the first word that is not an option (mor's own options take no value)
+    parser = build_parser(commands=[word for word in argv if not word.startswith("-")][:1])
     args = parser.parse_args(argv)
     if args.command is None:
         argv = ["train", *argv]
+        parser = build_parser(commands=["train"])
         args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ..data import DataError
     from ..safety import EXIT_PREEMPTED, Stopped, io_error_message
 
     try:

@@ -7,7 +7,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..data import DEFAULT_TEMPLATE
 from . import add_data, add_load_in_4bit, add_model, add_overwrite, at_least_one, command, load_in_4bit_of
 
 PLAIN_TEXT = ["The quick brown fox jumps over the lazy dog."]  # the check text when no --data is given
@@ -16,6 +15,8 @@ PLAIN_TEXT = ["The quick brown fox jumps over the lazy dog."]  # the check text 
 # -- eval -------------------------------------------------------------------------------------------
 
 def add_eval_flags(e: argparse.ArgumentParser) -> None:
+    from ..data import DEFAULT_TEMPLATE  # imports torch: only when `mor eval` is run
+
     add_model(e)
     add_load_in_4bit(e)
     e.add_argument("--adapter", default=None, help="adapter folder (MoR, MoE-LoRA, LoRA or DoRA)")

@@ -8,13 +8,14 @@ import time
 from pathlib import Path
 
 from ..runtime.report import text_table
-from ..train.adapters import AdapterSpec
-from ..train.config import TrainConfig, read_settings_file
 from . import command
-from .flags import add_settings_flags, settings_from_args
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
+    from ..train.adapters import AdapterSpec  # imports peft and torch: only when `mor train` is run
+    from ..train.config import TrainConfig
+    from .flags import add_settings_flags
+
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a YAML or JSON file of settings (field names as keys, e.g. 'lr: 3e-4', adapter settings "
                         "beside them or under 'adapter:'); flags given on the command line override it")
@@ -25,6 +26,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 def defaults_from_file(path: str) -> dict:
     """The flag defaults of ``mor train --config FILE``: its settings, checked (an unknown key or a
     bad value is an error naming it), flattened onto the flags' names."""
+    from ..train.config import TrainConfig, read_settings_file
+
     values = read_settings_file(path)
     cfg = TrainConfig.from_dict(values, source=f"--config {path}")
     given = set(values) | set(values.get("adapter") or {})
@@ -33,8 +36,9 @@ def defaults_from_file(path: str) -> dict:
 
 @command("train", "train an adapter (default: MoR on the built-in suite)", arguments=add_train_flags)
 def cmd_train(args) -> int:
-    from ..train import run_training
+    from ..train import AdapterSpec, TrainConfig, run_training
     from ..train.setup import builtin_data_folder
+    from .flags import settings_from_args
 
     cfg = settings_from_args(TrainConfig, args, adapter=settings_from_args(AdapterSpec, args))
     if cfg.builtin:
