@@ -97,17 +97,6 @@ def test_served_gates_are_the_peft_routers_gates():
     assert gates[f"{name}.gate_proj"].max() > 0.5  # sharp routers: not the uniform 1/4
 
 
-def test_a_fused_layer_refuses_slices_from_different_adapter_configs():
-    """The slices run as one batch (one softmax, one mix): adapters that differ in experts or
-    router cannot share it, and say so rather than mix the wrong gates."""
-    from mor.layer import MoRAdapter
-
-    a = MoRAdapter(16, 8, r=2, num_experts=4, alpha=4, router="softmax", top_k=2, dtype=torch.float32)
-    b = MoRAdapter(16, 8, r=2, num_experts=2, alpha=4, router="softmax", top_k=2, dtype=torch.float32)
-    with pytest.raises(ValueError, match="same method, input size, dtype, experts and router"):
-        ServedMixtureLinear(nn.Linear(16, 16), {"x.q_proj": a, "x.k_proj": b}, {"x.q_proj": (0, 8), "x.k_proj": (8, 16)})
-
-
 def test_served_layers_refuse_non_finite_adapter_tensors():
     from mor.serving.fused import build_adapter
 

@@ -5,9 +5,9 @@ one ``qkv_proj`` and [W_gate; W_up] x as one ``gate_up_proj``. Each original pro
 its own adapter, so the fused layer computes, for every adapted slice s of its output
 (columns c_s, in the engine's order):
 
-    [W_g,s; down_s] x      for all slices at once: ONE product with the stacked (d_in, S (N + R))
+    [W_g,s; down_s] x      for all slices at once: ONE product with the stacked (d_in, sum_s (N_s + R_s))
     G_s = gates_from_logits(W_g,s x)          (T, N)    mor.routing: softmax / top-k / uniform
-    z_s = mix(G_s, down_s x)                  (T, N*r)  MoRAdapter.mix: G_i * A x for each expert i
+    z_s = mix_s(G_s, down_s x)                (T, N*r)  MoRAdapter.mix: G_i * A x for each expert i
     out[:, c_s] += alpha_s * z_s @ up_t_s     U_s z_s, with U_s built by the adapter itself
 
 which is, slice by slice, the equation of ``MoRAdapter.forward`` (``MoELoRAAdapter.forward``):
@@ -33,21 +33,21 @@ ADAPTER_PARAMS = ("lora_A", "lora_B", "expert_scales_in", "expert_scales_out", "
 
 @dataclass(frozen=True)
 class ServedSlice:
-    """Where one adapter writes in a fused layer (plain ints and strings: a compiler sees constants)."""
+    """Where one adapter's terms live in a fused layer (plain ints and strings: a compiler sees constants)."""
 
     name: str  # the original projection, e.g. "model.layers.0.self_attn.k_proj"
     columns: tuple[int, int]  # its output columns [start, stop) in the fused layer
+    logits: tuple[int, int] | None  # columns of W_g x in the router product (None: uniform router)
+    codes: tuple[int, int]  # columns of down x in the stacked product
+    num_experts: int
+    strategy: str
+    top_k: int
+    alpha: float  # 1 for MoR (alpha/r lives in U), alpha/r for MoE-LoRA
 
 
 class ServedMixtureLinear(nn.Module):
     """``base_layer`` (any module returning W x, or (W x, bias) as vLLM's linear layers do) plus
-    the adapters of its output slices, computed per token (see the module docstring).
-
-    The slices' adapters share one config (one adapter folder), so they run as one batch of S
-    slices: one shrink product, one ``gates_from_logits`` over (T, S, N), one ``mix`` over
-    (T, S, ...); then each slice's expand into its own output columns. (One block-diagonal expand
-    for all slices measured slower from 8 tokens on: its zero blocks are real FLOPs, and the
-    expand -- N*r = 64 wide for r=8, N=8 -- is the adapter's largest cost.)"""
+    the adapters of its output slices, computed per token (see the module docstring)."""
 
     def __init__(self, base_layer: nn.Module, adapters: Mapping[str, nn.Module], columns: Mapping[str, tuple[int, int]]):
         super().__init__()
@@ -55,39 +55,44 @@ class ServedMixtureLinear(nn.Module):
         first = next(iter(adapters.values()))
         self.in_features = first.in_features
         self.dtype = first.dtype  # the adapter's own dtype, as in peft (fp32 over a bf16 base)
-        self.num_experts, self.strategy, self.top_k = first.num_experts, first.router.strategy, first.router.top_k
-        self.mix: Callable = first.mix  # MoRAdapter.mix / MoELoRAAdapter.mix: the same maths as training
-        routed = first.router.weight is not None  # False: the uniform ("mean") router
-        shape = (type(first), self.in_features, self.dtype, self.num_experts, self.strategy, self.top_k, routed)
         device = _device_of(base_layer)
-        routers, downs, ups, slices = [], [], [], []
+        downs, routers, ups, slices = [], [], [], []  # the stacked product's rows, fp32 router rows, U^T, slices
+        stack_router = self.dtype == torch.float32  # then one product gives W_g x and down x, as in MoRAdapter
+        width = router_width = 0  # columns so far of the stacked product and of the separate router product
         with torch.no_grad():
             for name, adapter in adapters.items():
-                if (type(adapter), adapter.in_features, adapter.dtype, adapter.num_experts, adapter.router.strategy,
-                        adapter.router.top_k, adapter.router.weight is not None) != shape:
-                    raise ValueError(f"{name}: every adapter of one fused layer needs the same method, input size, "
-                                     "dtype, experts and router (they come from one adapter config)")
+                if adapter.in_features != self.in_features or adapter.dtype != self.dtype:
+                    raise ValueError(f"{name}: every adapter of one fused layer needs the same input size and dtype")
                 down, up_t, alpha = adapter.serving_factors()
-                if routed:
-                    routers.append(adapter.router.weight.detach())
+                router = adapter.router.weight  # W_g (N, d_in); None for the uniform router
+                n = adapter.num_experts
+                logits = None
+                if router is not None and stack_router:
+                    downs.append(router.detach())
+                    logits = (width, width + n)
+                    width += n
+                elif router is not None:
+                    routers.append(router.detach().float())
+                    logits = (router_width, router_width + n)
+                    router_width += n
                 downs.append(down.detach())
-                ups.append(up_t.detach() * alpha)  # MoE-LoRA's alpha/r folded in (MoR's is 1: already in U)
+                codes = (width, width + down.shape[0])
+                width += down.shape[0]
+                ups.append(up_t.detach().contiguous())
                 start, stop = columns[name]
                 if stop - start != up_t.shape[1]:
                     raise ValueError(f"{name}: the adapter writes {up_t.shape[1]} outputs but the served layer has "
                                      f"{stop - start} in columns {start}:{stop}")
-                slices.append(ServedSlice(name, (start, stop)))
+                slices.append(ServedSlice(name, (start, stop), logits, codes, n, adapter.router.strategy,
+                                          adapter.router.top_k, float(alpha)))
         self.slices = tuple(slices)
-        self.code_width = downs[0].shape[0]  # r (MoR) or N*r (MoE-LoRA) per slice
-        # the router rows join the shrink product when they share its dtype (fp32), as in MoRAdapter
-        stack_router = routed and self.dtype == torch.float32
-        self.logit_width = len(routers) * self.num_experts if stack_router else 0
-        rows = (routers if stack_router else []) + downs
-        self.register_buffer("down_t", torch.cat(rows).t().contiguous().to(device), persistent=False)
-        self.register_buffer("router_t", torch.cat(routers).float().t().contiguous().to(device)
-                             if routed and not stack_router else None, persistent=False)
-        for i, block in enumerate(ups):
-            self.register_buffer(f"up_t_{i}", block.contiguous().to(device), persistent=False)
+        self.mixes: tuple[Callable, ...] = tuple(adapter.mix for adapter in adapters.values())
+        # token-independent factors, built once: [W_g; down]^T of every slice side by side, each U^T
+        self.register_buffer("down_t", torch.cat(downs).t().contiguous().to(device), persistent=False)
+        self.register_buffer("router_t", torch.cat(routers).t().contiguous().to(device) if routers else None,
+                             persistent=False)
+        for i, up_t in enumerate(ups):
+            self.register_buffer(f"up_t_{i}", up_t.to(device), persistent=False)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         result = self.base_layer(x, *args, **kwargs)
@@ -97,35 +102,33 @@ class ServedMixtureLinear(nn.Module):
 
     def add_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` (W x) plus every slice's U_s z_s, in place when the dtypes agree."""
-        gates, codes = self._gates_and_codes(x)  # (T, S, N), (T, S, code_width)
-        z = self.mix(gates, codes).flatten(1)  # (T, S * N*r): each slice's z_s side by side
+        tokens, stacked, logits = self._products(x)
         flat = out.reshape(-1, out.shape[-1])  # (T, d_out)
         work = flat if flat.dtype == self.dtype else flat.to(self.dtype)
-        width = z.shape[1] // len(self.slices)
-        for i, part in enumerate(self.slices):  # each slice's expand on its own columns (no zero blocks)
-            work[:, part.columns[0]:part.columns[1]].addmm_(z[:, i * width:(i + 1) * width], getattr(self, f"up_t_{i}"))
+        for i, (part, mix) in enumerate(zip(self.slices, self.mixes)):
+            z = mix(self._gates(part, tokens, logits), stacked[:, part.codes[0]:part.codes[1]])  # (T, N*r)
+            work[:, part.columns[0]:part.columns[1]].addmm_(z, getattr(self, f"up_t_{i}"), alpha=part.alpha)
         return out if work is flat else work.to(out.dtype).view(out.shape)
 
     def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each slice's router output G(x) (T, N) for inputs x, as the forward computes it (a probe)."""
-        gates, _ = self._gates_and_codes(x)
-        return {part.name: gates[:, i] for i, part in enumerate(self.slices)}
+        tokens, _, logits = self._products(x)
+        return {part.name: self._gates(part, tokens, logits) for part in self.slices}
 
-    def _gates_and_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _products(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens (T, d_in) in the adapter's dtype, [W_g,s x, down_s x]_s, the fp32 router logits)."""
         tokens = x.reshape(-1, self.in_features)
         if tokens.dtype != self.dtype:
             tokens = tokens.to(self.dtype)
-        stacked = tokens @ self.down_t  # (T, [S*N] + S*code_width): every slice's shrink in one product
-        T, S = tokens.shape[0], len(self.slices)
-        codes = stacked[:, self.logit_width:].view(T, S, self.code_width)
-        if self.logit_width:
-            logits = stacked[:, :self.logit_width]
-        elif self.router_t is not None:
-            logits = tokens.float() @ self.router_t
-        else:  # the uniform ("mean") router
-            return tokens.new_full((T, S, self.num_experts), 1.0 / self.num_experts), codes
-        gates = gates_from_logits(logits.view(T, S, self.num_experts), self.strategy, self.top_k)
-        return (gates if gates.dtype == self.dtype else gates.to(self.dtype)), codes
+        stacked = tokens @ self.down_t  # (T, sum_s (N_s + R_s)): every slice's shrink in one product
+        logits = stacked if self.router_t is None else tokens.float() @ self.router_t
+        return tokens, stacked, logits
+
+    def _gates(self, part: ServedSlice, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if part.logits is None:  # the uniform ("mean") router
+            return tokens.new_full((tokens.shape[0], part.num_experts), 1.0 / part.num_experts)
+        gates = gates_from_logits(logits[:, part.logits[0]:part.logits[1]], part.strategy, part.top_k)
+        return gates if gates.dtype == self.dtype else gates.to(self.dtype)
 
     def extra_repr(self) -> str:
         return "slices=" + ", ".join(f"{p.name.rsplit('.', 1)[-1]}[{p.columns[0]}:{p.columns[1]}]" for p in self.slices)
