@@ -35,7 +35,7 @@ def measure_cost(plan: Plan, rounds: int = 20, warmup: int = 3, log=print) -> di
     from ..runtime.loading import load_model, load_tokenizer
     from ..train import TrainConfig
     from ..train.recipe import setup_model
-    from .runner import Worker
+    from .runner import Worker, _machine
 
     worker = Worker(plan, log=log)
     tokenizer = load_tokenizer(plan.model)
@@ -77,13 +77,7 @@ def measure_cost(plan: Plan, rounds: int = 20, warmup: int = 3, log=print) -> di
 
     arms = [row(name, arm.label or name) for name, arm in plan.arms.items()]
     return dict(reference=plan.arms[reference].label or reference, rounds=rounds, batch=list(batch["input_ids"].shape),
-                noise_floor=row("noise floor", "noise floor")["ratio"], arms=arms, machine=_machine_line())
-
-
-def _machine_line() -> str:
-    from .runner import _machine
-
-    return _machine()
+                noise_floor=row("noise floor", "noise floor")["ratio"], arms=arms, machine=_machine())
 
 
 def write_cost(plan: Plan, rounds: int = 20, log=print) -> Path:

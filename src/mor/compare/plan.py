@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..train.adapters import AdapterSpec
-from ..train.config import TrainConfig
+from ..train.config import TrainConfig, read_mapping_file
 
 BUILTIN_PREFIX = "builtin:"
 # run settings the engine sets itself, per run: a plan may not set them
@@ -206,16 +206,9 @@ def _rates(value, where: str) -> list[float]:
 
 def read_plan(path: str | Path) -> Plan:
     """The plan in ``path`` (YAML or JSON), checked: every error names the key."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"plan {path}: no such file")
-    try:
-        raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise PlanError(f"plan {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({err})") from None
-    _need(isinstance(raw, dict), f"plan {path}", "give a mapping (name:, data:, arms:, ...)")
+    raw = read_mapping_file(path, f"plan {path}")
+    _need(bool(raw), f"plan {path}", "give a mapping (name:, data:, arms:, ...)")
     return plan_from_dict(raw, path)
 
 

@@ -206,19 +206,25 @@ def flag_name(cls, name: str) -> str:
     return cls.__dataclass_fields__[name].metadata.get("flag") or "--" + name.replace("_", "-")
 
 
-def read_settings_file(path: Union[str, Path]) -> dict:
-    """``{field: value}`` of a YAML or JSON run file (``mor train --config run.yaml``)."""
+def read_mapping_file(path: Union[str, Path], where: str) -> dict:
+    """The mapping in a YAML or JSON file (by suffix); errors start with ``where`` (e.g. "--config run.yaml")."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
+        raise FileNotFoundError(f"{where}: no such file")
     import yaml
 
     try:
         values = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({err})") from err
+        raise ValueError(f"{where}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({err})") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: give a mapping of settings (field: value), not a {type(values).__name__}")
+        raise ValueError(f"{where}: give a mapping (key: value), not a {type(values).__name__}")
+    return values
+
+
+def read_settings_file(path: Union[str, Path]) -> dict:
+    """``{field: value}`` of a YAML or JSON run file (``mor train --config run.yaml``)."""
+    values = read_mapping_file(path, f"--config {path}")
     return {str(k).replace("-", "_"): v for k, v in values.items()}
