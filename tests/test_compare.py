@@ -299,3 +299,37 @@ def test_a_plan_reads_what_data_reads_a_saved_datasetdict_with_columns(tmp_path)
     assert all(r.data["question"].startswith("test") for r in splits.test["qa"].records)
     assert all(r.data["question"].startswith("train") for s in (splits.train, splits.validation) for r in s["qa"].records)
     assert (len(splits.train["qa"]), len(splits.validation["qa"]), len(splits.test["qa"])) == (25, 10, 12)
+
+
+# -- cost ---------------------------------------------------------------------------------------------
+
+def test_cost_interleaves_arms_and_times_the_runs_optimizer(tmp_path, tiny_model_dir):
+    """Every arm, built as its training builds it, takes turns with the reference (who goes first
+    rotates); the optimizer timed is the one the run's Trainer builds (its default ``optim``, the
+    router's own group); each AdamW implementation is timed on every arm; the report shows it."""
+    from transformers import TrainingArguments
+
+    from mor.compare.cost import ADAMW, _interleaved, measure_cost, ratio_row, write_cost
+    from mor.compare.report import write_report
+
+    calls = []
+    _interleaved({"a": "a", "b": "b", "c": "c"}, lambda c, b: calls.append(c + b), rounds=2, warmup=1,
+                 log=lambda *_: None, what="x", batches=["0", "1"])
+    assert calls == ["a0", "b0", "c0", "b1", "c1", "a1", "c0", "a0", "b0"]  # every arm on the round's batch
+    row = ratio_row([2.0, 3.0, 9.0], [1.0, 1.0, 3.0])
+    assert row["ratio"] == 3.0 and row["seconds"] == 3.0 and row["iqr"][0] <= 3.0 <= row["iqr"][1]
+
+    plan = read_plan(tiny_plan(tmp_path, tiny_model_dir, arms=dict(
+        lora=dict(method="lora", r=4), mor=dict(method="mor", num_experts=4, router_lr_multiplier=10))))
+    cost = measure_cost(plan, rounds=2, warmup=1, log=lambda *_: None)
+    assert cost["optim"] == TrainingArguments("x").optim
+    arms = {a["arm"]: a for a in cost["arms"]}
+    assert set(arms) == {"lora", "mor"} and arms["lora"]["ratio"] == 1.0 and cost["noise_floor"] > 0
+    assert arms["mor"]["tensors"] > arms["lora"]["tensors"]  # MoR's per-expert vectors and router
+    lr = plan.arm_grid(plan.arms["mor"])[0]
+    assert arms["lora"]["lrs"] == [lr] and arms["mor"]["lrs"] == pytest.approx([lr, 10 * lr])  # the router's group
+    assert arms["lora"]["implementation"] == ("fused" if "fused" in cost["optim"] else "for-loop")
+    assert {(r["arm"], r["implementation"]) for r in cost["adamw"]} == {(a, i) for a in arms for i in ADAMW}
+    write_cost(plan, rounds=1)
+    report, _ = write_report(plan)  # nothing trained yet: the cost alone
+    assert "forward+backward" in report and "fused" in report and "foreach" in report

@@ -147,12 +147,26 @@ def tables(summary: dict, tasks: list[str], heldout: list[str]) -> str:
 
 
 def cost_table(cost: dict) -> str:
-    rows = [[a["label"], f"{a['ratio']:.3f}", f"{a['iqr'][0]:.3f}-{a['iqr'][1]:.3f}", f"{a['seconds']:.3f}"]
-            for a in cost["arms"]]
-    return (f"training cost per step, interleaved in one process ({cost['rounds']} rounds; {cost['machine']}); "
-            f"ratio to {cost['reference']} measured alone, median of per-round ratios; noise floor "
-            f"(the reference against itself): {cost['noise_floor']:.3f}\n\n"
-            + markdown_table(["arm", f"step time / {cost['reference']}", "IQR", "median s/step"], rows))
+    def cell(r: dict) -> str:
+        return f"{r['ratio']:.3f} ({r['iqr'][0]:.3f}-{r['iqr'][1]:.3f})"
+
+    ref = cost["reference"]
+    rows = [[a["label"], cell(a), cell(a["forward_backward"]), cell(a["optimizer"]), f"{a['seconds']:.3f}",
+             f"{a['tensors']:,}"] for a in cost["arms"]]
+    text = (f"training cost per step, interleaved in one process ({cost['rounds']} rounds; batches of "
+            f"{cost['batch'][0]} from the training mix, median length {cost['batch'][1]:g} tokens, longest "
+            f"{cost['batch'][2]}; optimizer {cost['optim']}; {cost['machine']}); ratio to {ref} "
+            f"measured alone, median of per-round ratios (IQR); noise floor (the reference against itself): "
+            f"{cost['noise_floor']:.3f}\n\n"
+            + markdown_table(["arm", f"step / {ref}", "forward+backward", "optimizer", "median s/step",
+                              "trainable tensors"], rows))
+    impls = list(dict.fromkeys(r["implementation"] for r in cost["adamw"]))
+    by = {(r["label"], r["implementation"]): r for r in cost["adamw"]}
+    labels = list(dict.fromkeys(r["label"] for r in cost["adamw"]))
+    rows = [[label, *(f"{1000 * by[label, i]['seconds']:.1f} ms ({by[label, i]['ratio']:.2f}x)" for i in impls)]
+            for label in labels]
+    return (text + f"\n\nthe optimizer step alone under each AdamW implementation, on the same gradients "
+            f"(median ms; ratio to {ref} under the same implementation)\n\n" + markdown_table(["arm", *impls], rows))
 
 
 # -- figures -----------------------------------------------------------------------------------------
@@ -224,15 +238,15 @@ def write_report(plan: Plan, command: str = "", bootstrap: int = 2000) -> tuple[
             f"finished: {n_final} of {sum(1 for j in all_jobs if j.kind != 'select')} runs, "
             f"{n_select} of {sum(1 for j in all_jobs if j.kind == 'select')} learning-rate trials "
             f"({plan.results_dir()})\n")
-    if not finished:
-        return head + "\nnothing finished yet\n", None
-    summary = summarise(plan, finished, task_names, heldout_names, bootstrap)
-    text = head + "\n" + tables(summary, task_names, heldout_names)
     out = plan.results_dir()
-    cost_file = out / "cost.json"
-    if cost_file.is_file():
-        summary["cost"] = json.loads(cost_file.read_text())
-        text += "\n\n" + cost_table(summary["cost"])
+    cost = json.loads((out / "cost.json").read_text()) if (out / "cost.json").is_file() else None
+    cost_text = "\n\n" + cost_table(cost) if cost else ""
+    if not finished:
+        return head + "\nnothing finished yet" + cost_text + "\n", None
+    summary = summarise(plan, finished, task_names, heldout_names, bootstrap)
+    text = head + "\n" + tables(summary, task_names, heldout_names) + cost_text
+    if cost:
+        summary["cost"] = cost
     acc_png = accuracy_figure(summary["rows"], heldout_names, out / "report_accuracy.png")
     text += f"\n\n![accuracy per arm and seed]({acc_png.name})\n"
     if summary["comparisons"]:
