@@ -141,9 +141,9 @@ def tiny_plan(folder: Path, model: Path, **changes) -> Path:
     return path
 
 
-def compare(*args, check=True) -> subprocess.CompletedProcess:
+def compare(*args, check=True, cwd=None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "mor.cli", "compare", *map(str, args)], capture_output=True,
-                          text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+                          text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"), cwd=cwd)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -185,6 +185,29 @@ def test_compare_end_to_end_resume_and_refusal(tmp_path, tiny_model_dir):
     proc = compare(changed, check=False)
     assert proc.returncode == 2 and "other settings" in proc.stderr and "Traceback" not in proc.stderr
     assert {p: p.read_bytes() for p in results.rglob("*_seed*.json")} == before
+
+
+def test_the_common_case_from_flags_without_a_plan_file(tmp_path, tiny_model_dir):
+    """`mor compare --data ...` writes the plan it describes under results/compare/NAME, runs it,
+    and the same command resumes it; other flags under the same name, or a plan file and flags
+    together, are one error line that changes nothing."""
+    flags = ["--data", "builtin:parity", "builtin:colour", "--heldout", "builtin:sentiment", "--model", tiny_model_dir,
+             "--steps", "2", "--seeds", "0", "--lrs", "1e-3", "3e-2", "--target", "text", "--name", "mine"]
+    first = compare(*flags, "--workers", "2", cwd=tmp_path)
+    results = tmp_path / "results" / "compare" / "mine"
+    plan = read_plan(results / "plan.yaml")
+    assert str(results / "plan.yaml") in first.stdout
+    assert list(plan.arms) == ["lora", "mor"] and plan.steps() == 2 and plan.seeds == [0]
+    assert plan.data.heldout == ["builtin:sentiment"] and plan.work_dir() == tmp_path / "runs" / "compare" / "mine"
+    done = {p: p.stat().st_mtime_ns for p in results.rglob("*_seed*.json")}
+    assert len(done) == 2 + 4  # each arm's seed 0, and its two learning-rate trials
+    again = compare(*flags, cwd=tmp_path)
+    assert "] train " not in again.stdout and {p: p.stat().st_mtime_ns for p in done} == done  # resumed: nothing redone
+    before = (results / "plan.yaml").read_text()
+    for args in (flags[:-1] + ["mine", "--steps", "3"], ["plan.yaml", "--arms", "lora"], []):
+        proc = compare(*args, check=False, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, args
+    assert (results / "plan.yaml").read_text() == before and {p: p.stat().st_mtime_ns for p in done} == done
 
 
 def test_two_workers_share_a_plan(tmp_path, tiny_model_dir):

@@ -6,12 +6,32 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from . import at_least_one, command
 
 
+PLAN_FLAGS = ("data", "heldout", "arms", "model", "steps", "seeds", "lrs", "target", "name")
+
+
 def add_compare_flags(p) -> None:
-    p.add_argument("plan", help="the plan: a YAML or JSON file (see docs/compare.md)")
+    p.add_argument("plan", nargs="?", help="the plan: a YAML or JSON file (see docs/compare.md); or describe the "
+                                           "common case with --data and the flags below instead")
+    g = p.add_argument_group("a plan from flags, without a plan file (written to results/compare/NAME/plan.yaml; "
+                             "the same command resumes it)")
+    g.add_argument("--data", nargs="+", metavar="TASK",
+                   help="tasks to train on: anything `mor train --data` reads, or builtin:<task>")
+    g.add_argument("--heldout", nargs="+", metavar="TASK", help="tasks scored but never trained on (forgetting)")
+    g.add_argument("--arms", nargs="+", metavar="METHOD", help="methods to compare at a matched parameter budget "
+                   "(default: lora mor; also dora, moelora)")
+    g.add_argument("--model", help="base model: hub id, folder or .gguf (default: the embedded SmolLM2-135M)")
+    g.add_argument("--steps", type=at_least_one, help="optimizer steps of every run (default 300)")
+    g.add_argument("--seeds", type=int, nargs="+", help="seeds of every arm (default 0 1 2)")
+    g.add_argument("--lrs", type=float, nargs="+", help="learning rates each arm chooses from on validation "
+                   "(default 3e-4 1e-3 3e-3)")
+    g.add_argument("--target", choices=["output", "text"], help="what runs train on and how records are scored "
+                   "(`mor train --target`)")
+    g.add_argument("--name", default="compare", help="the comparison's name: its results/compare/NAME folder")
     p.add_argument("--workers", type=at_least_one, default=1,
                    help="processes sharing the plan, each taking the next unclaimed run (default 1)")
     p.add_argument("--threads", type=at_least_one, default=None,
@@ -32,6 +52,20 @@ def cmd_compare(args) -> int:
     from ..compare import Worker, read_plan, write_report
     from ..compare.report import selection_status
 
+    flags = [f"--{f}" for f in PLAN_FLAGS if getattr(args, f) not in (None, "compare")]
+    if args.plan and flags:
+        raise ValueError(f"give a plan file or the plan flags ({', '.join(flags)}), not both: a plan's settings "
+                         "live in its file")
+    if not args.plan:
+        from ..compare.plan import plan_from_flags, write_plan_file
+
+        if not args.data:
+            raise ValueError("give a plan file (mor compare plan.yaml) or the tasks to compare on: "
+                             "mor compare --data TASK [TASK ...] [--arms lora mor]")
+        raw = plan_from_flags(args.data, args.heldout, args.arms, args.model, args.steps, args.seeds, args.lrs,
+                              args.target, args.name)
+        args.plan = str(write_plan_file(raw, Path(raw["results"]) / "plan.yaml"))
+        print(f"plan: {args.plan} (`mor compare {args.plan}` resumes or reports it)")
     plan = read_plan(args.plan)
     command_line = shlex.join(["mor", "compare", *sys.argv[2:]]) if sys.argv[1:2] == ["compare"] else ""
     if args.threads:

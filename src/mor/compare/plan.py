@@ -27,6 +27,7 @@ An arm takes adapter settings (``AdapterSpec`` fields), run settings (``TrainCon
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -283,6 +284,50 @@ def plan_from_dict(raw: dict, path: Path | None = None) -> Plan:
                   f"no arm {side!r} (arms: {sorted(arms)}{', base' if plan.baseline else ''})")
     _need(plan.processes >= 1, f"{where}: processes", "give at least 1")
     return plan
+
+
+# -- the common case without a plan file ---------------------------------------------------------------
+
+DEFAULT_STEPS = 300
+
+
+def plan_from_flags(data: list[str], heldout: list[str] | None = None, arms: list[str] | None = None,
+                    model: str | None = None, steps: int | None = None, seeds: list[int] | None = None,
+                    lrs: list[float] | None = None, target: str | None = None, name: str = "compare") -> dict:
+    """The plan that ``mor compare --data ... [--arms lora mor ...]`` describes, as a plan file holds
+    it (local paths made absolute, results and checkpoints under ``results/compare/NAME`` and
+    ``runs/compare/NAME`` of the current folder); checked like a plan file."""
+    def local(entry: str) -> str:
+        p = Path(entry)
+        return str(p.resolve()) if not entry.startswith((BUILTIN_PREFIX, "hub:")) and p.exists() else entry
+
+    _need(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)), f"--name {name}",
+          "give a folder name: letters, digits, '_', '.', '-'")
+    raw = dict(name=name, model=local(model) if model else None,
+               data=dict(train=[local(t) for t in data], heldout=[local(t) for t in heldout or []]),
+               train=dict(max_steps=steps or DEFAULT_STEPS, **({"target": target} if target else {})),
+               seeds=list(seeds or [0, 1, 2]), select=dict(lrs=list(lrs or Select().lrs)),
+               arms=list(arms or ["lora", "mor"]),
+               results=str(Path("results/compare", name).resolve()), work=str(Path("runs/compare", name).resolve()))
+    plan_from_dict(raw)
+    return raw
+
+
+def write_plan_file(raw: dict, path: Path) -> Path:
+    """``raw`` as a YAML plan at ``path``; the same plan already there is reused (the runs resume),
+    another one is an error (nothing is overwritten)."""
+    import yaml
+
+    from ..safety import atomic_write_text
+
+    if path.exists():
+        if read_mapping_file(path, f"plan {path}") != raw:
+            raise PlanError(f"plan {path}: holds another plan for the name {raw['name']!r}; give --name OTHER for a "
+                            f"new comparison, or run `mor compare {path}` to continue that one")
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, "# written by `mor compare` from its flags; `mor compare THIS_FILE` resumes it\n"
+                             + yaml.safe_dump(raw, sort_keys=False))
 
 
 # -- a matched trainable-parameter budget ------------------------------------------------------------
