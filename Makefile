@@ -33,9 +33,10 @@ bench-speed: install
 bench-quality: install  ## the quality study (finished: this rebuilds its report; deleting results/quality/ reruns it, ~25 min a run per worker)
 	mor compare benchmarks/plans/commonsense4.yaml --workers 2
 
-bench-regime-map: install  ## the regime map: two plans of ~20 trainings each; resumes; `mor compare PLAN --report` any time
+bench-regime-map: install  ## the regime map: three plans (mix9, rank_starved, mix9_long at 1,000 steps); resumes; `mor compare PLAN --report` any time
 	mor compare benchmarks/plans/mix9.yaml --workers 2
 	mor compare benchmarks/plans/rank_starved.yaml --workers 2
+	mor compare benchmarks/plans/mix9_long.yaml --workers 2
 
 bench-serving: install  ## vLLM with per-token MoR vs vLLM base, vLLM multi-LoRA, transformers (about 25 min on 2 CPU cores)
 	$(PYTHON) -m benchmarks.serving

@@ -232,6 +232,15 @@ def test_each_training_on_two_processes(tmp_path, tiny_model_dir):
 
 # -- the quality study as a plan ----------------------------------------------------------------------
 
+@pytest.mark.parametrize("path", sorted(PLANS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_committed_plan_reads_and_finds_its_data(path):
+    plan = read_plan(path)
+    for task in plan.data.train + plan.data.heldout:
+        if not task.startswith("builtin:"):
+            assert Path(plan.data.source(task, plan.folder)).is_dir(), task
+    assert plan.results_dir().is_relative_to(REPO / "results") and plan.work_dir().is_relative_to(REPO / "runs")
+
+
 def test_report_reproduces_the_quality_study(tmp_path):
     """The 31 committed runs of the quality study, read through its plan, give the numbers the
     retired benchmarks/quality.py committed in results/quality.json."""
