@@ -126,10 +126,9 @@ def measure_cost(plan: Plan, rounds: int = 20, warmup: int = 3, log=print) -> di
         return dict(arm=name, label=arm.label or name, **ratio_row(total[name], total[reference]),
                     forward_backward=ratio_row(forward_backward[name], forward_backward[reference]),
                     optimizer=ratio_row(optimizer_only[name], optimizer_only[reference]),
-                    tensors=sum(len(g["params"]) for g in optimizer.param_groups), lrs=sorted({g["lr"] for g in optimizer.param_groups}),
-                    implementation=next((i for i, kw in ADAMW.items() if all(optimizer.defaults.get(k) for k in kw)),
-                                        "for-loop"),
-                    parameters=sum(p.numel() for g in optimizer.param_groups for p in g["params"]))
+                    tensors=sum(len(g["params"]) for g in optimizer.param_groups),
+                    parameters=sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
+                    lrs=sorted({g["lr"] for g in optimizer.param_groups}), implementation=_implementation(optimizer))
 
     # the same gradients (the last backward's), every AdamW implementation, interleaved
     variants = {(name, impl): torch.optim.AdamW([{k: g[k] for k in ("params", "lr", "betas", "eps", "weight_decay")}
@@ -144,6 +143,11 @@ def measure_cost(plan: Plan, rounds: int = 20, warmup: int = 3, log=print) -> di
                 batch=[shapes[0][0], statistics.median(s[1] for s in shapes), max(s[1] for s in shapes)],
                 optim=optim, noise_floor=row("noise floor")["ratio"], arms=[row(name) for name in plan.arms],
                 adamw=adamw, machine=_machine())
+
+
+def _implementation(optimizer) -> str:
+    """Which of ``ADAMW`` an optimizer runs."""
+    return "fused" if optimizer.defaults.get("fused") else "foreach" if optimizer.defaults.get("foreach") else "for-loop"
 
 
 def _timed(fn) -> float:
