@@ -127,6 +127,18 @@ def test_served_layer_runs_every_factor_product_through_the_engines_gemm():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_served_layer_compiles_with_torchs_gemm():
+    """What vLLM does off CPU: its compiled graph traces the served layer with torch's GEMM (the
+    factors held by functools.partial, the in-place add on the output's columns)."""
+    layers, fused, columns = fused_gate_up()
+    served = ServedMixtureLinear(fused, {k: v.mor["default"] for k, v in layers.items()}, columns)
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        want = served(x)[0]
+        got = torch.compile(served, backend="aot_eager", fullgraph=True)(x)[0]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_served_layers_refuse_non_finite_adapter_tensors():
     from mor.serving.fused import build_adapter
 
