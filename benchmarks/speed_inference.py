@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-import sys
 import time
-from pathlib import Path
 
 import torch
 
