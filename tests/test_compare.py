@@ -204,10 +204,12 @@ def test_the_common_case_from_flags_without_a_plan_file(tmp_path, tiny_model_dir
     again = compare(*flags, cwd=tmp_path)
     assert "] train " not in again.stdout and {p: p.stat().st_mtime_ns for p in done} == done  # resumed: nothing redone
     before = (results / "plan.yaml").read_text()
-    for args in (flags[:-1] + ["mine", "--steps", "3"], ["plan.yaml", "--arms", "lora"], []):
+    for args in (flags[:-1] + ["mine", "--steps", "3"], ["plan.yaml", "--arms", "lora"], [],
+                 ["--data", "no-such.jsonl", "--name", "typo"]):
         proc = compare(*args, check=False, cwd=tmp_path)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, args
     assert (results / "plan.yaml").read_text() == before and {p: p.stat().st_mtime_ns for p in done} == done
+    assert not (tmp_path / "results" / "compare" / "typo").exists()  # a missing file is refused before any plan
 
 
 def test_two_workers_share_a_plan(tmp_path, tiny_model_dir):

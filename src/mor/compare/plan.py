@@ -297,13 +297,18 @@ def plan_from_flags(data: list[str], heldout: list[str] | None = None, arms: lis
     """The plan that ``mor compare --data ... [--arms lora mor ...]`` describes, as a plan file holds
     it (local paths made absolute, results and checkpoints under ``results/compare/NAME`` and
     ``runs/compare/NAME`` of the current folder); checked like a plan file."""
+    from ..data.sources import DataSource
+
     def local(entry: str) -> str:
-        p = Path(entry)
-        return str(p.resolve()) if not entry.startswith((BUILTIN_PREFIX, "hub:")) and p.exists() else entry
+        if entry.startswith(BUILTIN_PREFIX):
+            return entry
+        DataSource(entry)  # a file, a folder or a hub dataset, as `mor train --data` reads it: checked before writing
+        return str(Path(entry).resolve()) if Path(entry).exists() else entry
+
 
     _need(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)), f"--name {name}",
           "give a folder name: letters, digits, '_', '.', '-'")
-    raw = dict(name=name, model=local(model) if model else None,
+    raw = dict(name=name, model=str(Path(model).resolve()) if model and Path(model).exists() else model,
                data=dict(train=[local(t) for t in data], heldout=[local(t) for t in heldout or []]),
                train=dict(max_steps=steps or DEFAULT_STEPS, **({"target": target} if target else {})),
                seeds=list(seeds or [0, 1, 2]), select=dict(lrs=list(lrs or Select().lrs)),
