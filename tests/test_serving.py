@@ -133,10 +133,23 @@ def test_served_layer_compiles_with_torchs_gemm():
     layers, fused, columns = fused_gate_up()
     served = ServedMixtureLinear(fused, {k: v.mor["default"] for k, v in layers.items()}, columns)
     x = torch.randn(6, 64)
+    graphs = []
+
+    def recording(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
     with torch.no_grad():
         want = served(x)[0]
         got = torch.compile(served, backend="aot_eager", fullgraph=True)(x)[0]
+        torch.compile(served, backend=recording, fullgraph=True)(x)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # the factors are inputs of the compiled graph, read from the layer at every call, never constants
+    # baked into it (vLLM caches compiled graphs on disk: a baked-in factor would serve a stale adapter)
+    nodes = list(graphs[0].graph.nodes)
+    assert not [n for n in nodes if n.op == "get_attr"]
+    inputs = [n.name for n in nodes if n.op == "placeholder"]
+    assert sum("shrink" in n for n in inputs) == 1 and sum("expands" in n for n in inputs) == 2, inputs
 
 
 def test_served_layers_refuse_non_finite_adapter_tensors():
