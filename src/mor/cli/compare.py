@@ -31,7 +31,7 @@ def add_compare_flags(p) -> None:
                    "(default 3e-4 1e-3 3e-3)")
     g.add_argument("--target", choices=["output", "text"], help="what runs train on and how records are scored "
                    "(`mor train --target`)")
-    g.add_argument("--name", default="compare", help="the comparison's name: its results/compare/NAME folder")
+    g.add_argument("--name", help="the comparison's name: its results/compare/NAME folder (default: compare)")
     p.add_argument("--workers", type=at_least_one, default=1,
                    help="processes sharing the plan, each taking the next unclaimed run (default 1)")
     p.add_argument("--threads", type=at_least_one, default=None,
@@ -52,7 +52,7 @@ def cmd_compare(args) -> int:
     from ..compare import Worker, read_plan, write_report
     from ..compare.report import selection_status
 
-    flags = [f"--{f}" for f in PLAN_FLAGS if getattr(args, f) not in (None, "compare")]
+    flags = [f"--{f}" for f in PLAN_FLAGS if getattr(args, f) is not None]
     if args.plan and flags:
         raise ValueError(f"give a plan file or the plan flags ({', '.join(flags)}), not both: a plan's settings "
                          "live in its file")

@@ -27,8 +27,8 @@ An arm takes adapter settings (``AdapterSpec`` fields), run settings (``TrainCon
 from __future__ import annotations
 
 import hashlib
-import re
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -293,10 +293,10 @@ DEFAULT_STEPS = 300
 
 def plan_from_flags(data: list[str], heldout: list[str] | None = None, arms: list[str] | None = None,
                     model: str | None = None, steps: int | None = None, seeds: list[int] | None = None,
-                    lrs: list[float] | None = None, target: str | None = None, name: str = "compare") -> dict:
+                    lrs: list[float] | None = None, target: str | None = None, name: str | None = None) -> dict:
     """The plan that ``mor compare --data ... [--arms lora mor ...]`` describes, as a plan file holds
     it (local paths made absolute, results and checkpoints under ``results/compare/NAME`` and
-    ``runs/compare/NAME`` of the current folder); checked like a plan file."""
+    ``runs/compare/NAME`` of the current folder; NAME defaults to "compare"); checked like a plan file."""
     from ..data.sources import DataSource
 
     def local(entry: str) -> str:
@@ -305,7 +305,7 @@ def plan_from_flags(data: list[str], heldout: list[str] | None = None, arms: lis
         DataSource(entry)  # a file, a folder or a hub dataset, as `mor train --data` reads it: checked before writing
         return str(Path(entry).resolve()) if Path(entry).exists() else entry
 
-
+    name = name or "compare"
     _need(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)), f"--name {name}",
           "give a folder name: letters, digits, '_', '.', '-'")
     raw = dict(name=name, model=str(Path(model).resolve()) if model and Path(model).exists() else model,

@@ -10,12 +10,11 @@ its own adapter, so the fused layer computes, for every adapted slice s of its o
     z_s = mix_s(G_s, down_s x)                (T, N*r)  MoRAdapter.mix: G_i * A x for each expert i
     out[:, c_s] += alpha_s * z_s @ up_t_s     U_s z_s, with U_s built by the adapter itself
 
-The products with the token-independent factors go through a ``gemm`` the engine may give (vLLM's
-CPU build: its own prepacked oneDNN GEMM, the one its base layers use; torch's elsewhere).
-
 which is, slice by slice, the equation of ``MoRAdapter.forward`` (``MoELoRAAdapter.forward``):
 the factors come from the adapters' own ``serving_factors()``, the gates from the same function
 the training router uses. Nothing is merged and no routing is fixed: every token is routed.
+The products with the token-independent factors go through a ``gemm`` the engine may give (vLLM's
+CPU build: its own prepacked oneDNN GEMM, the one its base layers use; torch's elsewhere).
 """
 
 from __future__ import annotations
@@ -121,9 +120,9 @@ class ServedMixtureLinear(nn.Module):
         tokens, stacked, logits = self._products(x)
         flat = out.reshape(-1, out.shape[-1])  # (T, d_out)
         work = flat if flat.dtype == self.dtype else flat.to(self.dtype)
-        for i, (part, mix) in enumerate(zip(self.slices, self.mixes)):
+        for part, mix, expand in zip(self.slices, self.mixes, self.expands):
             z = mix(self._gates(part, tokens, logits), stacked[:, part.codes[0]:part.codes[1]])  # (T, N*r)
-            work[:, part.columns[0]:part.columns[1]].add_(self.expands[i](z), alpha=part.alpha)
+            work[:, part.columns[0]:part.columns[1]].add_(expand(z), alpha=part.alpha)
         return out if work is flat else work.to(out.dtype).view(out.shape)
 
     def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
