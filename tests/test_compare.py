@@ -93,6 +93,7 @@ BASE_PLAN = dict(name="t", data=dict(train=["builtin:parity"]), train=dict(max_s
     (dict(train=dict()), "max_steps"),
     (dict(compare=[["lora", "mor"]]), "no arm 'mor'"),
     (dict(select=dict(lrs=[2.0])), "in \\(0, 1\\)"),
+    (dict(select=dict(widen=-1)), "select.widen"),
     (dict(data=dict(train=["builtin:parity"], test_per_task=0)), "test_per_task"),
 ])
 def test_plan_errors_name_the_key(change, message):
@@ -125,6 +126,48 @@ def test_validation_is_carved_from_training_data_never_test(tmp_path):
     assert [r.data for r in again.validation["parity"].records] == [r.data for r in splits.validation["parity"].records]
 
 
+# -- choosing the learning rate ---------------------------------------------------------------------
+
+def test_rate_beyond_an_edge_follows_the_grids_step():
+    from mor.compare.plan import rate_beyond
+
+    assert rate_beyond([1e-3, 3e-3, 1e-2], 1e-2) == 3e-2  # the 1-3-10 ladder
+    assert rate_beyond([1e-3, 3e-3], 3e-3) == 1e-2 and rate_beyond([1e-3, 3e-3], 1e-3) == 3e-4
+    assert rate_beyond([1e-4, 2e-4, 4e-4], 4e-4) == 8e-4 and rate_beyond([1e-4, 2e-4, 4e-4], 1e-4) == 5e-5
+    assert rate_beyond([1e-3, 3e-3, 1e-2], 3e-3) is None  # not an edge
+    assert rate_beyond([0.1, 0.3], 0.3) is None and rate_beyond([1e-3], 1e-3) is None  # past (0, 1); one rate
+
+
+@pytest.mark.parametrize("peak, widen, tried, chosen", [
+    (1e-3, 2, [3e-4, 1e-3, 3e-3], 1e-3),                    # inside: the grid as written
+    (3e-2, 2, [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], 3e-2),        # up twice; still the edge: widen exhausted
+    (1e-2, 2, [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], 1e-2),        # up twice: 1e-2 was the edge, 3e-2 falls
+    (1e-5, 1, [3e-4, 1e-3, 3e-3, 1e-4], 1e-4),              # down once
+    (3e-2, 0, [3e-4, 1e-3, 3e-3], 3e-3),                    # widen: 0
+])
+def test_selection_widens_the_grid_while_the_best_is_at_its_edge(tmp_path, peak, widen, tried, chosen):
+    """The real worker loop, its training and scoring replaced by a validation score peaked at ``peak``:
+    the trials it runs, and the rate every final run gets."""
+    from mor.compare.plan import key_hash
+    from mor.compare.runner import Worker, chosen_lr
+
+    plan = plan_from_dict({**BASE_PLAN, "seeds": [0, 1], "select": dict(lrs=[3e-4, 1e-3, 3e-3], widen=widen),
+                           "results": str(tmp_path / "results"), "work": str(tmp_path / "work")})
+    ran = []
+
+    class Scored(Worker):
+        def execute(self, job, lr, key, path):
+            ran.append((job.kind, job.lr or lr))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(dict(key_hash=key_hash(key), validation_average=-abs(math.log(job.lr / peak))
+                                            if job.kind == "select" else None)))
+
+    assert Scored(plan, log=lambda _: None).run(poll_seconds=0) == len(tried) + 2
+    assert [lr for kind, lr in ran if kind == "select"] == pytest.approx(tried)
+    assert [lr for kind, lr in ran if kind == "final"] == pytest.approx([chosen, chosen])
+    assert chosen_lr(plan, plan.arms["lora"])[0] == pytest.approx(chosen)
+
+
 # -- the runner on a tiny model ---------------------------------------------------------------------
 
 def tiny_plan(folder: Path, model: Path, **changes) -> Path:
@@ -132,7 +175,7 @@ def tiny_plan(folder: Path, model: Path, **changes) -> Path:
                 data=dict(train=["builtin:parity", "builtin:colour"], heldout=["builtin:sentiment"],
                           train_per_task=24, validation_per_task=8, test_per_task=12, heldout_per_task=10),
                 train=dict(max_steps=3, batch_size=4, max_length=64, target="text"),
-                seeds=[0, 1], select=dict(lrs=[1e-3, 3e-2]), baseline=True,
+                seeds=[0, 1], select=dict(lrs=[1e-3, 3e-2], widen=0), baseline=True,
                 arms=dict(lora=dict(method="lora", r=4), mor=dict(method="mor", num_experts=4)),
                 results="results", work="work")
     plan.update(changes)
@@ -200,7 +243,9 @@ def test_the_common_case_from_flags_without_a_plan_file(tmp_path, tiny_model_dir
     assert list(plan.arms) == ["lora", "mor"] and plan.steps() == 2 and plan.seeds == [0]
     assert plan.data.heldout == ["builtin:sentiment"] and plan.work_dir() == tmp_path / "runs" / "compare" / "mine"
     done = {p: p.stat().st_mtime_ns for p in results.rglob("*_seed*.json")}
-    assert len(done) == 2 + 4  # each arm's seed 0, and its two learning-rate trials
+    trials = sorted(p.name for p in results.glob("select/*.json"))
+    assert len(trials) >= 4 and len(done) == 2 + len(trials)  # each arm's seed 0 and its rate trials (grid widened
+    assert {f"{a}_lr{lr}_seed0.json" for a in ("lora", "mor") for lr in ("0.001", "0.03")} <= set(trials)  # past edges)
     again = compare(*flags, cwd=tmp_path)
     assert "] train " not in again.stdout and {p: p.stat().st_mtime_ns for p in done} == done  # resumed: nothing redone
     before = (results / "plan.yaml").read_text()

@@ -28,7 +28,7 @@ def add_compare_flags(p) -> None:
     g.add_argument("--steps", type=at_least_one, help="optimizer steps of every run (default 300)")
     g.add_argument("--seeds", type=int, nargs="+", help="seeds of every arm (default 0 1 2)")
     g.add_argument("--lrs", type=float, nargs="+", help="learning rates each arm chooses from on validation "
-                   "(default 3e-4 1e-3 3e-3)")
+                   "(default 3e-4 1e-3 3e-3; up to 2 more past an edge while the best sits there)")
     g.add_argument("--target", choices=["output", "text"], help="what runs train on and how records are scored "
                    "(`mor train --target`)")
     g.add_argument("--name", help="the comparison's name: its results/compare/NAME folder (default: compare)")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -77,11 +78,14 @@ class DataPlan:
 @dataclass
 class Select:
     """How each arm's learning rate is chosen: every rate of ``lrs`` trained ``max_steps`` steps with
-    each of ``seeds``, scored on the validation split; the best average wins."""
+    each of ``seeds``, scored on the validation split; the best average wins. While the best is at
+    an edge of the grid, the next rate beyond it is tried too, at most ``widen`` more an arm: a
+    rate at the edge is not known to be the best."""
 
     lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
     max_steps: Optional[int] = None  # default: the plan's
     seeds: Optional[list[int]] = None  # default: the plan's first seed
+    widen: int = 2  # rates an arm's grid may gain beyond its edges (0: the grid as written)
 
 
 @dataclass
@@ -177,6 +181,28 @@ def lr_name(lr: float) -> str:
     return f"{lr:g}"
 
 
+def rate_beyond(grid: list[float], edge: float) -> float | None:
+    """The next rate past ``edge`` (the grid's lowest or highest): the grid's own step at that edge,
+    on the 1-3-10 ladder when the grid is on it (3e-3, 1e-2 -> 3e-2), else to two significant
+    digits; None past the plan's (0, 1) range or when the grid has one rate."""
+    rates = sorted(set(grid))
+    if len(rates) < 2 or edge not in (rates[0], rates[-1]):
+        return None
+    step = rates[-1] / rates[-2] if edge == rates[-1] else rates[0] / rates[1]
+    want = edge * step
+
+    def mantissa(x: float) -> float:
+        return x / 10 ** math.floor(math.log10(x))
+
+    if all(min(abs(mantissa(r) - m) for m in (1, 3, 10)) < 1e-6 for r in rates):  # the 1-3-10 ladder
+        decade = 10.0 ** math.floor(math.log10(want))
+        nearest = min((decade, 3 * decade, 10 * decade), key=lambda c: abs(math.log(c / want)))
+        want = float(f"{nearest:.0e}")
+    else:
+        want = float(f"{want:.1e}")
+    return want if 0 < want < 1 and want not in rates else None
+
+
 # -- reading ---------------------------------------------------------------------------------------
 
 def _need(ok: bool, where: str, what: str) -> None:
@@ -243,11 +269,14 @@ def plan_from_dict(raw: dict, path: Path | None = None) -> Plan:
           "give the optimizer steps of every run (at least 1)")
 
     select = raw.get("select") or {}
-    _need(isinstance(select, dict), f"{where}: select", "give a mapping (lrs:, max_steps:, seeds:)")
+    _need(isinstance(select, dict), f"{where}: select", "give a mapping (lrs:, max_steps:, seeds:, widen:)")
     _only(select, {f.name for f in fields(Select)}, f"{where}: select")
     select_plan = Select(lrs=_rates(select.get("lrs", Select().lrs), f"{where}: select.lrs"),
                          max_steps=select.get("max_steps"),
-                         seeds=_positive_ints(select["seeds"], f"{where}: select.seeds") if "seeds" in select else None)
+                         seeds=_positive_ints(select["seeds"], f"{where}: select.seeds") if "seeds" in select else None,
+                         widen=select.get("widen", Select().widen))
+    _need(isinstance(select_plan.widen, int) and not isinstance(select_plan.widen, bool) and select_plan.widen >= 0,
+          f"{where}: select.widen", "give how many rates a grid may gain beyond its edges (0 or more)")
 
     arms_raw = raw["arms"]
     if isinstance(arms_raw, list):  # shorthand: [lora, mor] -> default settings, matched budget

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..runtime.report import markdown_table
 from ..safety import atomic_write_text
 from .plan import Plan, lr_name
-from .runner import Job, chosen_lr, job_key, jobs, read_result, result_path
+from .runner import Job, chosen_lr, job_key, jobs, read_result, result_path, selection
 from .stats import average_accuracy, paired, records_needed, run_stderr, task_accuracy
 
 
@@ -116,8 +116,7 @@ def tables(summary: dict, tasks: list[str], heldout: list[str]) -> str:
         text += ("\n\nlearning rate chosen on the validation split (validation task average, %)\n\n"
                  + markdown_table(["arm", *grid, "chosen"],
                                   [[r["label"], *(_pct(r["lr_selection"]["validation_average"].get(lr)) for lr in grid),
-                                    r["lr_selection"]["chosen"] + (" (grid edge)" if r["lr_selection"]["chosen"] in
-                                                                   (grid[0], grid[-1]) else "")]
+                                    r["lr_selection"]["chosen"] + (" (grid edge)" if _at_edge(r["lr_selection"]) else "")]
                                    for r in selected]))
 
     label = {r["arm"]: r["label"] for r in rows}
@@ -260,12 +259,17 @@ def write_report(plan: Plan, command: str = "", bootstrap: int = 2000) -> tuple[
     return text, md
 
 
+def _at_edge(lr_selection: dict) -> bool:
+    """Whether the chosen rate is the lowest or highest its selection tried."""
+    tried = sorted(map(float, lr_selection["validation_average"]))
+    return len(tried) > 1 and float(lr_selection["chosen"]) in (tried[0], tried[-1])
+
+
 def selection_status(plan: Plan) -> list[str]:
     """One line per arm: its chosen rate, or how many trials are left."""
     lines = []
     for arm in plan.arms.values():
-        lr, scores = chosen_lr(plan, arm)
-        grid = plan.arm_grid(arm)
+        grid, lr, scores = selection(plan, arm)
         if len(grid) == 1:
             lines.append(f"{arm.name}: fixed lr {lr_name(grid[0])}")
         elif lr is None:
@@ -274,8 +278,10 @@ def selection_status(plan: Plan) -> list[str]:
                                       job_key(plan, Job("select", arm.name, s, g))) is not None)
             lines.append(f"{arm.name}: {done} of {len(grid) * len(plan.select_seeds())} learning-rate trials done")
         else:
-            edge = "; at the edge of the grid: widen it (lrs:) to know the best rate is inside" \
-                if lr in (min(grid), max(grid)) else ""
+            added = grid[len(plan.arm_grid(arm)):]
+            widened = f" (grid widened past its edge: {', '.join(map(lr_name, added))})" if added else ""
+            edge = ("; still at the edge of the grid: widen it (lrs:, select.widen:) to know the best rate is inside"
+                    if _at_edge(dict(validation_average=scores, chosen=lr_name(lr))) else "")
             lines.append(f"{arm.name}: lr {lr_name(lr)} chosen on validation "
-                         + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in scores.items()) + edge)
+                         + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in scores.items()) + widened + edge)
     return lines

@@ -4,7 +4,8 @@ score every test record, one JSON per finished run -- resumable, shareable by se
 Jobs, in the order they are taken:
 
 1. ``select/<arm>_lr<lr>_seed<s>.json``: one training per rate of the arm's grid (and selection
-   seed), scored on the validation split. Arms with a fixed ``lr`` have none.
+   seed), scored on the validation split; while the best is at the grid's edge, the next rate past
+   it (``select.widen``). Arms with a fixed ``lr`` have none.
 2. ``<arm>_seed<s>.json`` (and ``base.json``): a training at the arm's chosen rate, scored on the
    test and held-out records, with its losses and routing. A training the selection already did
    (same rate, seed and steps) is scored, not repeated. Seed-major: every arm's first seed before
@@ -29,7 +30,7 @@ from typing import Callable, Optional
 
 from ..safety import atomic_write_text
 from .data import Splits, carve, write_train_folders
-from .plan import Arm, Plan, PlanError, key_hash, lr_name
+from .plan import Arm, Plan, PlanError, key_hash, lr_name, rate_beyond
 
 SCORE_VERSION = 1  # what a result file's scores mean; a change refuses older files
 
@@ -52,7 +53,7 @@ class Job:
 
 def jobs(plan: Plan) -> list[Job]:
     out = [Job("select", a.name, s, lr) for a in plan.arms.values() if len(plan.arm_grid(a)) > 1
-           for lr in plan.arm_grid(a) for s in plan.select_seeds()]
+           for lr in selection(plan, a)[0] for s in plan.select_seeds()]
     out += [Job("base", None, None)] if plan.baseline else []
     seeds = list(dict.fromkeys([*plan.seeds, *(s for a in plan.arms.values() for s in plan.arm_seeds(a))]))
     out += [Job("final", a.name, s) for s in seeds for a in plan.arms.values() if s in plan.arm_seeds(a)]
@@ -91,23 +92,37 @@ def read_result(path: Path, expected: dict | None) -> dict | None:
     return record
 
 
-def chosen_lr(plan: Plan, arm: Arm) -> tuple[float | None, dict]:
-    """(the arm's rate -- None while its selection is unfinished, the grid's validation scores)."""
+def selection(plan: Plan, arm: Arm) -> tuple[list[float], float | None, dict]:
+    """(the rates the arm's selection tries -- its grid, widened past an edge while the best sits
+    there, at most ``select.widen`` more; the chosen rate, None while a trial is unfinished; the
+    validation scores so far). Read from the finished trials, so every worker agrees."""
     grid = plan.arm_grid(arm)
     if len(grid) == 1:
-        return grid[0], {}
+        return grid, grid[0], {}
     scores = {}
-    for lr in grid:
-        per_seed = []
-        for seed in plan.select_seeds():
-            job = Job("select", arm.name, seed, lr)
-            record = read_result(result_path(plan, job), job_key(plan, job))
-            if record is None:
-                return None, scores
-            per_seed.append(record["validation_average"])
-        scores[lr_name(lr)] = sum(per_seed) / len(per_seed)
-    best = max(grid, key=lambda lr: scores[lr_name(lr)])  # the first of equals: the grid's order
-    return best, scores
+    while True:
+        for lr in grid:
+            if lr_name(lr) in scores:
+                continue
+            per_seed = []
+            for seed in plan.select_seeds():
+                job = Job("select", arm.name, seed, lr)
+                record = read_result(result_path(plan, job), job_key(plan, job))
+                if record is None:
+                    return grid, None, scores
+                per_seed.append(record["validation_average"])
+            scores[lr_name(lr)] = sum(per_seed) / len(per_seed)
+        best = max(grid, key=lambda lr: scores[lr_name(lr)])  # the first of equals: the grid's order
+        beyond = rate_beyond(grid, best) if len(grid) - len(plan.arm_grid(arm)) < plan.select.widen else None
+        if beyond is None:
+            return grid, best, scores
+        grid = [*grid, beyond]
+
+
+def chosen_lr(plan: Plan, arm: Arm) -> tuple[float | None, dict]:
+    """(the arm's rate -- None while its selection is unfinished, the validation scores)."""
+    _, lr, scores = selection(plan, arm)
+    return lr, scores
 
 
 # -- workers share a plan through lock files ---------------------------------------------------------
