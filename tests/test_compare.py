@@ -146,26 +146,31 @@ def test_rate_beyond_an_edge_follows_the_grids_step():
     (3e-2, 0, [3e-4, 1e-3, 3e-3], 3e-3),                    # widen: 0
 ])
 def test_selection_widens_the_grid_while_the_best_is_at_its_edge(tmp_path, peak, widen, tried, chosen):
-    """The real worker loop, its training and scoring replaced by a validation score peaked at ``peak``:
-    the trials it runs, and the rate every final run gets."""
+    """The real worker loop, its training and scoring replaced by a validation score peaked at ``peak``
+    (a second arm's at 1e-3, inside its grid): the trials it runs, in which order, and the rate every
+    final run gets."""
     from mor.compare.plan import key_hash
     from mor.compare.runner import Worker, chosen_lr
 
     plan = plan_from_dict({**BASE_PLAN, "seeds": [0, 1], "select": dict(lrs=[3e-4, 1e-3, 3e-3], widen=widen),
+                           "arms": dict(lora=dict(method="lora", r=4), other=dict(method="lora", r=2)),
                            "results": str(tmp_path / "results"), "work": str(tmp_path / "work")})
     ran = []
 
     class Scored(Worker):
         def execute(self, job, lr, key, path):
-            ran.append((job.kind, job.lr or lr))
+            ran.append((job.kind, job.arm, job.lr or lr))
+            best = peak if job.arm == "lora" else 1e-3
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(dict(key_hash=key_hash(key), validation_average=-abs(math.log(job.lr / peak))
+            path.write_text(json.dumps(dict(key_hash=key_hash(key), validation_average=-abs(math.log(job.lr / best))
                                             if job.kind == "select" else None)))
 
-    assert Scored(plan, log=lambda _: None).run(poll_seconds=0) == len(tried) + 2
-    assert [lr for kind, lr in ran if kind == "select"] == pytest.approx(tried)
-    assert [lr for kind, lr in ran if kind == "final"] == pytest.approx([chosen, chosen])
+    assert Scored(plan, log=lambda _: None).run(poll_seconds=0) == len(tried) + 3 + 2 * 2
+    assert [lr for kind, arm, lr in ran if kind == "select" and arm == "lora"] == pytest.approx(tried)
+    assert [lr for kind, arm, lr in ran if kind == "final" and arm == "lora"] == pytest.approx([chosen, chosen])
     assert chosen_lr(plan, plan.arms["lora"])[0] == pytest.approx(chosen)
+    kinds = [kind for kind, _, _ in ran]
+    assert kinds == sorted(kinds, key=lambda k: k != "select")  # every trial (widened too) before any final run
 
 
 # -- the runner on a tiny model ---------------------------------------------------------------------

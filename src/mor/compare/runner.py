@@ -217,6 +217,10 @@ class Worker:
                         progressed = True
                 finally:
                     lock.unlink(missing_ok=True)
+                if progressed:  # from the top: a finished trial may have widened a grid or chosen a rate
+                    break
+            if progressed:
+                continue
             if not waiting:
                 return done
             if not progressed:
