@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import statistics
+import textwrap
 from pathlib import Path
 
 from ..runtime.report import markdown_table
@@ -205,7 +206,7 @@ def accuracy_figure(rows: list[dict], heldout: list[str], path: Path) -> Path:
 
 def differences_figure(comps: list[dict], labels: dict, path: Path) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(comps) + 1.2))
+    fig, ax = plt.subplots(figsize=(8, 0.7 * len(comps) + 1.4))
     for i, c in enumerate(reversed(comps)):
         t = c["trained"]
         ax.errorbar(100 * t["diff"], i, xerr=100 * t["two_se"], fmt="o", capsize=3,
@@ -213,8 +214,9 @@ def differences_figure(comps: list[dict], labels: dict, path: Path) -> Path:
         if t.get("bootstrap_95"):
             ax.plot([100 * x for x in t["bootstrap_95"]], [i - 0.18] * 2, color="0.5", lw=1)
     ax.axvline(0, color="0.6", lw=0.8)
-    ax.set_yticks(range(len(comps)), [f"{labels[c['a']]} vs {labels[c['b']]}" for c in reversed(comps)], fontsize=7)
-    ax.set_xlabel("difference in task-average acc_norm (points): ± 2 s.e.; grey: bootstrap 95%")
+    ax.set_yticks(range(len(comps)), [textwrap.fill(f"{labels[c['a']]} vs {labels[c['b']]}", 48)
+                                      for c in reversed(comps)], fontsize=7)
+    ax.set_xlabel("difference in task-average acc_norm (points)\n± 2 s.e.; grey: bootstrap 95 %", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
