@@ -18,7 +18,7 @@ import yaml
 
 from mor.compare import read_plan
 from mor.compare.plan import PlanError, plan_from_dict
-from mor.compare.stats import Z_95, Z_POWER_80, mcnemar_p, paired, records_needed
+from mor.compare.stats import Z_95, Z_POWER_80, mcnemar_p, paired, records_needed, seeds_needed
 
 REPO = Path(__file__).resolve().parents[1]
 PLANS = REPO / "benchmarks" / "plans"
@@ -78,6 +78,15 @@ def test_records_needed_inverts_the_standard_error():
     z = Z_95 + Z_POWER_80
     assert z * math.sqrt(v / (n * tasks) + sd ** 2 / seeds) <= 0.02 < z * math.sqrt(v / ((n - 1) * tasks) + sd ** 2 / seeds)
     assert records_needed(v, 0.03, tasks, 1) is None  # the seeds' spread alone exceeds the budget
+
+
+def test_seeds_needed_inverts_the_standard_error():
+    v, sd, tasks, n = 0.034, 0.016, 9, 200
+    s = seeds_needed(v, sd, tasks, n, difference=0.02)
+    z = Z_95 + Z_POWER_80
+    assert z * math.sqrt(v / (n * tasks) + sd ** 2 / s) <= 0.02 < z * math.sqrt(v / (n * tasks) + sd ** 2 / (s - 1))
+    assert seeds_needed(v, sd, tasks, 20) is None  # too few records: no number of seeds is enough
+    assert seeds_needed(v, None, tasks, n) == 1
 
 
 # -- the plan --------------------------------------------------------------------------------------

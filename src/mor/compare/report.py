@@ -15,7 +15,7 @@ from ..runtime.report import markdown_table
 from ..safety import atomic_write_text
 from .plan import Plan, lr_name
 from .runner import Job, chosen_lr, job_key, jobs, read_result, result_path, selection
-from .stats import average_accuracy, paired, records_needed, run_stderr, task_accuracy
+from .stats import average_accuracy, paired, records_needed, run_stderr, seeds_needed, task_accuracy
 
 
 def finished_runs(plan: Plan) -> dict[str, list[dict]]:
@@ -66,8 +66,8 @@ def _fmean(values):
 
 
 def power(finished: dict, comps: list[dict], tasks: list[str], difference: float = 0.02) -> dict | None:
-    """How many test records per task a ``difference`` (2 points) needs at 1, 3, 5 and 10 seeds,
-    from the variance components the finished comparisons measured (their medians)."""
+    """How many test records per task a ``difference`` (2 points) needs at 1, 3, 5 and 10 seeds, and
+    how many seeds at the plan's records, from the variance components the finished comparisons measured (their medians)."""
     measured = [c["trained"] for c in comps if c["trained"]["n"]]
     if not measured:
         return None
@@ -78,7 +78,8 @@ def power(finished: dict, comps: list[dict], tasks: list[str], difference: float
     v, sd = statistics.median(variances), (statistics.median(sds) if sds else None)
     return dict(difference=difference, record_variance=v, seed_sd=sd, records_per_task=round(n_per_task),
                 detectable_median=statistics.median(c["detectable"] for c in measured),
-                needed={s: records_needed(v, sd, len(tasks), s, difference) for s in (1, 3, 5, 10)})
+                needed={s: records_needed(v, sd, len(tasks), s, difference) for s in (1, 3, 5, 10)},
+                seeds_needed=seeds_needed(v, sd, len(tasks), round(n_per_task), difference))
 
 
 # -- text ----------------------------------------------------------------------------------------------
@@ -142,7 +143,10 @@ def tables(summary: dict, tasks: list[str], heldout: list[str]) -> str:
                          for s, n in p["needed"].items())
         text += (f"\n\npower: this plan ({p['records_per_task']} test records per task) detects differences of "
                  f"{100 * p['detectable_median']:.1f} points (median over comparisons; 80% power, 5% two-sided). "
-                 f"A {100 * p['difference']:.0f}-point difference needs, per task: {need} test records.")
+                 f"A {100 * p['difference']:.0f}-point difference needs, per task: {need} test records; "
+                 f"with this plan's {p['records_per_task']} a task, "
+                 + (f"{p['seeds_needed']} seed{'s' if p['seeds_needed'] > 1 else ''}." if p["seeds_needed"]
+                    else "no number of seeds."))
     return text
 
 

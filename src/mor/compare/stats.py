@@ -144,3 +144,13 @@ def records_needed(record_variance: float, seed_sd: float | None, tasks: int, se
         return None
     # se_rec^2 = sum_t v / n / T^2 = v / (n T)
     return math.ceil(record_variance / (left * tasks))
+
+
+def seeds_needed(record_variance: float, seed_sd: float | None, tasks: int, records: int,
+                 difference: float = 0.02) -> int | None:
+    """Seeds for which ``difference`` is detected with 80 % power at 5 % (two-sided) with ``records``
+    test records per task; None when the records alone make it impossible (too few of them)."""
+    left = (difference / (Z_95 + Z_POWER_80)) ** 2 - record_variance / (records * tasks)
+    if left <= 0:
+        return None
+    return max(1, math.ceil((seed_sd or 0.0) ** 2 / left))
