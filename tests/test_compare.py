@@ -257,9 +257,10 @@ def test_the_common_case_from_flags_without_a_plan_file(tmp_path, tiny_model_dir
     assert list(plan.arms) == ["lora", "mor"] and plan.steps() == 2 and plan.seeds == [0]
     assert plan.data.heldout == ["builtin:sentiment"] and plan.work_dir() == tmp_path / "runs" / "compare" / "mine"
     done = {p: p.stat().st_mtime_ns for p in results.rglob("*_seed*.json")}
+    # each arm's seed 0 and its rate trials: the two given, and any past an edge (select.widen)
     trials = sorted(p.name for p in results.glob("select/*.json"))
-    assert len(trials) >= 4 and len(done) == 2 + len(trials)  # each arm's seed 0 and its rate trials (grid widened
-    assert {f"{a}_lr{lr}_seed0.json" for a in ("lora", "mor") for lr in ("0.001", "0.03")} <= set(trials)  # past edges)
+    assert len(trials) >= 4 and len(done) == 2 + len(trials)
+    assert {f"{a}_lr{lr}_seed0.json" for a in ("lora", "mor") for lr in ("0.001", "0.03")} <= set(trials)
     again = compare(*flags, cwd=tmp_path)
     assert "] train " not in again.stdout and {p: p.stat().st_mtime_ns for p in done} == done  # resumed: nothing redone
     before = (results / "plan.yaml").read_text()

@@ -67,7 +67,8 @@ def _fmean(values):
 
 def power(finished: dict, comps: list[dict], tasks: list[str], difference: float = 0.02) -> dict | None:
     """How many test records per task a ``difference`` (2 points) needs at 1, 3, 5 and 10 seeds, and
-    how many seeds at the plan's records, from the variance components the finished comparisons measured (their medians)."""
+    how many seeds at the plan's records, from the variance components the finished comparisons
+    measured (their medians)."""
     measured = [c["trained"] for c in comps if c["trained"]["n"]]
     if not measured:
         return None

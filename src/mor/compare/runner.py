@@ -96,7 +96,7 @@ def selection(plan: Plan, arm: Arm) -> tuple[list[float], float | None, dict]:
     """(the rates the arm's selection tries -- its grid, widened past an edge while the best sits
     there, at most ``select.widen`` more; the chosen rate, None while a trial is unfinished; the
     validation scores so far). Read from the finished trials, so every worker agrees."""
-    grid = plan.arm_grid(arm)
+    grid = declared = plan.arm_grid(arm)
     if len(grid) == 1:
         return grid, grid[0], {}
     scores = {}
@@ -113,7 +113,7 @@ def selection(plan: Plan, arm: Arm) -> tuple[list[float], float | None, dict]:
                 per_seed.append(record["validation_average"])
             scores[lr_name(lr)] = sum(per_seed) / len(per_seed)
         best = max(grid, key=lambda lr: scores[lr_name(lr)])  # the first of equals: the grid's order
-        beyond = rate_beyond(grid, best) if len(grid) - len(plan.arm_grid(arm)) < plan.select.widen else None
+        beyond = rate_beyond(grid, best) if len(grid) - len(declared) < plan.select.widen else None
         if beyond is None:
             return grid, best, scores
         grid = [*grid, beyond]
@@ -217,18 +217,17 @@ class Worker:
                         progressed = True
                 finally:
                     lock.unlink(missing_ok=True)
-                if progressed:  # from the top: a finished trial may have widened a grid or chosen a rate
+                if progressed:
                     break
-            if progressed:
+            if progressed:  # from the top: a finished trial may have widened a grid or chosen a rate
                 continue
             if not waiting:
                 return done
-            if not progressed:
-                if not _live_locks(self.work / "locks") and not any(
-                        j.kind == "select" and read_result(result_path(self.plan, j), job_key(self.plan, j)) is None
-                        for j in jobs(self.plan)):
-                    return done
-                time.sleep(poll_seconds)
+            if not _live_locks(self.work / "locks") and not any(
+                    j.kind == "select" and read_result(result_path(self.plan, j), job_key(self.plan, j)) is None
+                    for j in jobs(self.plan)):
+                return done
+            time.sleep(poll_seconds)
 
     def execute(self, job: Job, lr: float | None, key: dict, path: Path) -> dict:
         import torch
