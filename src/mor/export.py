@@ -124,6 +124,25 @@ def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path]
     return folder
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices (0.32)
+
+
+def standalone_commands(folders: Mapping[str, Union[str, Path]], base: str, rank: int) -> list[str]:
+    """How to use exported LoRA folders without mor: peft's one-line load of the first and the vLLM
+    server over ``base`` (what the folders record as ``base_model_name_or_path``) with every folder
+    as a LoRA module by its name. Paths are absolute: the commands run from any folder."""
+    from .serving.folder import serve_command
+
+    paths = {name: str(Path(folder).absolute()) for name, folder in folders.items()}
+    first = next(iter(paths.values()))
+    max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
+    modules = " ".join(f"{name}={path}" for name, path in paths.items())
+    return [f"python -c \"from peft import AutoPeftModelForCausalLM; "
+            f"model = AutoPeftModelForCausalLM.from_pretrained('{first}')\"",
+            " ".join(serve_command(base)) + f" --enable-lora --max-lora-rank {max_rank} --max-loras {len(paths)} "
+            f"--lora-modules {modules}"]
+
+
 # -- checking a merge or an export against the adapter -----------------------------------------------
 
 def _check_batch(tokenizer, texts: list[str]) -> dict:

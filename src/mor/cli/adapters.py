@@ -85,11 +85,12 @@ def cmd_merge(args) -> int:
     from ..export import merge_checked
     from ..model import is_mor_model
     from ..routing import RoutingProfile
-    from ..runtime.loading import given_model_name, load_adapted
+    from ..runtime.loading import load_adapted, standalone_base
     from ..safety import atomic_folder, check_free_space, claim_output_folder
 
+    recorded = standalone_base(args.model)  # the base as transformers opens it without mor
     out = claim_output_folder(args.output, args.overwrite, inputs={
-        "--model": args.model, "--adapter": args.adapter, "--routing": args.routing, "--data": args.data})
+        "--model": recorded, "--adapter": args.adapter, "--routing": args.routing, "--data": args.data})
     model, tokenizer = load_adapted(args.model, args.adapter, load_in_4bit=load_in_4bit_of(args))
     check_free_space(out, sum(p.numel() * p.element_size() for p in model.parameters()), "the merged model")
     if not is_mor_model(model):
@@ -102,7 +103,7 @@ def cmd_merge(args) -> int:
         texts = _prompts_of(args.data, args.skip_bad, tokenizer, args.limit)
         routing = model.measure_routing(texts, tokenizer=tokenizer, progress=True)
     merged, check = merge_checked(model, routing, tokenizer, texts)
-    merged.config.base_model_name_or_path = given_model_name(args.model)  # as given, not a cache folder
+    merged.config.base_model_name_or_path = recorded  # a folder or hub id found without mor
     with atomic_folder(out) as tmp:  # a whole new folder: nothing of what was there is mixed in
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -184,13 +185,14 @@ def add_export_lora_flags(x: argparse.ArgumentParser) -> None:
          arguments=add_export_lora_flags)
 def cmd_export_lora(args) -> int:
     from ..data import load_eval_tasks, task_prompts
-    from ..export import check_exported_lora, export_lora, exported_rank
+    from ..export import check_exported_lora, export_lora, exported_rank, standalone_commands
     from ..layer import mixture_layers
-    from ..runtime.loading import given_model_name, load_adapted, load_model
+    from ..runtime.loading import load_adapted, load_model, standalone_base
     from ..safety import atomic_folder, claim_output_folder
 
+    recorded = standalone_base(args.model)  # the base as peft and vLLM open it without mor
     out = claim_output_folder(args.output, args.overwrite, inputs={
-        "--model": args.model, "--adapter": args.adapter, "--routing": args.routing, "--data": args.data})
+        "--model": recorded, "--adapter": args.adapter, "--routing": args.routing, "--data": args.data})
     four_bit = load_in_4bit_of(args)
     model, tokenizer = load_adapted(args.model, args.adapter, load_in_4bit=four_bit)
     try:
@@ -211,12 +213,16 @@ def cmd_export_lora(args) -> int:
     base = None
     with atomic_folder(out) as tmp:  # every LoRA or none; what was in --output is replaced as a whole
         for name, routing, texts in jobs:
-            export_lora(model, routing, tmp / name, base_model_name_or_path=given_model_name(args.model))
+            export_lora(model, routing, tmp / name, base_model_name_or_path=recorded)
             print(f"LoRA (rank {rank}) written to {out / name} (loads with peft.PeftModel.from_pretrained)")
             if not args.no_check:
                 base = base if base is not None else load_model(args.model, load_in_4bit=four_bit)
                 diff, base = check_exported_lora(model, routing, tmp / name, base, tokenizer, texts)
                 print(f"  max |logit difference| vs the MoR adapter with the same fixed routing: {diff:.3g}")
+    folders = {(name.name or out.name): out / name for name, _, _ in jobs}
+    print(f"Without mor (the folders record their base as {recorded}):")
+    for line in standalone_commands(folders, recorded, rank):
+        print(f"  {line}")
     return 0
 
 
