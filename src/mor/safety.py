@@ -29,12 +29,13 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 from transformers import TrainerCallback
+
+from .stopping import EXIT_PREEMPTED, SignalHandlers, Stopped  # noqa: F401  (EXIT_PREEMPTED, Stopped: names of mor.safety too)
 
 RUN_RECORD = "mor_run.json"
 """Written by ``mor train`` into its output folder: the settings a ``--resume`` must match."""
@@ -485,20 +486,6 @@ class FiniteCheckCallback(TrainerCallback):
 
 # -- preemption: SIGTERM / SIGINT during training ---------------------------------------------------
 
-EXIT_PREEMPTED = 75
-"""Exit status of ``mor train`` stopped by SIGTERM or SIGINT after writing a complete checkpoint
-(EX_TEMPFAIL: "try again later"; a job script resubmits with ``--resume``). A second signal stops
-at once with 128 + the signal number (143 for SIGTERM, 130 for SIGINT)."""
-
-
-class Stopped(BaseException):
-    """Training stopped by a signal. ``status`` is the exit status the CLI returns. A
-    BaseException, as KeyboardInterrupt is: no ``except Exception`` on the way may swallow it."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
-
 
 class StopOnSignal(TrainerCallback):
     """Preemption-safe training: on the first SIGTERM or SIGINT the step in progress finishes,
@@ -515,14 +502,12 @@ class StopOnSignal(TrainerCallback):
     (transformers' ``enable_jit_checkpoint`` handles SIGTERM only, acts 3 s after it, and saves
     without the ``on_save`` event that marks a checkpoint complete, so it is not used.)"""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
     def __init__(self, resume_hint: str = "run the same command again with --resume"):
         self.resume_hint = resume_hint
         self.received: int | None = None
         self.stopped_at: int | None = None
         self.last_checkpoint: Path | None = None  # set when training ended without a signal
-        self._previous: dict[int, Any] = {}
+        self._handlers = SignalHandlers(self._handle)
 
     def _handle(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
@@ -542,13 +527,10 @@ class StopOnSignal(TrainerCallback):
 
     def restore(self) -> None:
         """Put back the signal handlers there were before training."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
+        self._handlers.restore()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        self._handlers.install()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):

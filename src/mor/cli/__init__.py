@@ -34,17 +34,33 @@ class Command:
     help: str
     arguments: Callable[[argparse.ArgumentParser], None]  # adds the command's flags
     run: Callable[[argparse.Namespace], int]  # the handler: returns the exit code
+    doing: str | None = None  # what it does, for the line of a clean stop on SIGTERM / SIGINT (mor.stopping)
 
 
 COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
-    """Register the decorated handler as ``mor <name>``, with the flags ``arguments`` adds."""
+def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None], doing: str | None = None):
+    """Register the decorated handler as ``mor <name>``, with the flags ``arguments`` adds. ``doing``
+    ("scoring"): the command writes its outputs whole or not at all, so SIGTERM / SIGINT stop it at
+    once with one line ("stopped by SIGTERM while scoring: nothing was written to ...") and exit 75."""
     def register(run: Callable[[argparse.Namespace], int]):
-        COMMANDS[name] = Command(name, help, arguments, run)
+        COMMANDS[name] = Command(name, help, arguments, run, doing)
         return run
     return register
+
+
+def _stopping(cmd: Command, args: argparse.Namespace):
+    """The clean stop of ``cmd`` (see :func:`command`), or nothing."""
+    import contextlib
+
+    from ..stopping import stop_cleanly
+
+    if cmd.doing is None:
+        return contextlib.nullcontext()
+    output = getattr(args, "output", None)
+    return stop_cleanly(cmd.doing, f"nothing was written to {output} (what was there is as it was)" if output
+                        else "no results were printed or written")
 
 
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
@@ -80,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from ..data import DataError
-    from ..safety import EXIT_PREEMPTED, Stopped, io_error_message
+    from ..safety import io_error_message
+    from ..stopping import EXIT_PREEMPTED, Stopped, set_command
 
     try:
         if getattr(args, "config", None):  # a run file: its settings are the defaults, flags override them
@@ -88,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
             parser._subparsers._group_actions[0].choices[args.command].set_defaults(**defaults_from_file(args.config))
             args = parser.parse_args(argv)
-        return COMMANDS[args.command].run(args)
+        set_command(["mor", *argv])  # the command a clean stop names to continue
+        with _stopping(COMMANDS[args.command], args):
+            return COMMANDS[args.command].run(args)
     except (DataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -98,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except Stopped as stop:  # SIGTERM / SIGINT (see mor.safety.StopOnSignal)
+    except Stopped as stop:  # SIGTERM / SIGINT (mor.stopping; training: mor.safety.StopOnSignal)
         print(f"\n{'error: ' if stop.status != EXIT_PREEMPTED else ''}{stop}", file=sys.stderr)  # under a progress bar
         return stop.status
     finally:

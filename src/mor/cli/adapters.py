@@ -36,7 +36,7 @@ def add_eval_flags(e: argparse.ArgumentParser) -> None:
     add_overwrite(e)
 
 
-@command("eval", "zero-shot multiple-choice accuracy per task", arguments=add_eval_flags)
+@command("eval", "zero-shot multiple-choice accuracy per task", arguments=add_eval_flags, doing="scoring")
 def cmd_eval(args) -> int:
     from ..data import load_eval_tasks
     from ..eval.scoring import format_table, write_results_json
@@ -80,7 +80,8 @@ def add_merge_flags(m: argparse.ArgumentParser) -> None:
     add_overwrite(m)
 
 
-@command("merge", "merge a MoR adapter with fixed routing into a plain model folder", arguments=add_merge_flags)
+@command("merge", "merge a MoR adapter with fixed routing into a plain model folder", arguments=add_merge_flags,
+         doing="merging")
 def cmd_merge(args) -> int:
     from ..export import merge_checked
     from ..model import is_mor_model
@@ -138,7 +139,8 @@ def add_analyze_flags(a: argparse.ArgumentParser) -> None:
     add_overwrite(a)
 
 
-@command("analyze", "router specialisation, parameter scaling and rank spectra (PNGs)", arguments=add_analyze_flags)
+@command("analyze", "router specialisation, parameter scaling and rank spectra (PNGs)", arguments=add_analyze_flags,
+         doing="analysing")
 def cmd_analyze(args) -> int:
     from ..analysis.analyze import analyze, format_report, routing_over_steps
     from ..data import load_eval_tasks, task_prompts
@@ -182,7 +184,7 @@ def add_export_lora_flags(x: argparse.ArgumentParser) -> None:
 
 
 @command("export-lora", "a MoR/MoE-LoRA adapter under fixed routing as standard peft LoRA folders",
-         arguments=add_export_lora_flags)
+         arguments=add_export_lora_flags, doing="exporting LoRA folders")
 def cmd_export_lora(args) -> int:
     from ..data import load_eval_tasks, task_prompts
     from ..export import check_exported_lora, export_lora, exported_rank, standalone_commands

@@ -31,6 +31,7 @@ from ..runtime.loading import load_model, load_tokenizer
 from ..safety import (FiniteCheckCallback, StopOnSignal, atomic_folder, atomic_write_text, check_training_space,
                       claim_run_folder, divergence_warning, nonfinite_tensors, release_failed_run_folder,
                       take_run_folder)
+from ..stopping import stop_cleanly
 from .adapters import apply_adapter
 from .config import FIGURE_PROMPTS, TrainConfig
 from .hub import check_hub_token, model_card, push_adapter
@@ -120,7 +121,8 @@ def _run(cfg: TrainConfig, callbacks: list, settings: dict) -> tuple[TrainResult
 
     # 3. evaluate before (the adapter off)
     if cfg.evaluate and cfg.evaluate_before and eval_tasks and not cfg.resume:
-        with model.disable_adapter():
+        with model.disable_adapter(), stop_cleanly("scoring the base model before training",
+                                                   "nothing was trained or saved yet"):
             run.before = _timed_evaluation(run, "before", model, tokenizer, eval_tasks, cfg)
 
     # 4. trainer (the inputs loaded and the disk has room: now the old run's files go), 5. train or resume
