@@ -365,3 +365,21 @@ def test_an_export_whose_base_moved_fails_in_peft_naming_the_recorded_path(tmp_p
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": str(moved)}))
     proc = load_without_mor(tmp_path / "lora", [[5, 6, 7]], tmp_path / "logits.safetensors", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_merged_model_records_its_base_and_its_card_loads_it_without_mor(tmp_path, tiny_model_dir, tasks,
+                                                                           monkeypatch):
+    """`mor merge` records the base as transformers opens it from any folder (absolute, not as given), and
+    its README says where it came from and how to load it without mor."""
+    from mor.runtime.loading import load_model
+
+    get_mor_model(load_model(str(tiny_model_dir)), MoRConfig(r=2, num_experts=2, init_seed=0)).save_pretrained(
+        tmp_path / "adapter")
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert main(["merge", "--model", tiny_model_dir.name, "--adapter", str(tmp_path / "adapter"),
+                 "--data", tasks[0], "--limit", "4", "--output", str(tmp_path / "merged")]) == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)  # given relative, recorded absolute
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert str(tiny_model_dir) in card and f"measured on {tasks[0]}" in card
+    assert f'AutoModelForCausalLM.from_pretrained("{tmp_path / "merged"}")' in card

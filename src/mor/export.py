@@ -143,6 +143,23 @@ def standalone_commands(folders: Mapping[str, Union[str, Path]], base: str, rank
             f"--lora-modules {modules}"]
 
 
+def merged_model_card(folder: Union[str, Path], base: str, adapter: Union[str, Path], routing: str) -> str:
+    """README.md of a ``mor merge`` folder: where it came from (the base as transformers opens it
+    without mor, the adapter, the routing) and how to load and serve it without mor."""
+    from .serving.folder import serve_command
+
+    path = Path(folder).absolute()
+    return "\n".join([
+        "---", "library_name: transformers", "tags:", "- mor", "- merged", "---", "",
+        "# A MoR adapter merged into its base", "",
+        f"`mor merge` folded the MoR adapter `{Path(adapter).absolute()}` into the base `{base}` under fixed "
+        f"routing ({routing}; routing_profile.json). It is a plain transformers model: no `mor` needed.", "",
+        "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'model = AutoModelForCausalLM.from_pretrained("{path}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{path}")', "```", "",
+        f"Served by vLLM: `{' '.join(serve_command(path))}`.", ""])
+
+
 # -- checking a merge or an export against the adapter -----------------------------------------------
 
 def _check_batch(tokenizer, texts: list[str]) -> dict:

@@ -83,7 +83,7 @@ def add_merge_flags(m: argparse.ArgumentParser) -> None:
 @command("merge", "merge a MoR adapter with fixed routing into a plain model folder", arguments=add_merge_flags,
          doing="merging")
 def cmd_merge(args) -> int:
-    from ..export import merge_checked
+    from ..export import merge_checked, merged_model_card
     from ..model import is_mor_model
     from ..routing import RoutingProfile
     from ..runtime.loading import load_adapted, standalone_base
@@ -109,6 +109,8 @@ def cmd_merge(args) -> int:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         routing.save(tmp / "routing_profile.json")
+        source = f"from {args.routing}" if args.routing else f"measured on {', '.join(args.data)}"
+        (tmp / "README.md").write_text(merged_model_card(out, recorded, args.adapter, source))
     print(f"Merged model written to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
     print(f"Max |logit difference| vs the un-merged model with the same fixed routing: {check.max_difference:.3g} "
           f"(top-1 token agreement {100 * check.top1_agreement:.1f} %)")
