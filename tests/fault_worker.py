@@ -5,7 +5,8 @@ PLAN is a comma-separated list of ``SIGNAL@POINT:STEP`` (``SIGTERM@step:3``: dur
 after its forward pass began; ``SIGTERM@checkpoint:3``: while checkpoint-3 is being written, after
 its adapter and before its optimizer state; ``SIGKILL@final-save``: while the final adapter is
 written; ``SIGTERM@score:2``: before the second scoring call (of `mor train`: the evaluation after
-training; of `mor eval`: its second task); ``SIGTERM@export``: after `mor export-lora` wrote a LoRA
+training; of `mor eval`: its second task); ``SIGTERM@compare-score:1``: before `mor compare` scores
+its first run; ``SIGTERM@export``: after `mor export-lora` wrote a LoRA
 into its temporary folder). Any mor command may follow ``--``. RECORD is a JSON file where the worker writes the sha256 of every file of the complete
 checkpoints as they were when the first signal was sent (to show they are untouched afterwards).
 Exit status: the CLI's (75 after a checkpoint, 128+N for a second signal), or -9 for SIGKILL.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+import mor.compare.runner
 import mor.eval.scoring
 import mor.export
 import mor.train
@@ -41,7 +43,7 @@ def complete_checkpoints(output: Path) -> dict[str, str]:
 
 
 def main_with_plan(plan: str, record: Path, argv: list[str]) -> int:
-    output = Path(argv[argv.index("--output") + 1])
+    output = Path(argv[argv.index("--output") + 1]) if "--output" in argv else Path("no-output")
     points = []
     for item in plan.split(","):
         name, where = item.split("@")
@@ -94,6 +96,14 @@ def main_with_plan(plan: str, record: Path, argv: list[str]) -> int:
         return folder
 
     mor.export.export_lora = export_lora_then_signal
+    compare_score, compared = mor.compare.runner.Worker.score, []
+
+    def compare_score_then_signal(self, *args, **kwargs):
+        compared.append(1)
+        send("compare-score", len(compared))  # `mor compare`, before scoring its Nth run
+        return compare_score(self, *args, **kwargs)
+
+    mor.compare.runner.Worker.score = compare_score_then_signal
     run_training = mor.train.run_training
     mor.train.run_training = lambda cfg, callbacks=None: run_training(cfg, [*(callbacks or []), SendDuringStep()])
     return main(argv)

@@ -365,3 +365,19 @@ def test_a_signal_during_mor_eval_or_export_lora_leaves_the_previous_output_and_
     line = stop_line(run_worker("SIGINT@export", tmp_path / "record.json", flags))
     assert "stopped by SIGINT while exporting LoRA folders: nothing was written to" in line and "mor export-lora" in line
     assert [p.name for p in loras.iterdir()] == ["earlier.txt"] and leftovers(tmp_path) == []
+
+
+def test_a_signal_while_mor_compare_scores_keeps_the_training_and_the_rerun_only_scores(tmp_path, tiny_model_dir):
+    from test_compare import tiny_plan
+
+    plan = tiny_plan(tmp_path, tiny_model_dir, arms=dict(lora=dict(method="lora", r=4)), baseline=False, seeds=[0],
+                     select=dict(lrs=[1e-3], widen=0))
+    flags = ["compare", plan, "--no-report"]
+    line = stop_line(run_worker("SIGTERM@compare-score:1", tmp_path / "record.json", flags))
+    assert "while scoring lora_seed0: its training is finished" in line and "its scores were not written" in line
+    assert "same `mor compare` command again" in line
+    assert not (tmp_path / "results" / "lora_seed0.json").exists() and leftovers(tmp_path) == []
+    (trained,) = (tmp_path / "work" / "train").glob("lora_*/result.json")
+    stamp = trained.stat().st_mtime_ns
+    assert run_cli(*flags) == 0
+    assert (tmp_path / "results" / "lora_seed0.json").is_file() and trained.stat().st_mtime_ns == stamp  # not retrained
