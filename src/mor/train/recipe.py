@@ -302,10 +302,13 @@ def draw_figures_after_training(cfg: TrainConfig, adapter_dir: Path, eval_tasks:
     choose_chat_template(tokenizer, cfg)  # the run's prompts
     texts = {t.name: task_prompts(t, tokenizer, FIGURE_PROMPTS) for t in eval_tasks}
     folder = Path(cfg.output) / "figures"
-    analyze(model, texts, folder, tokenizer=tokenizer)
-    stats = Path(cfg.output) / STATS_NAME
-    if stats.is_file():
-        routing_over_steps(stats, folder)
+    rerun = f"draw them with `mor analyze --adapter {adapter_dir} --data <the eval tasks> --output {folder}`"
+    with stop_cleanly("drawing the figures after training", f"the adapter and result.json are saved in {cfg.output}, "
+                      "the figures are not drawn", rerun=rerun), atomic_folder(folder) as tmp:  # all figures or none
+        analyze(model, texts, tmp, tokenizer=tokenizer)
+        stats = Path(cfg.output) / STATS_NAME
+        if stats.is_file():
+            routing_over_steps(stats, tmp)
     return folder
 
 
