@@ -185,6 +185,8 @@ class RayEngine:
     def __init__(self, plan: Plan, address: str | None, retries: int = 3):
         ray = need_extra("ray", "ray")
         self.ray = ray
+        if address and address != "auto":
+            reach(address)
         try:
             if address:
                 ray.init(address=address, include_dashboard=False, log_to_driver=True)
@@ -203,9 +205,7 @@ class RayEngine:
         options = dict(num_cpus=res.cpus, num_gpus=gpus, max_retries=retries)
         if res.mem_gb:
             options["memory"] = int(res.mem_gb * 2 ** 30)
-        from ..safety import Stopped
-
-        self.remote = ray.remote(run_job).options(retry_exceptions=[Stopped], **options)
+        self.remote = ray.remote(run_job).options(**options)
 
     def submit(self, specs: list[JobSpec]) -> list:
         return [self.remote.remote(spec) for spec in specs]
@@ -222,6 +222,20 @@ class RayEngine:
 
     def close(self) -> None:
         self.ray.shutdown()
+
+
+def reach(address: str, timeout: float = 10.0) -> None:
+    """Refuse a Ray address nothing answers at (ray.init retries one for minutes)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise EngineError(f"ray: --ray-address {address}: give auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise EngineError(f"ray: nothing answers at {address} ({err.strerror or err}): start the cluster (ray start "
+                          "--head) or give its address") from None
 
 
 class SlurmEngine:
