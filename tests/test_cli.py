@@ -61,6 +61,25 @@ def test_mor_help_and_import_mor_import_neither_peft_nor_torch():
     assert done.returncode == 0 and "export-vllm" in done.stdout, done.stderr
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "merge", "export-lora", "export-vllm", "compare"])
+def test_a_commands_help_imports_neither_peft_nor_torch(command):
+    # `mor train --help` lists every flag generated from MoRConfig's and TrainConfig's fields (their
+    # schema is MoROptions, a plain dataclass) without importing torch, peft or transformers: instant
+    code = f"""if True:
+        import sys
+        from mor.cli import main
+        try:
+            main(["{command}", "--help"])
+        except SystemExit as exit_:
+            assert exit_.code == 0
+        print("heavy after help:", [m for m in sys.argv[1:] if m in sys.modules])
+    """
+    done = subprocess.run([sys.executable, "-c", code, *HEAVY], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "heavy after help: []" in done.stdout, done.stdout
+    assert "usage: mor " + command in done.stdout
+
+
 @pytest.mark.parametrize("method", ["mor", "moelora", "lora", "dora"])
 def test_train_eval_merge_analyze_for_each_method(tmp_path, tiny_model_dir, tiny_tasks, method, capsys):
     out = tmp_path / "run"
