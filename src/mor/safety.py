@@ -36,23 +36,13 @@ from typing import Any, Iterator, Mapping
 import torch
 from transformers import TrainerCallback
 
+from .errors import AdapterError, OutputError, TrainingDiverged
+
 RUN_RECORD = "mor_run.json"
 """Written by ``mor train`` into its output folder: the settings a ``--resume`` must match."""
 
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors",)
 DIVERGENCE_FACTOR = 1.5  # a final logged loss above 1.5x the first one is reported as divergence
-
-
-class OutputError(ValueError):
-    """A command would overwrite something it does not own, or resume a different run."""
-
-
-class AdapterError(ValueError):
-    """An adapter folder cannot be used: unreadable, mismatched, or with non-finite weights."""
-
-
-class TrainingDiverged(ValueError):
-    """The loss or the trainable weights became NaN/inf during training."""
 
 
 # -- the one output-ownership rule -------------------------------------------------------------------
