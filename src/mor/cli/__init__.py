@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except Stopped as stop:  # SIGTERM / SIGINT (see mor.safety.StopOnSignal)
+    except Stopped as stop:  # SIGTERM / SIGINT (see mor.train.callbacks.StopOnSignal)
         print(f"\n{'error: ' if stop.status != EXIT_PREEMPTED else ''}{stop}", file=sys.stderr)  # under a progress bar
         return stop.status
     finally:

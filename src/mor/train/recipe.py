@@ -28,9 +28,9 @@ from ..params import count_trainable_parameters
 from ..runtime.distributed import (adapter_checksum, all_gather_objects, check_launch_before_start, checkpoint_state,
                                    gather_adapter_state_dict, save_adapter, world_size)
 from ..runtime.loading import load_model, load_tokenizer
-from ..safety import (FiniteCheckCallback, StopOnSignal, atomic_folder, atomic_write_text, check_training_space,
-                      claim_run_folder, divergence_warning, nonfinite_tensors, release_failed_run_folder,
-                      take_run_folder)
+from ..safety import atomic_folder, atomic_write_text, check_training_space, nonfinite_tensors
+from .callbacks import FiniteCheckCallback, StopOnSignal, divergence_warning
+from .run_folder import claim_run_folder, release_failed_run_folder, take_run_folder
 from .adapters import apply_adapter
 from .config import FIGURE_PROMPTS, TrainConfig
 from .hub import check_hub_token, model_card, push_adapter
@@ -76,8 +76,8 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
 
     The output folder must be new or empty, or hold this same run (``resume``, same settings),
     or ``overwrite`` must be set, and may not be, hold or lie inside an input (see
-    :func:`mor.safety.claim_run_folder`). SIGTERM / SIGINT stop the run at a complete checkpoint
-    (:class:`mor.safety.StopOnSignal`).
+    :func:`mor.train.run_folder.claim_run_folder`). SIGTERM / SIGINT stop the run at a complete checkpoint
+    (:class:`mor.train.callbacks.StopOnSignal`).
     """
     cfg.validate()
     if cfg.push_to_hub:
