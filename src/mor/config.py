@@ -12,6 +12,7 @@ from typing import Optional, Union
 from peft import PeftConfig
 
 from .options import ALL_METHODS, INITS, METHODS, ROUTERS, TARGET_PRESETS, MoROptions
+from .errors import AdapterError, MissingInput
 
 __all__ = ["ALL_METHODS", "CONFIG_NAME", "INITS", "METHODS", "MoELoRAConfig", "MoRConfig", "PEFT_TYPE", "ROUTERS",
            "TARGET_PRESETS", "WEIGHTS_NAME", "read_adapter_config"]
@@ -41,8 +42,8 @@ class MoRConfig(PeftConfig, MoROptions):
         """The config of a saved MoR adapter folder (current or legacy format), with clear errors."""
         data = read_adapter_config(folder)
         if data.get("peft_type") != PEFT_TYPE and data.get("adapter_type") != "mor":
-            raise ValueError(f"{Path(folder) / CONFIG_NAME} is not a MoR/MoE-LoRA adapter config "
-                             f"(peft_type={data.get('peft_type')!r}).")
+            raise AdapterError(f"{Path(folder) / CONFIG_NAME} is not a MoR/MoE-LoRA adapter config "
+                                 f"(peft_type={data.get('peft_type')!r}).")
         return cls.from_dict(data)
 
     @classmethod
@@ -51,7 +52,7 @@ class MoRConfig(PeftConfig, MoROptions):
         legacy = {"adapter_type", "mor_version"}
         unknown = sorted(set(data) - known - legacy)
         if unknown:
-            raise ValueError(f"Unknown MoRConfig fields {unknown}; known fields are {sorted(known)}.")
+            raise AdapterError(f"Unknown MoRConfig fields {unknown}; known fields are {sorted(known)}.")
         return cls(**{k: v for k, v in data.items() if k in known and k != "peft_type"})
 
 
@@ -59,14 +60,14 @@ def read_adapter_config(folder: Union[str, Path]) -> dict:
     """The parsed adapter_config.json of an adapter folder (ours or peft's), with clear errors."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: pass a folder written by save_pretrained.")
+        raise MissingInput(f"No {CONFIG_NAME} in {folder}: pass a folder written by save_pretrained.")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); re-save the adapter.") from err
+        raise AdapterError(f"{path} is not valid JSON ({err}); re-save the adapter.") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object of adapter settings "
-                         "({\"peft_type\": ..., \"r\": ...}); re-save the adapter with save_pretrained.")
+        raise AdapterError(f"{path} holds a JSON {type(data).__name__}, not an object of adapter settings "
+                             "({\"peft_type\": ..., \"r\": ...}); re-save the adapter with save_pretrained.")
     return data
 
 

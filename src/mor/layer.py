@@ -28,6 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .errors import AdapterError, SettingsError
 from .routing import Router
 
 
@@ -334,7 +335,7 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
             adapter = self.mor[name]
             weight = weight + adapter.merged_delta(adapter.router.merge_routing()).float()
             if safe_merge and not torch.isfinite(weight).all():
-                raise ValueError(f"merging adapter {name!r} would give non-finite weights; it is broken")
+                raise AdapterError(f"merging adapter {name!r} would give non-finite weights; it is broken")
         if is_quantized(base):
             self.base_layer = plain_linear(base, weight.to(dtype))
         else:
@@ -382,11 +383,11 @@ def mixture_layers(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(module, MixtureLayer):
             active = [a for a in module.active_adapters if a in module.mor]
             if len(active) != 1:
-                raise ValueError(f"{name}: one adapter at a time (export, routing statistics); active adapters are {active}")
+                raise SettingsError(f"{name}: one adapter at a time (export, routing statistics); active adapters are {active}")
             layers[name[len(prefix) + 1:] if prefix else name] = module.mor[active[0]]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoR / MoE-LoRA layers; "
-                         "load a MoR or MoE-LoRA adapter onto the model first")
+        raise AdapterError(f"{type(model).__name__} has no MoR / MoE-LoRA layers; "
+                           "load a MoR or MoE-LoRA adapter onto the model first")
     return layers
 
 

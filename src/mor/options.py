@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
+from .errors import SettingsError
 
 METHODS = ("mor", "moelora")  # the peft methods of this package
 ALL_METHODS = (*METHODS, "lora", "dora")  # every adapter a training run can put on (LoRA/DoRA: peft's own)
@@ -72,7 +73,7 @@ class MoROptions:
 
         def check(ok: bool, name: str, allowed: str) -> None:
             if not ok:
-                raise ValueError(f"MoRConfig.{name}={getattr(self, name)!r} is invalid: {allowed}.")
+                raise SettingsError(f"MoRConfig.{name}={getattr(self, name)!r} is invalid: {allowed}.")
 
         check(self.method in METHODS, "method", f"choose one of {METHODS}")
         check(_is_int(self.r) and self.r >= 1, "r", "the rank must be an integer >= 1")

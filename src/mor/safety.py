@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from .errors import AdapterError, OutputError
+from .errors import AdapterError, OutputError, SettingsError
 
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors",)
 
@@ -246,11 +246,11 @@ def check_adapter_fits(parameters: int, what: str, activation_floats: int = 0, t
     need = parameters * (TRAINING_BYTES_PER_PARAMETER if training else 4) + 4 * activation_floats
     free = available_memory()
     if need > free:
-        raise ValueError(f"{what} has {parameters:,} parameters: about {_size(need)} to "
-                         f"{'train' if training else 'load'} (weights" + (", gradients, optimizer state" if training
-                                                                           else "")
-                         + (", activations" if activation_floats else "") + f"), but {_size(free)} of memory is "
-                         "available. Lower --r or --num-experts (or --batch-size, --max-length, or the targets).")
+        raise SettingsError(f"{what} has {parameters:,} parameters: about {_size(need)} to "
+                            f"{'train' if training else 'load'} (weights" + (", gradients, optimizer state" if training
+                                                                              else "")
+                            + (", activations" if activation_floats else "") + f"), but {_size(free)} of memory is "
+                            "available. Lower --r or --num-experts (or --batch-size, --max-length, or the targets).")
 
 
 # -- faults of the machine, as one line ------------------------------------------------------------

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence, Union
 
-from ..errors import require
+from ..errors import DataError, require
 
 #: File names of the figures ``analysis.analyze`` writes, by key.
 FIGURES = {
@@ -173,7 +173,7 @@ def plot_routing_over_steps(records: Sequence[Mapping], path: PathLike) -> Path:
     of tokens, against the optimiser step; one thin line per layer (colour = depth), the mean over
     layers thick."""
     if not records:
-        raise ValueError("no routing records to draw (routing_stats.json is empty)")
+        raise DataError("no routing records to draw (routing_stats.json is empty)")
     from matplotlib import colormaps
 
     steps = [r["step"] for r in records]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import MultipleChoiceItem
+from ..errors import AdapterError, DataError
 from .encoding import choice_length, encode_pair, resolve_max_length
 
 log = logging.getLogger(__name__)
@@ -331,17 +332,17 @@ def _requests(items: list[MultipleChoiceItem], tokenizer, max_length: int, add_b
     requests: list[_Request] = []
     for i, item in enumerate(items):
         if len(item.contexts) != len(item.continuations):
-            raise ValueError(f"{item.source or item.task}: {len(item.contexts)} contexts but {len(item.continuations)} continuations")
+            raise DataError(f"{item.source or item.task}: {len(item.contexts)} contexts but {len(item.continuations)} continuations")
         if not item.continuations:
-            raise ValueError(f"{item.source or item.task}: no choices")
+            raise DataError(f"{item.source or item.task}: no choices")
         for j, (context, continuation) in enumerate(zip(item.contexts, item.continuations)):
             ctx, cont = encode_pair(
                 tokenizer, context, continuation, add_bos_token=add_bos_token, prefix_token_id=prefix_token_id
             )
             if not cont:
-                raise ValueError(f"{item.source or item.task}: choice {j} ({continuation!r}) has no tokens to score")
+                raise DataError(f"{item.source or item.task}: choice {j} ({continuation!r}) has no tokens to score")
             if len(cont) > max_length:
-                raise ValueError(f"{item.source or item.task}: choice {j} has {len(cont)} tokens > max_length {max_length}")
+                raise DataError(f"{item.source or item.task}: choice {j} has {len(cont)} tokens > max_length {max_length}")
             requests.append(_Request(i, j, ctx, cont))
     return requests
 
@@ -407,10 +408,10 @@ def _item_scores(items: list[MultipleChoiceItem], requests: list[_Request]) -> l
     nonfinite = [r for r in requests if not math.isfinite(float(r.logprob))]
     if nonfinite:
         first = items[nonfinite[0].item]
-        raise ValueError(f"{len(nonfinite)} of {len(requests)} log-likelihoods are NaN or inf (first: "
-                         f"{first.source or first.task}, choice {nonfinite[0].choice}): the model or adapter gives "
-                         "non-finite logits, so no accuracy is reported. Check the weights (a diverged or "
-                         "corrupt adapter or model) or use a wider dtype.")
+        raise AdapterError(f"{len(nonfinite)} of {len(requests)} log-likelihoods are NaN or inf (first: "
+                             f"{first.source or first.task}, choice {nonfinite[0].choice}): the model or adapter gives "
+                             "non-finite logits, so no accuracy is reported. Check the weights (a diverged or "
+                             "corrupt adapter or model) or use a wider dtype.")
     per_item: list[list[_Request]] = [[] for _ in items]
     for r in requests:
         per_item[r.item].append(r)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Optional, Union
 
+from ..errors import SettingsError
 from ..options import ALL_METHODS, INITS, METHODS, ROUTERS, TARGET_PRESETS, MoROptions
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class AdapterSpec:
 
     def __post_init__(self) -> None:
         if self.method not in ALL_METHODS:
-            raise ValueError(f"method={self.method!r} is unknown; choose one of {ALL_METHODS}")
+            raise SettingsError(f"method={self.method!r} is unknown; choose one of {ALL_METHODS}")
         resolved = self.options()  # validates every field, naming it; resolves alpha and target presets
         self.alpha, self.target_modules = resolved.alpha, resolved.target_modules
 
