@@ -25,7 +25,7 @@ from torch import nn
 from .baselines.moelora import MoELoRAAdapter
 from .config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, MoRConfig, read_adapter_config
 from .errors import AdapterError, DataError, MissingInput, SettingsError
-from .layer import MixtureLayer, MoRAdapter, compute_dtype, keep_4bit_states, linear_shape
+from .layer import MixtureLayer, MoRAdapter, compute_dtype, keep_4bit_states, linear_shape, named_mixture_layers
 from .routing import GateRecorder, Routing, RoutingProfile, load_balancing_loss, resolve_routing
 
 PEFT_SUPPORTED = ((0, 21), (0, 22))  # [min, max): the versions the tests cover
@@ -149,7 +149,7 @@ class MoRModel(BaseTuner):
     # -- MoR's own verbs ------------------------------------------------------------------------------
     def mor_layers(self) -> dict[str, MixtureLayer]:
         """Every mixture layer, by its dotted name in the transformers model."""
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, MixtureLayer)}
+        return named_mixture_layers(self.model)
 
     def mor_adapters(self) -> dict[str, nn.Module]:
         """The active adapter's MoRAdapter / MoELoRAAdapter of every layer, by layer name."""
