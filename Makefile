@@ -21,11 +21,15 @@ install: $(STAMP)
 demo: install  ## train MoR on the built-in suite with SmolLM2, evaluate before/after, draw figures
 	mor train
 
+# Two pytest workers, each taking whole test files (module fixtures such as a trained adapter or a vLLM
+# engine are built once): while one waits on a subprocess (vLLM, accelerate launch, an import) the other runs.
+PYTEST_WORKERS ?= 2
+
 test: install  ## the whole test suite (offline; real-model tests included)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: install
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 bench-speed: install
 	$(PYTHON) -m benchmarks.speed
