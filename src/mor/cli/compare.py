@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from . import at_least_one, command
+from ..errors import SettingsError
 
 
 PLAN_FLAGS = ("data", "heldout", "arms", "model", "steps", "seeds", "lrs", "target", "name")
@@ -74,14 +75,14 @@ def cmd_compare(args) -> int:
 
     flags = [f"--{f}" for f in PLAN_FLAGS if getattr(args, f) is not None]
     if args.plan and flags:
-        raise ValueError(f"give a plan file or the plan flags ({', '.join(flags)}), not both: a plan's settings "
-                         "live in its file")
+        raise SettingsError(f"give a plan file or the plan flags ({', '.join(flags)}), not both: a plan's settings "
+                               "live in its file")
     if not args.plan:
         from ..compare.plan import plan_from_flags, write_plan_file
 
         if not args.data:
-            raise ValueError("give a plan file (mor compare plan.yaml) or the tasks to compare on: "
-                             "mor compare --data TASK [TASK ...] [--arms lora mor]")
+            raise SettingsError("give a plan file (mor compare plan.yaml) or the tasks to compare on: "
+                                   "mor compare --data TASK [TASK ...] [--arms lora mor]")
         raw = plan_from_flags(args.data, args.heldout, args.arms, args.model, args.steps, args.seeds, args.lrs,
                               args.target, args.name)
         args.plan = str(write_plan_file(raw, Path(raw["results"]) / "plan.yaml"))
@@ -101,13 +102,7 @@ def cmd_compare(args) -> int:
             os.environ["MOR_CLAIM_GRACE"] = str(args.claim_grace)  # the workers and jobs this starts inherit it
         engine = args.engine or plan.engine
         if engine != "local":
-            from ..compare.engines import EngineError
-
-            try:
-                _run_engine(plan, engine, args)
-            except EngineError as err:
-                print(f"error: {err}", file=sys.stderr)
-                return 2
+            _run_engine(plan, engine, args)
         elif args.workers > 1 or plan.resources.get("gpus"):
             from ..compare.engines import Resources, gpu_sets, visible_gpus
 
@@ -167,8 +162,8 @@ def _run_engine(plan, engine: str, args) -> None:
     from ..runtime.loading import load_model
 
     if args.limit or args.workers > 1:
-        raise ValueError(f"--engine {engine} runs every job the plan has; --workers and --limit are the local "
-                         "engine's")
+        raise SettingsError(f"--engine {engine} runs every job the plan has; --workers and --limit are the local "
+                            "engine's")
     runner = make_engine(plan, engine, args.ray_address, args.slurm_partition, args.slurm_time,
                          args.slurm_array_parallelism, args.slurm_local)  # refuses before anything is loaded
     try:

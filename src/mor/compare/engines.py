@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..errors import MissingExtra, MorError
 from ..safety import atomic_write_text
 from .claims import Claim, host_name
 from .plan import ENGINE_NAMES, Plan, PlanError
@@ -38,7 +39,7 @@ from .runner import Job, Worker, job_key, lock_path, lr_selection, pending, resu
 MARKER = ".mor-shared-work.json"
 
 
-class EngineError(RuntimeError):
+class EngineError(MorError, RuntimeError):
     """An engine refused or lost a job; the message is the engine's own, in one line."""
 
 
@@ -54,7 +55,7 @@ def need_extra(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise PlanError(f"--engine {extra} needs {module}: pip install \"mor-adapters[{extra}]\"") from None
+        raise MissingExtra(f"--engine {extra} needs {module}: pip install \"mor-adapters[{extra}]\"") from None
 
 
 # -- resources ----------------------------------------------------------------------------------------
