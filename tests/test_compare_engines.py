@@ -175,6 +175,16 @@ def test_local_workers_get_their_own_gpus_or_one_error_line(tmp_path, tiny_model
     assert main(["compare", str(plan_file), "--workers", "4", "--no-report"]) == 0
     assert started == ["0", "1", "2", "3"]
     started.clear()
+    assert main(["compare", str(plan_file), "--no-report"]) == 0  # one worker: on one GPU, not spread over four
+    assert started == ["0"]
+    started.clear()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")  # a worker started so runs its jobs itself: no further worker
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr("mor.cli.compare._run_here", lambda plan, args: started.append("here"))
+    assert main(["compare", str(plan_file), "--no-report"]) == 0 and started == ["here"]
+    started.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     plan_file.write_text(plan_file.read_text() + "resources: {gpus: 2}\n")
     assert main(["compare", str(plan_file), "--workers", "3", "--no-report"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -103,14 +103,14 @@ def cmd_compare(args) -> int:
         engine = args.engine or plan.engine
         if engine != "local":
             _run_engine(plan, engine, args)
-        elif args.workers > 1 or plan.resources.get("gpus"):
+        else:
             from ..compare.engines import Resources, gpu_sets, visible_gpus
 
             gpus = visible_gpus()
             sets = gpu_sets(args.workers, Resources.of(plan).gpus_per_run(plan, len(gpus)), gpus)
-            if args.workers == 1:
-                _run_here(plan, args, sets[0])
-            else:
+            if args.workers == 1 and sets[0] in (None, ",".join(gpus)):  # its GPUs are all it sees: run here
+                _run_here(plan, args)
+            else:  # worker processes, each started with its own CUDA_VISIBLE_DEVICES
                 from ..compare.runner import run_workers
 
                 extra = ["--limit", str(args.limit)] if args.limit else []
@@ -119,8 +119,6 @@ def cmd_compare(args) -> int:
                     print(f"error: a worker failed with status {status} (its output is above); run the same command "
                           "again to resume", file=sys.stderr)
                     return status
-        else:
-            _run_here(plan, args, None)
     if args.no_report:
         return 0
     from ..compare.plan import match_budget
@@ -142,14 +140,12 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}{host} pid {os.getpid()}] {msg}", flush=True)
 
 
-def _run_here(plan, args, gpus: str | None) -> None:
+def _run_here(plan, args) -> None:
     """The plan's jobs in this process, taking the next unclaimed one until none is left."""
     from ..compare import Worker
     from ..compare.plan import match_budget
     from ..runtime.loading import load_model
 
-    if gpus is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus  # before CUDA is first used
     counts = match_budget(plan, load_model(plan.model))
     _log("trainable parameters: " + ", ".join(f"{plan.arms[a].label} {n:,}" for a, n in counts.items()))
     Worker(plan, log=_log, limit=args.limit).run()

@@ -312,9 +312,9 @@ class SlurmEngine:
         proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join({j.job_id.split('_')[0]
                                                                                  for j in handles})],
                               capture_output=True, text=True)
-        if proc.returncode != 0:
+        if proc.returncode != 0 and "Invalid job id" not in proc.stderr:  # (squeue's answer once all have left)
             return []  # the controller did not answer: ask again later
-        queued = set(proc.stdout.split())
+        queued = set(proc.stdout.split()) if proc.returncode == 0 else set()
         return [job for job in handles if job.job_id not in queued]
 
     def close(self) -> None:
