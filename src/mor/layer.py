@@ -28,6 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import _compat
 from .routing import Router
 
 
@@ -142,11 +143,11 @@ class MoRAdapter(ExpertMixture):
         (an optimizer step, load_state_dict, ``.to()``) rebuilds it.
         """
         # the parameter dicts, not attribute access: this runs at every call, 90 times per decoded token
-        params = (*self._parameters.values(), *self.router._parameters.values())  # A, B, Omega_A, Omega_B, W_g
+        params = (*_compat.direct_parameters(self), *_compat.direct_parameters(self.router))  # A, B, Omega_A, Omega_B, W_g
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return TokenIndependentFactors(self._build_stacked_up_t(), None)
         # new storage (.to(), .data =) changes the pointer; in-place updates bump the version
-        key = [(p.data_ptr(), p._version) for p in params]
+        key = _compat.parameter_versions(params)
         if self._factors_cache is None or self._factors_cache[0] != key:
             with torch.no_grad():
                 router_weight = self.router.weight
@@ -224,9 +225,7 @@ def unpacked_4bit(layer: nn.Module):
     state = weight.quant_state
     if not getattr(state, "packing_format_for_cpu", False):
         return weight.data, state
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    codes, inverse_state = _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.copy(state))
+    codes, inverse_state = _compat.unpack_4bit_for_cpu(weight.data.clone(), copy.copy(state))
     return codes, getattr(layer, "mor_quant_state", inverse_state)
 
 

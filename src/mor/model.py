@@ -8,7 +8,8 @@ routing, the exact merge with fixed routing, and the router's load-balancing los
 reaches them by attribute: ``peft_model.measure_routing(...)``, ``peft_model.merge_and_unload(routing)``.
 
 peft has no public registry for methods outside its ``PeftType`` enum, so ``register()`` writes
-MoR into peft.mapping's dictionaries; it refuses a peft version outside the tested range.
+MoR into peft.mapping's dictionaries (through ``mor._compat``); it refuses a peft version outside the
+tested range.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
+from . import _compat
 from .baselines.moelora import MoELoRAAdapter
 from .config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, MoRConfig, read_adapter_config
 from .layer import MixtureLayer, MoRAdapter, compute_dtype, keep_4bit_states, linear_shape
 from .routing import GateRecorder, Routing, RoutingProfile, load_balancing_loss, resolve_routing
-
-PEFT_SUPPORTED = ((0, 21), (0, 22))  # [min, max): the versions the tests cover
 
 
 # -- the tuner -------------------------------------------------------------------------------------
@@ -66,9 +66,6 @@ class MoRModel(BaseTuner):
                 stacklevel=2,
             )
 
-    def _post_injection_hook(self, model: nn.Module, config: MoRConfig, adapter_name: str) -> None:
-        self._install_balance_loss(model)
-
     @staticmethod
     def _check_target_module_exists(config: MoRConfig, key: str):
         return check_target_module_exists(config, key)
@@ -87,7 +84,7 @@ class MoRModel(BaseTuner):
         layer = MixtureLayer(target, adapter_name, adapter)
         if adapter_name not in self.active_adapters:
             layer.requires_grad_(False)
-        self._replace_module(parent, target_name, layer, target)
+        _compat.replace_module(self, parent, target_name, layer, target)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         try:
@@ -98,6 +95,7 @@ class MoRModel(BaseTuner):
             leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
             raise ValueError(f"MoRConfig.target_modules={self.peft_config[adapter_name].target_modules!r} matches "
                              f"no module of {type(model).__name__}; its linear layers are named {leaves}") from err
+        self._install_balance_loss(model)  # here, not in peft's _post_injection_hook (peft >=0.20 only)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -236,7 +234,7 @@ class MoRModel(BaseTuner):
         pinned = all(router.fixed is not None for router in self._routers().values())
         context = contextlib.nullcontext() if routing is None and pinned else self.fixed_routing(routing)
         with context:
-            model = self._unload_and_optionally_merge(merge=True, progressbar=progressbar, safe_merge=safe_merge,
+            model = _compat.unload_and_optionally_merge(self, merge=True, progressbar=progressbar, safe_merge=safe_merge,
                                                       adapter_names=adapter_names)
         self._install_balance_loss(model)
         dequantize_model(model)
@@ -338,24 +336,9 @@ def fingerprints_match(recorded: dict, current: dict) -> bool:
 # -- registration with peft -----------------------------------------------------------------------
 
 def register() -> None:
-    """Make MoR a peft method (idempotent); refuse a peft outside the tested version range."""
-    import peft
-    from peft import mapping
-
-    version = tuple(int(p) for p in peft.__version__.split(".")[:2] if p.isdigit())
-    low, high = PEFT_SUPPORTED
-    if not (low <= version < high) or not all(hasattr(mapping, name) for name in _MAPPINGS):
-        raise ImportError(
-            f"mor supports peft >={low[0]}.{low[1]},<{high[0]}.{high[1]} (it registers MoR in peft.mapping, which "
-            f"is not a public API); peft {peft.__version__} is installed. "
-            f"Install a supported one: pip install 'peft>={low[0]}.{low[1]},<{high[0]}.{high[1]}'"
-        )
-    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = MoRConfig
-    mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = MoRModel
-    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = MoRModel.prefix
-
-
-_MAPPINGS = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
+    """Make MoR a peft method (idempotent); refuse a peft or transformers outside the tested ranges."""
+    _compat.check_versions()
+    _compat.register_peft_method(PEFT_TYPE, MoRConfig, MoRModel, MoRModel.prefix)
 
 
 # -- entry points ----------------------------------------------------------------------------------
@@ -496,19 +479,17 @@ def convert_legacy_adapter(adapter_dir: Union[str, Path], output_dir: Union[str,
 def find_target_modules(model: nn.Module, config: MoRConfig) -> list[str]:
     """Dotted names of the modules ``config.target_modules`` selects in a plain model, by peft's own
     matching rules (so LoRA/DoRA baselines adapt exactly the same modules); ValueError if none."""
-    from peft.tuners.tuners_utils import _ExcludedModule, _maybe_include_all_linear_layers
-
     import copy
 
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = _maybe_include_all_linear_layers(copy.deepcopy(config), model)
+    config = _compat.include_all_linear_layers(copy.deepcopy(config), model)
     adapted = [name + "." for name, module in model.named_modules() if isinstance(module, MixtureLayer)]
     names = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in adapted):
             continue  # a mixture layer counts as the linear layer it wraps
         found = check_target_module_exists(config, name)
-        if found and not isinstance(found, _ExcludedModule):
+        if found and not _compat.is_excluded(found):
             try:
                 linear_shape(getattr(module, "base_layer", module))
             except TypeError as err:
