@@ -23,7 +23,8 @@ CHECKED: dict[str, tuple[tuple[int, int], tuple[int, int], str]] = {
 #: point for a new method) and the Trainer's checkpoint loader.
 OVERRIDDEN_HOOKS: dict[str, tuple[str, ...]] = {
     "peft.tuners.tuners_utils.BaseTuner": ("_pre_injection_hook", "_post_injection_hook", "_create_and_replace",
-                                           "_check_target_module_exists", "_remove_adapter_name_from_key"),
+                                           "_check_target_module_exists", "_remove_adapter_name_from_key",
+                                           "_replace_module"),
     "transformers.Trainer": ("_load_from_checkpoint",),
 }
 
@@ -128,11 +129,6 @@ def is_excluded(match) -> bool:
     from peft.tuners.tuners_utils import _ExcludedModule
 
     return isinstance(match, _ExcludedModule)
-
-
-def replace_module(tuner, parent, child_name: str, new_module, child) -> None:
-    """peft's swap of ``child`` for ``new_module`` (devices, state of the base layer), as every tuner does it."""
-    tuner._replace_module(parent, child_name, new_module, child)
 
 
 def unload_and_optionally_merge(tuner, **kwargs):

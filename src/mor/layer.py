@@ -29,6 +29,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import _compat
+from .config import update_scale
 from .routing import Router
 
 
@@ -67,10 +68,11 @@ class MoRAdapter(ExpertMixture):
 
     def __init__(self, in_features: int, out_features: int, r: int, num_experts: int, alpha: float,
                  dropout: float = 0.0, router: str = "softmax", top_k: int = 2, init: str = "ones_noise",
-                 init_scale_std: float = 0.1, generator: torch.Generator | None = None, **factory):
+                 init_scale_std: float = 0.1, generator: torch.Generator | None = None, use_rslora: bool = False,
+                 **factory):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.num_experts, self.scaling = r, num_experts, alpha / r
+        self.r, self.num_experts, self.scaling = r, num_experts, update_scale(alpha, r, use_rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = Router(in_features, num_experts, router, top_k, **factory)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))  # A: (r, d_in)

@@ -36,7 +36,7 @@ def make_adapter(config: MoRConfig, base_layer: nn.Module, generator: torch.Gene
     """The MoR (or MoE-LoRA) adapter of ``config`` for ``base_layer``, in the layer's compute dtype."""
     d_in, d_out = linear_shape(base_layer)
     common = dict(r=config.r, num_experts=config.num_experts, alpha=config.alpha, dropout=config.dropout,
-                  router=config.router, top_k=config.top_k, generator=generator,
+                  router=config.router, top_k=config.top_k, generator=generator, use_rslora=config.use_rslora,
                   dtype=compute_dtype(base_layer), device=base_layer.weight.device)
     if config.method == "moelora":
         return MoELoRAAdapter(d_in, d_out, **common)
@@ -84,7 +84,7 @@ class MoRModel(BaseTuner):
         layer = MixtureLayer(target, adapter_name, adapter)
         if adapter_name not in self.active_adapters:
             layer.requires_grad_(False)
-        _compat.replace_module(self, parent, target_name, layer, target)
+        self._replace_module(parent, target_name, layer, target)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         try:
@@ -96,6 +96,18 @@ class MoRModel(BaseTuner):
             raise ValueError(f"MoRConfig.target_modules={self.peft_config[adapter_name].target_modules!r} matches "
                              f"no module of {type(model).__name__}; its linear layers are named {leaves}") from err
         self._install_balance_loss(model)  # here, not in peft's _post_injection_hook (peft >=0.20 only)
+
+    def forward(self, *args, **kwargs):
+        # through the module call, so that the balance loss's hooks on the model run (peft <0.21 calls
+        # self.model.forward, which skips them)
+        return self.model(*args, **kwargs)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # peft's hook for swapping a module in (a mixture layer around its base) and back (unload, merge):
+        # set it, nothing more; an adapter is built on its base layer's device. (BaseTuner's version also
+        # writes the old module's weight onto a new one without a base layer, which undid a merged
+        # trainable_token_indices embedding; LoRA overrides it alike.)
+        setattr(parent, child_name, new_module)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -411,9 +423,11 @@ def _read_weights(adapter_dir: Path, reader) -> dict[str, torch.Tensor]:
 def load_state_strict(peft_model: nn.Module, tensors: dict[str, torch.Tensor], path: Path,
                       adapter_name: str = "default") -> None:
     """Load saved adapter tensors (peft's key format) so that a missing, extra or mis-shaped tensor
-    is an error naming it, never a silent partial load."""
-    own = {MoRModel._remove_adapter_name_from_key(k, adapter_name): v
-           for k, v in peft_model.state_dict().items() if f".{MoRModel.prefix}.{adapter_name}." in k}
+    is an error naming it, never a silent partial load. The expected tensors are those peft saves for
+    the adapter: MoR's own, and the modules_to_save / trainable_token_indices trained beside it."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    own = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
@@ -426,9 +440,7 @@ def load_state_strict(peft_model: nn.Module, tensors: dict[str, torch.Tensor], p
                 f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})" if unexpected else "",
                 f"shape mismatches {wrong[:3]}" if wrong else "") if part)
             + ". Load it onto the same base model it was trained on, with its own adapter_config.json.")
-    with torch.no_grad():
-        for key, value in tensors.items():
-            own[key].copy_(value)
+    set_peft_model_state_dict(peft_model, tensors, adapter_name=adapter_name)
 
 
 def check_peft_tensors(peft_model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, peft_type) -> None:
