@@ -21,8 +21,10 @@ install: $(STAMP)
 demo: install  ## train MoR on the built-in suite with SmolLM2, evaluate before/after, draw figures
 	mor train
 
-test: install  ## the whole test suite (offline; real-model tests included)
+test: install  ## the whole test suite (offline; real-model tests included), then the other peft minors and axolotl
 	$(PYTHON) -m pytest -q
+	PYTHON=$(PYTHON) bash scripts/test_peft_versions.sh
+	PYTHON=$(PYTHON) bash scripts/test_axolotl.sh
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow"

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")  # axolotl's telemetry: read when it is imported
 axolotl = pytest.importorskip("axolotl")
@@ -40,15 +43,24 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+DOC = Path(__file__).resolve().parents[1] / "docs" / "trainers.md"
+
+
+def documented_yaml() -> dict:
+    """The axolotl YAML of docs/trainers.md, as written."""
+    blocks = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), re.S)
+    assert len(blocks) == 1
+    return yaml.safe_load(blocks[0])
+
+
 def config(workdir, **changes) -> DictDefault:
-    cfg = {"base_model": str(workdir / "tiny"), "plugins": [PLUGIN], "adapter": "mor",
-           "mor": {"r": 4, "num_experts": 3, "router": "balanced", "router_lr_multiplier": 10.0, "init_seed": 0,
-                   "dropout": 0.0, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
-           "datasets": [{"path": str(workdir / "data.json"), "type": "alpaca"}], "sequence_len": 512,
-           "micro_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 3, "learning_rate": 0.01,
-           "optimizer": "adamw_torch", "lr_scheduler": "constant", "output_dir": str(workdir / "out"),
-           "save_strategy": "no", "bf16": False, "fp16": False, "tf32": False,
-           "dataset_prepared_path": str(workdir / "prepared")}
+    """The documented YAML on a tiny model and data file, 3 steps on CPU in fp32 (and ``changes``)."""
+    cfg = documented_yaml()
+    cfg["mor"].update(r=4, num_experts=3, router="balanced", init_seed=0, dropout=0.0)
+    cfg.update(base_model=str(workdir / "tiny"), max_steps=3, learning_rate=0.01, output_dir=str(workdir / "out"),
+               datasets=[{**cfg["datasets"][0], "path": str(workdir / "data.json")}], lr_scheduler="constant",
+               save_strategy="no", bf16=False, fp16=False, tf32=False,
+               dataset_prepared_path=str(workdir / "prepared"))
     cfg.update(changes)
     return DictDefault({k: v for k, v in cfg.items() if v is not None})
 
@@ -90,7 +102,8 @@ def test_axolotl_trains_mor_and_its_adapter_reloads_in_mor_exactly(workdir):
     model, _, trainer = train(cfg=cfg, dataset_meta=load_datasets(cfg=cfg, cli_args=TrainerCliArgs()))
     assert mor.is_mor_model(model)
     routers = [g for g in trainer.optimizer.param_groups if g.get("router")]
-    assert routers and all(g["lr"] == pytest.approx(10 * 0.01) for g in routers)  # router_lr_multiplier
+    multiplier = documented_yaml()["mor"]["router_lr_multiplier"]
+    assert routers and all(g["lr"] == pytest.approx(multiplier * 0.01) for g in routers)
     assert any("router_aux_loss" in entry for entry in trainer.state.log_history)  # router="balanced"
 
     folder = workdir / "out"
@@ -106,6 +119,13 @@ def test_axolotl_trains_mor_and_its_adapter_reloads_in_mor_exactly(workdir):
     peft_loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workdir / "tiny"), folder).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=batch).logits, peft_loaded(input_ids=batch).logits)
+
+    from mor.cli import main  # the documented merge of axolotl's output folder
+
+    assert main(["merge", "--model", str(workdir / "tiny"), "--adapter", str(folder), "--data",
+                 str(workdir / "data.json"), "--output", str(workdir / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(workdir / "merged")
+    assert not any(".mor." in name for name, _ in merged.named_parameters())
 
 
 def test_axolotl_loader_continues_from_a_saved_adapter(workdir):
