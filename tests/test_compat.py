@@ -70,8 +70,8 @@ def _external_private_overrides() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for path in SOURCES:
         module_name = "mor." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
-        if module_name.endswith("__main__") or "serving" in module_name or "lm_eval" in module_name:
-            continue  # optional dependencies (vllm, lm-eval); their classes override no private hook
+        if module_name.endswith("__main__") or any(part in module_name for part in ("serving", "lm_eval", "integrations")):
+            continue  # optional dependencies (vllm, lm-eval, axolotl); their classes override no private hook
         module = importlib.import_module(module_name)
         for cls in vars(module).values():
             if not inspect.isclass(cls) or cls.__module__ != module_name:
@@ -94,7 +94,7 @@ def test_every_private_hook_mor_overrides_is_listed_with_its_versions():
     assert any("_create_and_replace" in names for names in found.values())  # the scan sees the tuner's hooks
 
 
-@pytest.mark.parametrize("library, version", [("peft", "0.17.1"), ("peft", "0.22.0"), ("transformers", "4.54.0"),
+@pytest.mark.parametrize("library, version", [("peft", "0.17.1"), ("peft", "0.22.0"), ("transformers", "4.55.4"),
                                               ("transformers", "6.0.0")])
 def test_a_version_outside_the_checked_range_is_one_line_naming_both(library, version):
     with pytest.raises(ImportError) as err:
@@ -105,6 +105,6 @@ def test_a_version_outside_the_checked_range_is_one_line_naming_both(library, ve
 
 
 @pytest.mark.parametrize("library, version", [("peft", "0.18.1"), ("peft", "0.20.0"), ("peft", "0.21.2"),
-                                              ("transformers", "4.55.0"), ("transformers", "5.16.1")])
+                                              ("transformers", "4.56.0"), ("transformers", "5.16.1")])
 def test_the_supported_versions_pass(library, version):
     _compat.check_version(library, version)

@@ -15,7 +15,8 @@ import importlib.metadata
 #: library -> ([min, max) release range the private names below were checked on, what needs it)
 CHECKED: dict[str, tuple[tuple[int, int], tuple[int, int], str]] = {
     "peft": ((0, 18), (0, 22), "MoR registers in peft.mapping and subclasses peft's BaseTuner"),
-    "transformers": ((4, 55), (6, 0), "the Trainer's _load_from_checkpoint (mor train --resume)"),
+    # 4.56: from_pretrained(dtype=...), which mor's loaders pass
+    "transformers": ((4, 56), (6, 0), "from_pretrained(dtype=) and the Trainer's _load_from_checkpoint"),
 }
 
 #: private methods of other libraries' classes that mor's subclasses override, by the class they
@@ -167,6 +168,18 @@ def compiled_original(model):
 
 
 # -- transformers ------------------------------------------------------------------------------------
+
+def require_training_argument(name: str, what: str) -> None:
+    """ValueError, one line, when this transformers' TrainingArguments lacks ``name`` (transformers 4.x
+    lacks train_sampling_strategy, which ``mor train`` sets): the library runs on 4.56, ``mor train`` on 5."""
+    import inspect
+
+    from transformers import TrainingArguments
+
+    if name not in inspect.signature(TrainingArguments).parameters:
+        raise ValueError(f"{what} needs a transformers whose TrainingArguments takes {name} (5.x); transformers "
+                         f"{importlib.metadata.version('transformers')} is installed: pip install 'transformers>=5,<6'")
+
 
 def load_trainer_checkpoint(trainer, folder: str) -> None:
     """The Trainer's loading of a checkpoint's model weights, without training a step."""

@@ -239,6 +239,7 @@ def _report_to(name: str) -> list[str]:
 
 def training_arguments(cfg: TrainConfig) -> TrainingArguments:
     """The transformers TrainingArguments of a run (checkpoints under ``<output>/checkpoints``)."""
+    _compat.require_training_argument("train_sampling_strategy", "mor train")
     on_gpu = torch.cuda.is_available()
     bf16 = cfg.bf16 if cfg.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()
     return TrainingArguments(
