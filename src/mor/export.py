@@ -27,9 +27,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .errors import AdapterError
 from .layer import MoRAdapter, mixture_layers, transformers_model  # noqa: F401  (mixture_layers: mor.export's API)
 from .routing import ROUTING_NAME, Routing, resolve_routing
-from .safety import AdapterError, atomic_folder, nonfinite_tensors, oversized_tensors
+from .safety import atomic_folder, nonfinite_tensors, oversized_tensors
 
 
 # -- the maths ----------------------------------------------------------------------------------
@@ -103,8 +104,8 @@ def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path]
         alphas.add(alpha)
         conv1d.add(transformers_model(model).get_submodule(name).fan_in_fan_out)
     if len(ranks) > 1 or len(alphas) > 1 or len(conv1d) > 1:
-        raise ValueError(f"the mixture layers differ in rank {sorted(ranks)}, alpha {sorted(alphas)} or layer type "
-                         "(Linear vs Conv1D); one LoRA folder needs them alike")
+        raise AdapterError(f"the mixture layers differ in rank {sorted(ranks)}, alpha {sorted(alphas)} or layer type "
+                           "(Linear vs Conv1D); one LoRA folder needs them alike")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(transformers_model(model), "config", None), "_name_or_path", None)
     alpha = alphas.pop()

@@ -29,7 +29,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import _compat
-from .config import update_scale
+from .errors import AdapterError, SettingsError
+from .options import update_scale
 from .routing import Router
 
 
@@ -335,7 +336,7 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
             adapter = self.mor[name]
             weight = weight + adapter.merged_delta(adapter.router.merge_routing()).float()
             if safe_merge and not torch.isfinite(weight).all():
-                raise ValueError(f"merging adapter {name!r} would give non-finite weights; it is broken")
+                raise AdapterError(f"merging adapter {name!r} would give non-finite weights; it is broken")
         if is_quantized(base):
             self.base_layer = plain_linear(base, weight.to(dtype))
         else:
@@ -361,7 +362,7 @@ def plain_linear(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
     return linear
 
 
-# -- finding the layers: the one way (export, routing statistics, analysis, the CLI use it) ---------
+# -- finding the layers: the one way (the peft model, export, routing statistics, analysis, the CLI) -
 
 def _transformers_root_prefix(model: nn.Module) -> str:
     """Dotted name of the outermost transformers ``PreTrainedModel`` inside ``model`` ("" if it
@@ -374,30 +375,36 @@ def _transformers_root_prefix(model: nn.Module) -> str:
     return ""
 
 
-def mixture_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The active MoR / MoE-LoRA adapter of every mixture layer of ``model``, keyed by the layer's
-    name relative to the transformers model (wrapper prefixes such as ``base_model.model.`` stripped)."""
+def named_mixture_layers(model: nn.Module) -> dict[str, MixtureLayer]:
+    """Every mixture layer (peft's wrapper around an adapted linear) of ``model``, keyed by its name
+    relative to the transformers model (wrapper prefixes such as ``base_model.model.`` stripped)."""
     prefix = _transformers_root_prefix(model)
+    return {name[len(prefix) + 1:] if prefix else name: module for name, module in model.named_modules()
+            if isinstance(module, MixtureLayer)}
+
+
+def mixture_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The active MoR / MoE-LoRA adapter of every mixture layer of ``model``, keyed as in
+    :func:`named_mixture_layers`."""
     layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, MixtureLayer):
-            active = [a for a in module.active_adapters if a in module.mor]
-            if len(active) != 1:
-                raise ValueError(f"{name}: one adapter at a time (export, routing statistics); active adapters are {active}")
-            layers[name[len(prefix) + 1:] if prefix else name] = module.mor[active[0]]
+    for name, module in named_mixture_layers(model).items():
+        active = [a for a in module.active_adapters if a in module.mor]
+        if len(active) != 1:
+            raise SettingsError(f"{name}: one adapter at a time (export, routing statistics); active adapters are {active}")
+        layers[name] = module.mor[active[0]]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoR / MoE-LoRA layers; "
-                         "load a MoR or MoE-LoRA adapter onto the model first")
+        raise AdapterError(f"{type(model).__name__} has no MoR / MoE-LoRA layers; "
+                           "load a MoR or MoE-LoRA adapter onto the model first")
     return layers
 
 
 def find_routers(model: nn.Module) -> dict[str, nn.Module]:
     """``{layer name: router}`` of the active MoR / MoE-LoRA adapter of every mixture layer (names
-    as in :func:`mixture_layers`); ``{}`` for a model without one (a LoRA / DoRA run)."""
-    try:
-        return {name: adapter.router for name, adapter in mixture_layers(model).items()}
-    except ValueError:
+    as in :func:`mixture_layers`); ``{}`` for a model without mixture layers (a LoRA / DoRA run). Two
+    active adapters are an error, as in :func:`mixture_layers`: routing statistics never silently stop."""
+    if not named_mixture_layers(model):
         return {}
+    return {name: adapter.router for name, adapter in mixture_layers(model).items()}
 
 
 def transformers_model(model: nn.Module) -> nn.Module:

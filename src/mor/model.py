@@ -26,7 +26,8 @@ from torch import nn
 from . import _compat
 from .baselines.moelora import MoELoRAAdapter
 from .config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, MoRConfig, read_adapter_config
-from .layer import MixtureLayer, MoRAdapter, compute_dtype, keep_4bit_states, linear_shape
+from .errors import AdapterError, DataError, MissingInput, SettingsError
+from .layer import MixtureLayer, MoRAdapter, compute_dtype, keep_4bit_states, linear_shape, named_mixture_layers
 from .routing import GateRecorder, Routing, RoutingProfile, load_balancing_loss, resolve_routing
 
 
@@ -76,8 +77,8 @@ class MoRModel(BaseTuner):
         try:
             adapter = make_adapter(config, base, self._generator)
         except TypeError as err:
-            raise ValueError(f"MoRConfig.target_modules selects {current_key!r}: {err}; name the linear "
-                             "projections instead") from err
+            raise SettingsError(f"MoRConfig.target_modules selects {current_key!r}: {err}; name the linear "
+                                "projections instead") from err
         if isinstance(target, MixtureLayer):
             target.update_layer(adapter_name, adapter)
             return
@@ -93,8 +94,8 @@ class MoRModel(BaseTuner):
             if "not found in the base model" not in str(err):
                 raise
             leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-            raise ValueError(f"MoRConfig.target_modules={self.peft_config[adapter_name].target_modules!r} matches "
-                             f"no module of {type(model).__name__}; its linear layers are named {leaves}") from err
+            raise SettingsError(f"MoRConfig.target_modules={self.peft_config[adapter_name].target_modules!r} matches "
+                                f"no module of {type(model).__name__}; its linear layers are named {leaves}") from err
         self._install_balance_loss(model)  # here, not in peft's _post_injection_hook (peft >=0.20 only)
 
     def forward(self, *args, **kwargs):
@@ -158,7 +159,7 @@ class MoRModel(BaseTuner):
     # -- MoR's own verbs ------------------------------------------------------------------------------
     def mor_layers(self) -> dict[str, MixtureLayer]:
         """Every mixture layer, by its dotted name in the transformers model."""
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, MixtureLayer)}
+        return named_mixture_layers(self.model)
 
     def mor_adapters(self) -> dict[str, nn.Module]:
         """The active adapter's MoRAdapter / MoELoRAAdapter of every layer, by layer name."""
@@ -173,7 +174,7 @@ class MoRModel(BaseTuner):
     def _active_adapter_name(self) -> str:
         active = self.active_adapters
         if len(active) != 1:
-            raise ValueError(f"routing verbs act on one adapter; active adapters are {active}: call set_adapter")
+            raise SettingsError(f"routing verbs act on one adapter; active adapters are {active}: call set_adapter")
         return active[0]
 
     def _routers(self) -> dict[str, nn.Module]:
@@ -183,7 +184,7 @@ class MoRModel(BaseTuner):
         """Per-layer fixed weights (N,) from a profile, a single vector, a mapping, a path or "uniform"."""
         if routing is None:
             if self.mor_config.router != "mean":
-                raise ValueError(
+                raise SettingsError(
                     "merging a learned router needs a fixed routing: pass routing=model.measure_routing(...) "
                     "(a RoutingProfile), a weight vector of length num_experts, a saved profile's path, or 'uniform'")
             routing = "uniform"
@@ -212,7 +213,7 @@ class MoRModel(BaseTuner):
         if tokenizer is not None:
             texts = list(batches)
             if not any(texts):
-                raise ValueError(no_tokens)
+                raise DataError(no_tokens)
             batches = _tokenized_batches(texts, tokenizer, batch_size, max_length)
         if progress:
             from tqdm.auto import tqdm
@@ -231,7 +232,7 @@ class MoRModel(BaseTuner):
         finally:
             self.model.train(was_training)
         if not recorder.tokens():
-            raise ValueError(no_tokens)
+            raise DataError(no_tokens)
         return recorder.profile()
 
     def merge_and_unload(self, routing: Routing = None, progressbar: bool = False, safe_merge: bool = True,
@@ -396,7 +397,7 @@ def load_adapter(model: nn.Module, adapter_dir: Union[str, Path], is_trainable: 
         check_peft_tensors(peft_model, _read_weights(adapter_dir, _load_peft_weights), adapter_dir / WEIGHTS_NAME,
                            data.get("peft_type"))
     else:
-        raise ValueError(f"{adapter_dir / CONFIG_NAME} is neither a MoR/MoE-LoRA nor a peft adapter config")
+        raise AdapterError(f"{adapter_dir / CONFIG_NAME} is neither a MoR/MoE-LoRA nor a peft adapter config")
     if not is_trainable:
         peft_model.eval()
         for p in peft_model.parameters():
@@ -413,11 +414,11 @@ def _load_peft_weights(folder: str) -> dict[str, torch.Tensor]:
 def _read_weights(adapter_dir: Path, reader) -> dict[str, torch.Tensor]:
     path = adapter_dir / WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"adapter weights not found: {path}")
+        raise MissingInput(f"adapter weights not found: {path}")
     try:
         return reader(str(adapter_dir))
     except Exception as err:  # safetensors raises its own error types for truncated / corrupt files
-        raise ValueError(f"{path} is corrupted or not a safetensors file ({err}); re-save the adapter") from err
+        raise AdapterError(f"{path} is corrupted or not a safetensors file ({err}); re-save the adapter") from err
 
 
 def load_state_strict(peft_model: nn.Module, tensors: dict[str, torch.Tensor], path: Path,
@@ -433,7 +434,7 @@ def load_state_strict(peft_model: nn.Module, tensors: dict[str, torch.Tensor], p
     wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
              for k in sorted(set(own) & set(tensors)) if tensors[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        raise ValueError(
+        raise AdapterError(
             f"{path} does not match this model and config: "
             + "; ".join(part for part in (
                 f"{len(missing)} missing tensors (e.g. {missing[:3]})" if missing else "",
@@ -453,7 +454,7 @@ def check_peft_tensors(peft_model: nn.Module, tensors: dict[str, torch.Tensor], 
     expected = set(get_peft_model_state_dict(peft_model))
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
-        raise ValueError(
+        raise AdapterError(
             f"{path} does not hold the tensors its adapter_config.json (peft_type {peft_type}) asks for: "
             + "; ".join(part for part in (
                 f"{len(missing)} of {len(expected)} missing (e.g. {missing[:2]})" if missing else "",
@@ -472,7 +473,7 @@ def legacy_state_dict(adapter_dir: Union[str, Path]) -> dict[str, torch.Tensor]:
     for key, value in tensors.items():
         param = next((p for p in params if key.endswith("." + p)), None)
         if param is None:
-            raise ValueError(f"{adapter_dir}: unexpected tensor {key!r} in a mor 0.1 adapter")
+            raise AdapterError(f"{adapter_dir}: unexpected tensor {key!r} in a mor 0.1 adapter")
         layer = key[: -len(param) - 1]
         converted[f"base_model.model.{layer}.{MoRModel.prefix}.{param}"] = value
     return converted
@@ -505,11 +506,11 @@ def find_target_modules(model: nn.Module, config: MoRConfig) -> list[str]:
             try:
                 linear_shape(getattr(module, "base_layer", module))
             except TypeError as err:
-                raise ValueError(f"MoRConfig.target_modules selects {name!r}: {err}; name the linear "
-                                 "projections instead") from err
+                raise SettingsError(f"MoRConfig.target_modules selects {name!r}: {err}; name the linear "
+                                    "projections instead") from err
             names.append(name)
     if not names:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"MoRConfig.target_modules={config.target_modules!r} matches no module of "
-                         f"{type(model).__name__}; its linear layers are named {leaves}")
+        raise SettingsError(f"MoRConfig.target_modules={config.target_modules!r} matches no module of "
+                            f"{type(model).__name__}; its linear layers are named {leaves}")
     return names

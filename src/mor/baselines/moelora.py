@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import update_scale
+from ..options import update_scale
 from ..layer import ExpertMixture
 from ..routing import Router
 

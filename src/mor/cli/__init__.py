@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from ..data import DataError
+    from ..errors import MorError
     from ..safety import EXIT_PREEMPTED, Stopped, io_error_message
 
     try:
@@ -90,16 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.mor_commands[args.command].set_defaults(**defaults_from_file(args.config))
             args = parser.parse_args(argv)
         return COMMANDS[args.command].run(args)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except MorError as err:  # a mistake in what the user gave: one line (and the traceback with -v)
+        return _error_line(str(err), args.verbose)
     except Exception as err:  # a fault of the machine (full disk, read-only folder) is one line too
         message = io_error_message(err)
         if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except Stopped as stop:  # SIGTERM / SIGINT (see mor.safety.StopOnSignal)
+            raise  # anything else is a bug: its traceback
+        return _error_line(message, args.verbose)
+    except Stopped as stop:  # SIGTERM / SIGINT (see mor.train.callbacks.StopOnSignal)
         print(f"\n{'error: ' if stop.status != EXIT_PREEMPTED else ''}{stop}", file=sys.stderr)  # under a progress bar
         return stop.status
     finally:
@@ -107,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
             from ..runtime.distributed import end_process_group
 
             end_process_group()
+
+
+def _error_line(message: str, verbose: bool) -> int:
+    if verbose:
+        import traceback
+
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 # -- flags several commands share --------------------------------------------------------------------

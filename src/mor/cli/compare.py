@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from . import at_least_one, command
+from ..errors import SettingsError
 
 
 PLAN_FLAGS = ("data", "heldout", "arms", "model", "steps", "seeds", "lrs", "target", "name")
@@ -54,14 +55,14 @@ def cmd_compare(args) -> int:
 
     flags = [f"--{f}" for f in PLAN_FLAGS if getattr(args, f) is not None]
     if args.plan and flags:
-        raise ValueError(f"give a plan file or the plan flags ({', '.join(flags)}), not both: a plan's settings "
-                         "live in its file")
+        raise SettingsError(f"give a plan file or the plan flags ({', '.join(flags)}), not both: a plan's settings "
+                               "live in its file")
     if not args.plan:
         from ..compare.plan import plan_from_flags, write_plan_file
 
         if not args.data:
-            raise ValueError("give a plan file (mor compare plan.yaml) or the tasks to compare on: "
-                             "mor compare --data TASK [TASK ...] [--arms lora mor]")
+            raise SettingsError("give a plan file (mor compare plan.yaml) or the tasks to compare on: "
+                                   "mor compare --data TASK [TASK ...] [--arms lora mor]")
         raw = plan_from_flags(args.data, args.heldout, args.arms, args.model, args.steps, args.seeds, args.lrs,
                               args.target, args.name)
         args.plan = str(write_plan_file(raw, Path(raw["results"]) / "plan.yaml"))

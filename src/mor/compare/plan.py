@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import PlanError
 from ..train.adapters import AdapterSpec
 from ..train.config import TrainConfig, read_mapping_file
 
@@ -46,8 +47,6 @@ TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - ENGINE_SETTINGS
 ARM_KEYS = {"label", "lr", "lrs", "seeds"}
 
 
-class PlanError(ValueError):
-    """A plan that cannot run as written; the message names the key and what to write instead."""
 
 
 @dataclass

@@ -29,6 +29,7 @@ from .. import _compat
 from ..config import WEIGHTS_NAME
 from ..runtime.distributed import check_launch, load_adapter_file, save_adapter
 from ..safety import atomic_write_text
+from ..errors import SettingsError
 from .config import TrainConfig
 
 logger = logging.getLogger("mor")
@@ -232,8 +233,8 @@ def _report_to(name: str) -> list[str]:
     if name == "none":
         return []
     if importlib.util.find_spec(name) is None:
-        raise ValueError(f"--report-to {name}: the {name} package is not installed; pip install {name}, "
-                         "or choose --report-to none")
+        raise SettingsError(f"--report-to {name}: the {name} package is not installed; pip install {name}, "
+                               "or choose --report-to none")
     return [name]
 
 
