@@ -28,7 +28,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import _compat
 from .errors import AdapterError, SettingsError
+from .options import update_scale
 from .routing import Router
 
 
@@ -67,10 +69,11 @@ class MoRAdapter(ExpertMixture):
 
     def __init__(self, in_features: int, out_features: int, r: int, num_experts: int, alpha: float,
                  dropout: float = 0.0, router: str = "softmax", top_k: int = 2, init: str = "ones_noise",
-                 init_scale_std: float = 0.1, generator: torch.Generator | None = None, **factory):
+                 init_scale_std: float = 0.1, generator: torch.Generator | None = None, use_rslora: bool = False,
+                 **factory):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.num_experts, self.scaling = r, num_experts, alpha / r
+        self.r, self.num_experts, self.scaling = r, num_experts, update_scale(alpha, r, use_rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = Router(in_features, num_experts, router, top_k, **factory)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))  # A: (r, d_in)
@@ -143,11 +146,11 @@ class MoRAdapter(ExpertMixture):
         (an optimizer step, load_state_dict, ``.to()``) rebuilds it.
         """
         # the parameter dicts, not attribute access: this runs at every call, 90 times per decoded token
-        params = (*self._parameters.values(), *self.router._parameters.values())  # A, B, Omega_A, Omega_B, W_g
+        params = (*_compat.direct_parameters(self), *_compat.direct_parameters(self.router))  # A, B, Omega_A, Omega_B, W_g
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return TokenIndependentFactors(self._build_stacked_up_t(), None)
         # new storage (.to(), .data =) changes the pointer; in-place updates bump the version
-        key = [(p.data_ptr(), p._version) for p in params]
+        key = _compat.parameter_versions(params)
         if self._factors_cache is None or self._factors_cache[0] != key:
             with torch.no_grad():
                 router_weight = self.router.weight
@@ -225,9 +228,7 @@ def unpacked_4bit(layer: nn.Module):
     state = weight.quant_state
     if not getattr(state, "packing_format_for_cpu", False):
         return weight.data, state
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    codes, inverse_state = _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.copy(state))
+    codes, inverse_state = _compat.unpack_4bit_for_cpu(weight.data.clone(), copy.copy(state))
     return codes, getattr(layer, "mor_quant_state", inverse_state)
 
 

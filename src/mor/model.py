@@ -8,7 +8,8 @@ routing, the exact merge with fixed routing, and the router's load-balancing los
 reaches them by attribute: ``peft_model.measure_routing(...)``, ``peft_model.merge_and_unload(routing)``.
 
 peft has no public registry for methods outside its ``PeftType`` enum, so ``register()`` writes
-MoR into peft.mapping's dictionaries; it refuses a peft version outside the tested range.
+MoR into peft.mapping's dictionaries (through ``mor._compat``); it refuses a peft version outside the
+tested range.
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
+from . import _compat
 from .baselines.moelora import MoELoRAAdapter
 from .config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, MoRConfig, read_adapter_config
 from .errors import AdapterError, DataError, MissingInput, SettingsError
 from .layer import MixtureLayer, MoRAdapter, compute_dtype, keep_4bit_states, linear_shape, named_mixture_layers
 from .routing import GateRecorder, Routing, RoutingProfile, load_balancing_loss, resolve_routing
-
-PEFT_SUPPORTED = ((0, 21), (0, 22))  # [min, max): the versions the tests cover
 
 
 # -- the tuner -------------------------------------------------------------------------------------
@@ -37,7 +37,7 @@ def make_adapter(config: MoRConfig, base_layer: nn.Module, generator: torch.Gene
     """The MoR (or MoE-LoRA) adapter of ``config`` for ``base_layer``, in the layer's compute dtype."""
     d_in, d_out = linear_shape(base_layer)
     common = dict(r=config.r, num_experts=config.num_experts, alpha=config.alpha, dropout=config.dropout,
-                  router=config.router, top_k=config.top_k, generator=generator,
+                  router=config.router, top_k=config.top_k, generator=generator, use_rslora=config.use_rslora,
                   dtype=compute_dtype(base_layer), device=base_layer.weight.device)
     if config.method == "moelora":
         return MoELoRAAdapter(d_in, d_out, **common)
@@ -66,9 +66,6 @@ class MoRModel(BaseTuner):
                 "its outputs will not be what was trained. Load it onto the base it was trained on.",
                 stacklevel=2,
             )
-
-    def _post_injection_hook(self, model: nn.Module, config: MoRConfig, adapter_name: str) -> None:
-        self._install_balance_loss(model)
 
     @staticmethod
     def _check_target_module_exists(config: MoRConfig, key: str):
@@ -99,6 +96,19 @@ class MoRModel(BaseTuner):
             leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
             raise SettingsError(f"MoRConfig.target_modules={self.peft_config[adapter_name].target_modules!r} matches "
                                 f"no module of {type(model).__name__}; its linear layers are named {leaves}") from err
+        self._install_balance_loss(model)  # here, not in peft's _post_injection_hook (peft >=0.20 only)
+
+    def forward(self, *args, **kwargs):
+        # through the module call, so that the balance loss's hooks on the model run (peft <0.21 calls
+        # self.model.forward, which skips them)
+        return self.model(*args, **kwargs)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # peft's hook for swapping a module in (a mixture layer around its base) and back (unload, merge):
+        # set it, nothing more; an adapter is built on its base layer's device. (BaseTuner's version also
+        # writes the old module's weight onto a new one without a base layer, which undid a merged
+        # trainable_token_indices embedding; LoRA overrides it alike.)
+        setattr(parent, child_name, new_module)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -237,7 +247,7 @@ class MoRModel(BaseTuner):
         pinned = all(router.fixed is not None for router in self._routers().values())
         context = contextlib.nullcontext() if routing is None and pinned else self.fixed_routing(routing)
         with context:
-            model = self._unload_and_optionally_merge(merge=True, progressbar=progressbar, safe_merge=safe_merge,
+            model = _compat.unload_and_optionally_merge(self, merge=True, progressbar=progressbar, safe_merge=safe_merge,
                                                       adapter_names=adapter_names)
         self._install_balance_loss(model)
         dequantize_model(model)
@@ -339,24 +349,9 @@ def fingerprints_match(recorded: dict, current: dict) -> bool:
 # -- registration with peft -----------------------------------------------------------------------
 
 def register() -> None:
-    """Make MoR a peft method (idempotent); refuse a peft outside the tested version range."""
-    import peft
-    from peft import mapping
-
-    version = tuple(int(p) for p in peft.__version__.split(".")[:2] if p.isdigit())
-    low, high = PEFT_SUPPORTED
-    if not (low <= version < high) or not all(hasattr(mapping, name) for name in _MAPPINGS):
-        raise ImportError(
-            f"mor supports peft >={low[0]}.{low[1]},<{high[0]}.{high[1]} (it registers MoR in peft.mapping, which "
-            f"is not a public API); peft {peft.__version__} is installed. "
-            f"Install a supported one: pip install 'peft>={low[0]}.{low[1]},<{high[0]}.{high[1]}'"
-        )
-    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = MoRConfig
-    mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = MoRModel
-    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = MoRModel.prefix
-
-
-_MAPPINGS = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
+    """Make MoR a peft method (idempotent); refuse a peft or transformers outside the tested ranges."""
+    _compat.check_versions()
+    _compat.register_peft_method(PEFT_TYPE, MoRConfig, MoRModel, MoRModel.prefix)
 
 
 # -- entry points ----------------------------------------------------------------------------------
@@ -429,9 +424,11 @@ def _read_weights(adapter_dir: Path, reader) -> dict[str, torch.Tensor]:
 def load_state_strict(peft_model: nn.Module, tensors: dict[str, torch.Tensor], path: Path,
                       adapter_name: str = "default") -> None:
     """Load saved adapter tensors (peft's key format) so that a missing, extra or mis-shaped tensor
-    is an error naming it, never a silent partial load."""
-    own = {MoRModel._remove_adapter_name_from_key(k, adapter_name): v
-           for k, v in peft_model.state_dict().items() if f".{MoRModel.prefix}.{adapter_name}." in k}
+    is an error naming it, never a silent partial load. The expected tensors are those peft saves for
+    the adapter: MoR's own, and the modules_to_save / trainable_token_indices trained beside it."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    own = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
@@ -444,9 +441,7 @@ def load_state_strict(peft_model: nn.Module, tensors: dict[str, torch.Tensor], p
                 f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})" if unexpected else "",
                 f"shape mismatches {wrong[:3]}" if wrong else "") if part)
             + ". Load it onto the same base model it was trained on, with its own adapter_config.json.")
-    with torch.no_grad():
-        for key, value in tensors.items():
-            own[key].copy_(value)
+    set_peft_model_state_dict(peft_model, tensors, adapter_name=adapter_name)
 
 
 def check_peft_tensors(peft_model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, peft_type) -> None:
@@ -497,19 +492,17 @@ def convert_legacy_adapter(adapter_dir: Union[str, Path], output_dir: Union[str,
 def find_target_modules(model: nn.Module, config: MoRConfig) -> list[str]:
     """Dotted names of the modules ``config.target_modules`` selects in a plain model, by peft's own
     matching rules (so LoRA/DoRA baselines adapt exactly the same modules); ValueError if none."""
-    from peft.tuners.tuners_utils import _ExcludedModule, _maybe_include_all_linear_layers
-
     import copy
 
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = _maybe_include_all_linear_layers(copy.deepcopy(config), model)
+    config = _compat.include_all_linear_layers(copy.deepcopy(config), model)
     adapted = [name + "." for name, module in model.named_modules() if isinstance(module, MixtureLayer)]
     names = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in adapted):
             continue  # a mixture layer counts as the linear layer it wraps
         found = check_target_module_exists(config, name)
-        if found and not isinstance(found, _ExcludedModule):
+        if found and not _compat.is_excluded(found):
             try:
                 linear_shape(getattr(module, "base_layer", module))
             except TypeError as err:

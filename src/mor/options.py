@@ -6,6 +6,7 @@ without importing torch or peft. Adding an adapter option is adding a field here
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -36,6 +37,8 @@ class MoROptions:
     num_experts: int = field(default=8, metadata={"help": "number of experts N"})
     alpha: Optional[float] = field(default=None, metadata={
         "help": "the update is scaled by alpha / r; default 2*r (a scale of 2 at every rank)"})
+    use_rslora: bool = field(default=False, metadata={
+        "help": "rank-stabilised scaling: alpha / sqrt(r) instead of alpha / r (as peft's LoRA use_rslora)"})
     dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter's input (0 disables it)"})
     target_modules: Optional[Union[list[str], str]] = field(default="ffn", metadata={
         "help": "modules to adapt: comma-separated names, a preset (ffn, attention, attention+ffn), "
@@ -54,6 +57,12 @@ class MoROptions:
     init_seed: Optional[int] = field(default=None, metadata={"help": "seed of the adapter's initialisation"})
     base_model_fingerprint: Optional[dict] = field(default=None, metadata={
         "help": "shapes and a hash of a few base weights, recorded at save and checked at load"})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={
+        "help": "modules trained in full beside the adapter and saved with it (e.g. lm_head, embed_tokens), "
+                "as in peft's LoRA", "flag": None})
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(default=None, metadata={
+        "help": "token ids whose embedding rows are trained and saved (new tokens of a chat template), "
+                "as in peft's LoRA; a dict maps embedding layer names to ids", "flag": None})
 
     def __post_init__(self) -> None:
         self.resolve()
@@ -84,6 +93,10 @@ class MoROptions:
             check(self.top_k <= self.num_experts, "top_k", f"must be <= num_experts={self.num_experts}")
         check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", "must be > 0")
         check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        check(isinstance(self.use_rslora, bool), "use_rslora", "must be true or false")
+        check(self.modules_to_save is None or (isinstance(self.modules_to_save, (list, tuple))
+                                               and all(isinstance(m, str) and m for m in self.modules_to_save)),
+              "modules_to_save", "give a list of module names, e.g. ['lm_head']")
         check(self.balance_coef >= 0, "balance_coef", "must be >= 0")
         check(self.init in INITS, "init", f"choose one of {INITS}")
         check(self.init_scale_std >= 0, "init_scale_std", "must be >= 0")
@@ -101,8 +114,14 @@ class MoROptions:
 
     @property
     def scaling(self) -> float:
-        """The factor alpha / r applied to every expert's update."""
-        return self.alpha / self.r
+        """The factor applied to every expert's update (see :func:`update_scale`)."""
+        return update_scale(self.alpha, self.r, self.use_rslora)
+
+
+def update_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The one place the update's scale is computed: alpha / r, or alpha / sqrt(r) with
+    ``use_rslora`` (rank-stabilised LoRA, Kalajdzievski 2023). Every adapter, merge and export reads it."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def _is_int(value) -> bool:

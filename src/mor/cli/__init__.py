@@ -58,6 +58,7 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"mor {__version__}")
     sub = parser.add_subparsers(dest="command")
+    parser.mor_commands = sub.choices  # command name -> its parser
     for cmd in COMMANDS.values():
         command_parser = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         if commands is None or cmd.name in commands:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "config", None):  # a run file: its settings are the defaults, flags override them
             from .train import defaults_from_file
 
-            parser._subparsers._group_actions[0].choices[args.command].set_defaults(**defaults_from_file(args.config))
+            parser.mor_commands[args.command].set_defaults(**defaults_from_file(args.config))
             args = parser.parse_args(argv)
         return COMMANDS[args.command].run(args)
     except MorError as err:  # a mistake in what the user gave: one line (and the traceback with -v)

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from ..errors import AdapterError, MissingInput
 
+from .. import _compat
+
 WRAPPER_CLASSES = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "DeepSpeedEngine")
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -105,7 +107,7 @@ def all_gather_objects(value) -> list:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside DDP / FSDP1 / DeepSpeed engine / torch.compile wrappers (FSDP2 wraps nothing)."""
     while type(model).__name__ in WRAPPER_CLASSES or type(model).__name__ == "OptimizedModule":
-        model = model._orig_mod if type(model).__name__ == "OptimizedModule" else model.module
+        model = _compat.compiled_original(model) if type(model).__name__ == "OptimizedModule" else model.module
     return model
 
 

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 from transformers import DataCollatorWithFlattening, set_seed
 
+from .. import _compat
 from ..analysis.routing_stats import STATS_NAME, RoutingStatsCallback
 from ..data import Task, collate, tokenize_examples, training_examples
 from ..eval.tasks import evaluate_model
@@ -259,7 +260,7 @@ def train_or_resume(cfg: TrainConfig, trainer: AdapterTrainer):
     if finished is None:
         return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     logger.info("%s is the end of the run (step %d): nothing left to train", resume_from, finished.global_step)
-    trainer._load_from_checkpoint(str(resume_from))  # Trainer would take one step past the end
+    _compat.load_trainer_checkpoint(trainer, str(resume_from))  # Trainer would take one step past the end
     trainer.state = finished
     losses = [h["loss"] for h in finished.log_history if "loss" in h]
     return SimpleNamespace(global_step=finished.global_step, training_loss=losses[-1] if losses else None)
