@@ -4,7 +4,10 @@ tests/test_faults.py: ``python fault_worker.py PLAN RECORD -- <mor train flags>`
 PLAN is a comma-separated list of ``SIGNAL@POINT:STEP`` (``SIGTERM@step:3``: during step 3, i.e.
 after its forward pass began; ``SIGTERM@checkpoint:3``: while checkpoint-3 is being written, after
 its adapter and before its optimizer state; ``SIGKILL@final-save``: while the final adapter is
-written). RECORD is a JSON file where the worker writes the sha256 of every file of the complete
+written; ``SIGTERM@score:2``: before the second scoring call (of `mor train`: the evaluation after
+training; of `mor eval`: its second task); ``SIGTERM@compare-score:1``: before `mor compare` scores
+its first run; ``SIGTERM@export``: after `mor export-lora` wrote a LoRA
+into its temporary folder). Any mor command may follow ``--``. RECORD is a JSON file where the worker writes the sha256 of every file of the complete
 checkpoints as they were when the first signal was sent (to show they are untouched afterwards).
 Exit status: the CLI's (75 after a checkpoint, 128+N for a second signal), or -9 for SIGKILL.
 """
@@ -20,6 +23,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+import mor.compare.runner
+import mor.eval.scoring
+import mor.export
 import mor.train
 import mor.train.recipe
 import mor.train.trainer
@@ -37,7 +43,7 @@ def complete_checkpoints(output: Path) -> dict[str, str]:
 
 
 def main_with_plan(plan: str, record: Path, argv: list[str]) -> int:
-    output = Path(argv[argv.index("--output") + 1])
+    output = Path(argv[argv.index("--output") + 1]) if "--output" in argv else Path("no-output")
     points = []
     for item in plan.split(","):
         name, where = item.split("@")
@@ -74,6 +80,30 @@ def main_with_plan(plan: str, record: Path, argv: list[str]) -> int:
         return result
 
     mor.train.recipe.save_adapter = save_adapter_then_signal
+    score_items, scored = mor.eval.scoring.score_items, []
+
+    def score_items_then_signal(*args, **kwargs):
+        scored.append(1)
+        send("score", len(scored))  # before the Nth scoring call (train: 1 before training, 2 after)
+        return score_items(*args, **kwargs)
+
+    mor.eval.scoring.score_items = score_items_then_signal
+    export_lora = mor.export.export_lora
+
+    def export_lora_then_signal(*args, **kwargs):
+        folder = export_lora(*args, **kwargs)
+        send("export", None)  # a LoRA folder written into the temporary output, not yet renamed
+        return folder
+
+    mor.export.export_lora = export_lora_then_signal
+    compare_score, compared = mor.compare.runner.Worker.score, []
+
+    def compare_score_then_signal(self, *args, **kwargs):
+        compared.append(1)
+        send("compare-score", len(compared))  # `mor compare`, before scoring its Nth run
+        return compare_score(self, *args, **kwargs)
+
+    mor.compare.runner.Worker.score = compare_score_then_signal
     run_training = mor.train.run_training
     mor.train.run_training = lambda cfg, callbacks=None: run_training(cfg, [*(callbacks or []), SendDuringStep()])
     return main(argv)

@@ -421,3 +421,26 @@ def test_cost_interleaves_arms_and_times_the_runs_optimizer(tmp_path, tiny_model
     write_cost(plan, rounds=1)
     report, _ = write_report(plan)  # nothing trained yet: the cost alone
     assert "forward+backward" in report and "fused" in report and "foreach" in report
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_each_bootstrap_interval_is_drawn_on_its_comparisons_row(count):
+    """Issue 34: one comparison's bootstrap band used to sit at the bottom of the axis, below its point."""
+    from matplotlib.colors import to_rgba
+
+    from mor.compare.report import BOOTSTRAP_GREY, _plt, draw_differences
+
+    comps = [{"a": f"x{k}", "b": "base", "trained": {"diff": 0.01 * k, "two_se": 0.02, "verdict": "tie",
+                                                     "bootstrap_95": [0.01 * k - 0.015, 0.01 * k + 0.025]}}
+             for k in range(count)]
+    fig, ax = _plt().subplots()
+    draw_differences(ax, comps, {**{f"x{k}": f"arm {k}" for k in range(count)}, "base": "base"})
+    grey = [line for line in ax.lines if to_rgba(line.get_color()) == to_rgba(BOOTSTRAP_GREY)]
+    points = [line for line in ax.lines if line.get_marker() == "o"]
+    assert len(grey) == len(points) == count
+    low, high = ax.get_ylim()
+    for band, point, comp in zip(grey, points, reversed(comps)):
+        (y,) = set(band.get_ydata())
+        assert y == point.get_ydata()[0] and low + 0.4 < y < high - 0.4  # on the point's row, inside the axis
+        assert list(band.get_xdata()) == pytest.approx([100 * x for x in comp["trained"]["bootstrap_95"]])
+    _plt().close(fig)

@@ -281,3 +281,105 @@ def test_real_smollm2_exports_within_float32_rounding(smollm2_path, tmp_path):
     print(f"SmolLM2: peft LoRA vs fixed routing {(got - expected)[mask].abs().max():.3g}, vs merged "
           f"{(got - merged)[mask].abs().max():.3g}, merged vs fixed {(merged - expected)[mask].abs().max():.3g}, "
           f"adapter moves the logits by {moved:.3g}")
+
+
+# -- exports that stand alone: plain peft, no `import mor`, the hub offline (issue 34) --------------------------
+
+WITHOUT_MOR = """
+import sys, torch
+from peft import AutoPeftModelForCausalLM
+from safetensors.torch import save_file
+model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor({ids})).logits
+assert not any(name == "mor" or name.startswith("mor.") for name in sys.modules), "mor was imported"
+save_file({{"logits": logits.contiguous()}}, sys.argv[2])
+"""
+
+
+def load_without_mor(folder, ids, out, cwd):
+    """AutoPeftModelForCausalLM on ``folder`` in a fresh process that never imports mor, the hub offline,
+    run from ``cwd`` (not the export's folder): the finished process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", WITHOUT_MOR.format(ids=ids), str(folder), str(out)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_an_export_of_the_embedded_default_loads_with_plain_peft_offline(tmp_path, smollm2_path, capsys):
+    """`mor export-lora` on the embedded SmolLM2 records the folder it resolves to: AutoPeftModelForCausalLM
+    gives mor's logits in a process without mor, from another working directory, with the hub offline."""
+    import mor
+    from mor.runtime.loading import load_model
+
+    model = get_mor_model(load_model(None), MoRConfig(r=8, num_experts=4, dropout=0.0, init_seed=0))
+    with torch.no_grad():
+        for layer in mixture_layers(model).values():
+            layer.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "adapter")
+    capsys.readouterr()
+    assert main(["export-lora", "--adapter", str(tmp_path / "adapter"), "--routing", "uniform",
+                 "--output", str(tmp_path / "lora"), "--no-check"]) == 0
+    printed = capsys.readouterr().out
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == smollm2_path  # absolute: no hub look-up, any working directory
+    assert f"from_pretrained('{tmp_path / 'lora'}')" in printed and f"--lora-modules lora={tmp_path / 'lora'}" in printed
+
+    ids = INPUTS.tolist()
+    (tmp_path / "elsewhere").mkdir()
+    proc = load_without_mor(tmp_path / "lora", ids, tmp_path / "logits.safetensors", tmp_path / "elsewhere")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = mor.load_adapter(load_model(None), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        with ours.fixed_routing("uniform"):
+            expected = ours(input_ids=INPUTS).logits
+        with ours.disable_adapter():
+            moved = (ours(input_ids=INPUTS).logits - expected).abs().max()
+    got = load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    assert moved > 0.1  # the adapter changes the logits: the equality below can fail
+    assert (got - expected).abs().max() <= 1e-4  # fp32 rounding over 30 blocks (5e-5 measured)
+
+
+def test_an_export_whose_base_moved_fails_in_peft_naming_the_recorded_path(tmp_path, tiny_model_dir, capsys):
+    """The base folder moved after the export: peft's own error names the recorded path; re-pointing the
+    config (docs/export-lora.md) loads it again. Exporting onto the base folder is refused."""
+    import shutil
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    from mor.runtime.loading import load_model
+
+    get_mor_model(load_model(str(base)), MoRConfig(r=2, num_experts=2, init_seed=0)).save_pretrained(tmp_path / "adapter")
+    flags = ["export-lora", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--routing", "uniform",
+             "--no-check", "--output"]
+    assert main([*flags, str(base), "--overwrite"]) == 2  # onto the base: refused, the base untouched
+    assert "error: " in capsys.readouterr().err and (base / "config.json").is_file()
+    assert main([*flags, str(tmp_path / "lora")]) == 0
+    moved = base.rename(tmp_path / "base-moved")
+    proc = load_without_mor(tmp_path / "lora", [[5, 6, 7]], tmp_path / "logits.safetensors", tmp_path)
+    assert proc.returncode != 0 and str(base) in proc.stderr
+    config_file = tmp_path / "lora" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": str(moved)}))
+    proc = load_without_mor(tmp_path / "lora", [[5, 6, 7]], tmp_path / "logits.safetensors", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_merged_model_records_its_base_and_its_card_loads_it_without_mor(tmp_path, tiny_model_dir, tasks,
+                                                                           monkeypatch):
+    """`mor merge` records the base as transformers opens it from any folder (absolute, not as given), and
+    its README says where it came from and how to load it without mor."""
+    from mor.runtime.loading import load_model
+
+    get_mor_model(load_model(str(tiny_model_dir)), MoRConfig(r=2, num_experts=2, init_seed=0)).save_pretrained(
+        tmp_path / "adapter")
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert main(["merge", "--model", tiny_model_dir.name, "--adapter", str(tmp_path / "adapter"),
+                 "--data", tasks[0], "--limit", "4", "--output", str(tmp_path / "merged")]) == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)  # given relative, recorded absolute
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert str(tiny_model_dir) in card and f"measured on {tasks[0]}" in card
+    assert f'AutoModelForCausalLM.from_pretrained("{tmp_path / "merged"}")' in card

@@ -320,3 +320,64 @@ def test_measuring_routing_on_inputs_without_tokens_is_a_clear_error(tiny_model_
     for texts in ([], [""]):
         with pytest.raises(ValueError, match="no tokens to route"):
             model.measure_routing(texts, tokenizer=load_tokenizer(str(tiny_model_dir)))
+
+
+# -- a clean stop in every phase (issue 34): scoring before / after training, `mor eval`, `mor export-lora` --
+
+def stop_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("stopped by ")]
+    assert proc.returncode == EXIT_PREEMPTED and len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_signal_while_scoring_before_or_after_training_stops_with_the_command_that_continues(
+        tmp_path, tiny_model_dir, parity):
+    flags = [f for f in train_flags(tiny_model_dir, parity, tmp_path / "run", steps=2) if f != "--no-eval"]
+    line = stop_line(run_worker("SIGTERM@score:1", tmp_path / "record.json", flags))
+    assert "while scoring the base model before training: nothing was trained" in line
+    assert f"mor train --model {tiny_model_dir}" in line  # the command that starts it again
+    assert not (tmp_path / "run" / "adapter").exists() and leftovers(tmp_path) == []
+
+    line = stop_line(run_worker("SIGTERM@score:2", tmp_path / "record.json", flags))  # the scoring after
+    assert "after the last step" in line and "--resume" in line
+    assert not (tmp_path / "run" / "result.json").exists() and leftovers(tmp_path) == []
+    assert run_cli(*flags, "--resume") == 0
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["after"] is not None
+
+
+def test_a_signal_during_mor_eval_or_export_lora_leaves_the_previous_output_and_names_the_command(
+        tmp_path, tiny_model_dir, parity):
+    assert run_cli(*train_flags(tiny_model_dir, parity, tmp_path / "run", steps=1)) == 0
+    adapter = tmp_path / "run" / "adapter"
+    results = tmp_path / "results.json"
+    results.write_text("earlier results\n")
+    flags = ["eval", "--model", tiny_model_dir, "--adapter", adapter, "--data", parity, "--output", results,
+             "--overwrite"]
+    line = stop_line(run_worker("SIGTERM@score:1", tmp_path / "record.json", flags))
+    assert line.startswith("stopped by SIGTERM while scoring: nothing was written to") and "mor eval" in line
+    assert results.read_text() == "earlier results\n" and leftovers(tmp_path) == []
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "earlier.txt").write_text("kept\n")
+    flags = ["export-lora", "--model", tiny_model_dir, "--adapter", adapter, "--routing", "uniform", "--output",
+             loras, "--overwrite"]
+    line = stop_line(run_worker("SIGINT@export", tmp_path / "record.json", flags))
+    assert "stopped by SIGINT while exporting LoRA folders: nothing was written to" in line and "mor export-lora" in line
+    assert [p.name for p in loras.iterdir()] == ["earlier.txt"] and leftovers(tmp_path) == []
+
+
+def test_a_signal_while_mor_compare_scores_keeps_the_training_and_the_rerun_only_scores(tmp_path, tiny_model_dir):
+    from test_compare import tiny_plan
+
+    plan = tiny_plan(tmp_path, tiny_model_dir, arms=dict(lora=dict(method="lora", r=4)), baseline=False, seeds=[0],
+                     select=dict(lrs=[1e-3], widen=0))
+    flags = ["compare", plan, "--no-report"]
+    line = stop_line(run_worker("SIGTERM@compare-score:1", tmp_path / "record.json", flags))
+    assert "while scoring lora_seed0: its training is finished" in line and "its scores were not written" in line
+    assert "same `mor compare` command again" in line
+    assert not (tmp_path / "results" / "lora_seed0.json").exists() and leftovers(tmp_path) == []
+    (trained,) = (tmp_path / "work" / "train").glob("lora_*/result.json")
+    stamp = trained.stat().st_mtime_ns
+    assert run_cli(*flags) == 0
+    assert (tmp_path / "results" / "lora_seed0.json").is_file() and trained.stat().st_mtime_ns == stamp  # not retrained

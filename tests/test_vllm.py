@@ -15,6 +15,7 @@ import torch
 from peft import get_peft_model
 
 import mor
+from mor.cli import main as cli
 from mor.serving import export_for_vllm
 
 from conftest import make_tiny_tokenizer
@@ -154,6 +155,42 @@ def test_the_plugin_refuses_tensor_parallel_and_vllm_lora():
         Probe(vllm_config=config(lora=object()))
     with pytest.raises(ValueError, match="mor export-vllm"):
         Probe(vllm_config=config())  # a config without the mor_serving section
+
+
+def test_vllm_multi_lora_serves_exported_loras_without_mor_with_peft_tokens(tmp_path):
+    """`mor export-lora` per task, served by vLLM's own multi-LoRA over the base the folders record (no mor
+    plugin, mor never imported): each prompt's greedy tokens equal plain peft's with its task's LoRA."""
+    from transformers import AutoModelForCausalLM
+    from peft import PeftModel
+
+    from mor.data.builtin import write_builtin_suite
+
+    base = tiny_base(tmp_path / "base", "LlamaForCausalLM")
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                                mor.MoRConfig(r=8, num_experts=4, init_seed=0, target_modules="attention+ffn"))
+    randomise(peft_model, router_scale=10.0)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    write_builtin_suite(tmp_path / "tasks", seed=0, train_size=4, eval_size=8, tasks=["parity", "colour"])
+    assert cli(["export-lora", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--no-check",
+                "--data", str(tmp_path / "tasks" / "parity"), str(tmp_path / "tasks" / "colour"),
+                "--output", str(tmp_path / "loras")]) == 0
+    loras = {task: str(tmp_path / "loras" / task) for task in ("parity", "colour")}
+    recorded = {json.loads((Path(f) / "adapter_config.json").read_text())["base_model_name_or_path"] for f in loras.values()}
+    assert recorded == {str(base)}
+    names = ["parity", "colour"] * (len(PROMPTS) // 2)
+    spec = {"model": recorded.pop(), "prompts": PROMPTS, "max_tokens": 8, "loras": loras, "prompt_loras": names,
+            "max_lora_rank": 8}
+    got = run_vllm(tmp_path, spec, env={**ENV, "VLLM_PLUGINS": "", "HF_HUB_OFFLINE": "1"})
+    assert got["mor_imported"] is False
+
+    want = []
+    for name, prompt in zip(names, PROMPTS):
+        lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), loras[name]).eval()
+        want += peft_greedy(lora, [prompt], 8)
+    assert got["tokens"] == want
+    plain = peft_greedy(AutoModelForCausalLM.from_pretrained(base).eval(), PROMPTS, 8)
+    colour = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), loras["colour"]).eval()
+    assert plain != want and peft_greedy(colour, PROMPTS[:4:2], 8) != want[:4:2]  # each LoRA its own tokens
 
 
 def test_serving_benchmark_quick_smoke(tmp_path):

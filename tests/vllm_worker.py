@@ -4,8 +4,11 @@
     python tests/vllm_worker.py SPEC.json OUT.json
 
 SPEC: {"model": folder, "prompts": [[token ids], ...], "max_tokens": n, "eager": bool,
-       "probe": [served layer names] (optional: record each layer's input and gates on prompts[0])}
-OUT:  {"tokens": [[generated ids], ...], "probe": {layer: {"x": [[...]], "gates": {module: [[...]]}}}}
+       "probe": [served layer names] (optional: record each layer's input and gates on prompts[0]),
+       "loras": {name: LoRA folder}, "prompt_loras": [name per prompt], "max_lora_rank": n
+       (optional: vLLM's multi-LoRA; mor is then never imported here)}
+OUT:  {"tokens": [[generated ids], ...], "mor_imported": bool,
+       "probe": {layer: {"x": [[...]], "gates": {module: [[...]]}}}}
 """
 
 from __future__ import annotations
@@ -19,16 +22,26 @@ import sys
 def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
-    from mor.serving.vllm_plugin import read_gates, record_inputs
-
     spec = json.loads(open(spec_path).read())
+    loras = spec.get("loras")  # {name: folder}: vLLM's own multi-LoRA, each prompt with loras[prompt_loras[i]]
+    lora_options = dict(enable_lora=True, max_lora_rank=spec["max_lora_rank"], max_loras=len(loras)) if loras else {}
     llm = LLM(model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=spec.get("eager", True),
-              max_model_len=spec.get("max_model_len", 512), seed=0, enable_prefix_caching=False)
+              max_model_len=spec.get("max_model_len", 512), seed=0, enable_prefix_caching=False, **lora_options)
     params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"])
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params, use_tqdm=False)
-    result = {"tokens": [list(o.outputs[0].token_ids) for o in outputs]}
+    requests = None
+    if loras:
+        from vllm.lora.request import LoRARequest
+
+        ids = {name: index + 1 for index, name in enumerate(loras)}
+        requests = [LoRARequest(name, ids[name], loras[name]) for name in spec["prompt_loras"]]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params, use_tqdm=False,
+                           lora_request=requests)
+    result = {"tokens": [list(o.outputs[0].token_ids) for o in outputs],
+              "mor_imported": any(name == "mor" or name.startswith("mor.") for name in sys.modules)}
     probe = spec.get("probe")
     if probe:
+        from mor.serving.vllm_plugin import read_gates, record_inputs
+
         llm.apply_model(functools.partial(record_inputs, probe))
         llm.generate([{"prompt_token_ids": spec["prompts"][0]}], SamplingParams(temperature=0, max_tokens=1),
                      use_tqdm=False)

@@ -125,6 +125,42 @@ def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path]
     return folder
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices (0.32)
+
+
+def standalone_commands(folders: Mapping[str, Union[str, Path]], base: str, rank: int) -> list[str]:
+    """How to use exported LoRA folders without mor: peft's one-line load of the first and the vLLM
+    server over ``base`` (what the folders record as ``base_model_name_or_path``) with every folder
+    as a LoRA module by its name. Paths are absolute: the commands run from any folder."""
+    from .serving.folder import serve_command
+
+    paths = {name: str(Path(folder).absolute()) for name, folder in folders.items()}
+    first = next(iter(paths.values()))
+    max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
+    modules = " ".join(f"{name}={path}" for name, path in paths.items())
+    return [f"python -c \"from peft import AutoPeftModelForCausalLM; "
+            f"model = AutoPeftModelForCausalLM.from_pretrained('{first}')\"",
+            " ".join(serve_command(base)) + f" --enable-lora --max-lora-rank {max_rank} --max-loras {len(paths)} "
+            f"--lora-modules {modules}"]
+
+
+def merged_model_card(folder: Union[str, Path], base: str, adapter: Union[str, Path], routing: str) -> str:
+    """README.md of a ``mor merge`` folder: where it came from (the base as transformers opens it
+    without mor, the adapter, the routing) and how to load and serve it without mor."""
+    from .serving.folder import serve_command
+
+    path = Path(folder).absolute()
+    return "\n".join([
+        "---", "library_name: transformers", "tags:", "- mor", "- merged", "---", "",
+        "# A MoR adapter merged into its base", "",
+        f"`mor merge` folded the MoR adapter `{Path(adapter).absolute()}` into the base `{base}` under fixed "
+        f"routing ({routing}; routing_profile.json). It is a plain transformers model: no `mor` needed.", "",
+        "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'model = AutoModelForCausalLM.from_pretrained("{path}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{path}")', "```", "",
+        f"Served by vLLM: `{' '.join(serve_command(path))}`.", ""])
+
+
 # -- checking a merge or an export against the adapter -----------------------------------------------
 
 def _check_batch(tokenizer, texts: list[str]) -> dict:

@@ -31,6 +31,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from .errors import AdapterError, OutputError, SettingsError
+from .stopping import EXIT_PREEMPTED, Stopped  # noqa: F401  (names of mor.safety too)
 
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors",)
 
@@ -345,20 +346,3 @@ def check_adapter_weights(folder: str | Path) -> None:
             raise AdapterError(f"{path}: {len(huge)} adapter tensors hold values far beyond any trained adapter "
                                f"(e.g. |{name}| up to {value:.3g}; the bound is {MAX_ADAPTER_WEIGHT:g}); such weights "
                                "make every score NaN. The file is corrupt or the training diverged: retrain it.")
-
-
-# -- stopped by a signal ------------------------------------------------------------------------
-
-EXIT_PREEMPTED = 75
-"""Exit status of ``mor train`` stopped by SIGTERM or SIGINT after writing a complete checkpoint
-(EX_TEMPFAIL: "try again later"; a job script resubmits with ``--resume``). A second signal stops
-at once with 128 + the signal number (143 for SIGTERM, 130 for SIGINT)."""
-
-
-class Stopped(BaseException):
-    """Training stopped by a signal. ``status`` is the exit status the CLI returns. A
-    BaseException, as KeyboardInterrupt is: no ``except Exception`` on the way may swallow it."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status

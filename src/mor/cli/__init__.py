@@ -34,17 +34,33 @@ class Command:
     help: str
     arguments: Callable[[argparse.ArgumentParser], None]  # adds the command's flags
     run: Callable[[argparse.Namespace], int]  # the handler: returns the exit code
+    doing: str | None = None  # what it does, for the line of a clean stop on SIGTERM / SIGINT (mor.stopping)
 
 
 COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
-    """Register the decorated handler as ``mor <name>``, with the flags ``arguments`` adds."""
+def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None], doing: str | None = None):
+    """Register the decorated handler as ``mor <name>``, with the flags ``arguments`` adds. ``doing``
+    ("scoring"): the command writes its outputs whole or not at all, so SIGTERM / SIGINT stop it at
+    once with one line ("stopped by SIGTERM while scoring: nothing was written to ...") and exit 75."""
     def register(run: Callable[[argparse.Namespace], int]):
-        COMMANDS[name] = Command(name, help, arguments, run)
+        COMMANDS[name] = Command(name, help, arguments, run, doing)
         return run
     return register
+
+
+def _stopping(cmd: Command, args: argparse.Namespace):
+    """The clean stop of ``cmd`` (see :func:`command`), or nothing."""
+    import contextlib
+
+    from ..stopping import stop_cleanly
+
+    if cmd.doing is None:
+        return contextlib.nullcontext()
+    output = getattr(args, "output", None)
+    return stop_cleanly(cmd.doing, f"nothing was written to {output} (what was there is as it was)" if output
+                        else "no results were printed or written")
 
 
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
@@ -81,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from ..errors import MorError
-    from ..safety import EXIT_PREEMPTED, Stopped, io_error_message
+    from ..safety import io_error_message
+    from ..stopping import EXIT_PREEMPTED, Stopped, set_command
 
     try:
         if getattr(args, "config", None):  # a run file: its settings are the defaults, flags override them
@@ -89,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 
             parser.mor_commands[args.command].set_defaults(**defaults_from_file(args.config))
             args = parser.parse_args(argv)
-        return COMMANDS[args.command].run(args)
+        set_command(["mor", *argv])  # the command a clean stop names to continue
+        with _stopping(COMMANDS[args.command], args):
+            return COMMANDS[args.command].run(args)
     except MorError as err:  # a mistake in what the user gave: one line (and the traceback with -v)
         return _error_line(str(err), args.verbose)
     except Exception as err:  # a fault of the machine (full disk, read-only folder) is one line too
@@ -97,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if message is None:
             raise  # anything else is a bug: its traceback
         return _error_line(message, args.verbose)
-    except Stopped as stop:  # SIGTERM / SIGINT (see mor.train.callbacks.StopOnSignal)
+    except Stopped as stop:  # SIGTERM / SIGINT (mor.stopping; training: mor.train.callbacks.StopOnSignal)
         print(f"\n{'error: ' if stop.status != EXIT_PREEMPTED else ''}{stop}", file=sys.stderr)  # under a progress bar
         return stop.status
     finally:

@@ -37,7 +37,7 @@ def add_eval_flags(e: argparse.ArgumentParser) -> None:
     add_overwrite(e)
 
 
-@command("eval", "zero-shot multiple-choice accuracy per task", arguments=add_eval_flags)
+@command("eval", "zero-shot multiple-choice accuracy per task", arguments=add_eval_flags, doing="scoring")
 def cmd_eval(args) -> int:
     from ..data import load_eval_tasks
     from ..eval.scoring import format_table, write_results_json
@@ -81,16 +81,18 @@ def add_merge_flags(m: argparse.ArgumentParser) -> None:
     add_overwrite(m)
 
 
-@command("merge", "merge a MoR adapter with fixed routing into a plain model folder", arguments=add_merge_flags)
+@command("merge", "merge a MoR adapter with fixed routing into a plain model folder", arguments=add_merge_flags,
+         doing="merging")
 def cmd_merge(args) -> int:
-    from ..export import merge_checked
+    from ..export import merge_checked, merged_model_card
     from ..model import is_mor_model
     from ..routing import RoutingProfile
-    from ..runtime.loading import given_model_name, load_adapted
+    from ..runtime.loading import load_adapted, standalone_base
     from ..safety import atomic_folder, check_free_space, claim_output_folder
 
+    recorded = standalone_base(args.model)  # the base as transformers opens it without mor
     out = claim_output_folder(args.output, args.overwrite, inputs={
-        "--model": args.model, "--adapter": args.adapter, "--routing": args.routing, "--data": args.data})
+        "--model": recorded, "--adapter": args.adapter, "--routing": args.routing, "--data": args.data})
     model, tokenizer = load_adapted(args.model, args.adapter, load_in_4bit=load_in_4bit_of(args))
     check_free_space(out, sum(p.numel() * p.element_size() for p in model.parameters()), "the merged model")
     if not is_mor_model(model):
@@ -103,11 +105,13 @@ def cmd_merge(args) -> int:
         texts = _prompts_of(args.data, args.skip_bad, tokenizer, args.limit)
         routing = model.measure_routing(texts, tokenizer=tokenizer, progress=True)
     merged, check = merge_checked(model, routing, tokenizer, texts)
-    merged.config.base_model_name_or_path = given_model_name(args.model)  # as given, not a cache folder
+    merged.config.base_model_name_or_path = recorded  # a folder or hub id found without mor
     with atomic_folder(out) as tmp:  # a whole new folder: nothing of what was there is mixed in
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         routing.save(tmp / "routing_profile.json")
+        source = f"from {args.routing}" if args.routing else f"measured on {', '.join(args.data)}"
+        (tmp / "README.md").write_text(merged_model_card(out, recorded, args.adapter, source))
     print(f"Merged model written to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
     print(f"Max |logit difference| vs the un-merged model with the same fixed routing: {check.max_difference:.3g} "
           f"(top-1 token agreement {100 * check.top1_agreement:.1f} %)")
@@ -138,7 +142,8 @@ def add_analyze_flags(a: argparse.ArgumentParser) -> None:
     add_overwrite(a)
 
 
-@command("analyze", "router specialisation, parameter scaling and rank spectra (PNGs)", arguments=add_analyze_flags)
+@command("analyze", "router specialisation, parameter scaling and rank spectra (PNGs)", arguments=add_analyze_flags,
+         doing="analysing")
 def cmd_analyze(args) -> int:
     from ..analysis.analyze import analyze, format_report, routing_over_steps
     from ..data import load_eval_tasks, task_prompts
@@ -182,16 +187,17 @@ def add_export_lora_flags(x: argparse.ArgumentParser) -> None:
 
 
 @command("export-lora", "a MoR/MoE-LoRA adapter under fixed routing as standard peft LoRA folders",
-         arguments=add_export_lora_flags)
+         arguments=add_export_lora_flags, doing="exporting LoRA folders")
 def cmd_export_lora(args) -> int:
     from ..data import load_eval_tasks, task_prompts
-    from ..export import check_exported_lora, export_lora, exported_rank
+    from ..export import check_exported_lora, export_lora, exported_rank, standalone_commands
     from ..layer import mixture_layers
-    from ..runtime.loading import given_model_name, load_adapted, load_model
+    from ..runtime.loading import load_adapted, load_model, standalone_base
     from ..safety import atomic_folder, claim_output_folder
 
+    recorded = standalone_base(args.model)  # the base as peft and vLLM open it without mor
     out = claim_output_folder(args.output, args.overwrite, inputs={
-        "--model": args.model, "--adapter": args.adapter, "--routing": args.routing, "--data": args.data})
+        "--model": recorded, "--adapter": args.adapter, "--routing": args.routing, "--data": args.data})
     four_bit = load_in_4bit_of(args)
     model, tokenizer = load_adapted(args.model, args.adapter, load_in_4bit=four_bit)
     try:
@@ -212,12 +218,16 @@ def cmd_export_lora(args) -> int:
     base = None
     with atomic_folder(out) as tmp:  # every LoRA or none; what was in --output is replaced as a whole
         for name, routing, texts in jobs:
-            export_lora(model, routing, tmp / name, base_model_name_or_path=given_model_name(args.model))
+            export_lora(model, routing, tmp / name, base_model_name_or_path=recorded)
             print(f"LoRA (rank {rank}) written to {out / name} (loads with peft.PeftModel.from_pretrained)")
             if not args.no_check:
                 base = base if base is not None else load_model(args.model, load_in_4bit=four_bit)
                 diff, base = check_exported_lora(model, routing, tmp / name, base, tokenizer, texts)
                 print(f"  max |logit difference| vs the MoR adapter with the same fixed routing: {diff:.3g}")
+    folders = {(name.name or out.name): out / name for name, _, _ in jobs}
+    print(f"Without mor (the folders record their base as {recorded}):")
+    for line in standalone_commands(folders, recorded, rank):
+        print(f"  {line}")
     return 0
 
 

@@ -17,7 +17,7 @@ def add_export_vllm_flags(p: argparse.ArgumentParser) -> None:
 
 
 @command("export-vllm", "a folder that vLLM serves with the MoR adapter routed per token (mor's vLLM plugin)",
-         arguments=add_export_vllm_flags)
+         arguments=add_export_vllm_flags, doing="writing the vLLM folder")
 def cmd_export_vllm(args) -> int:
     from ..serving import export_for_vllm, serve_command
 

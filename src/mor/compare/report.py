@@ -211,19 +211,30 @@ def accuracy_figure(rows: list[dict], heldout: list[str], path: Path) -> Path:
     return path
 
 
+BOOTSTRAP_GREY = "0.75"  # the bootstrap 95 % band behind each comparison's point
+
+
+def draw_differences(ax, comps: list[dict], labels: dict) -> None:
+    """One row per comparison (the first on top): its mean difference with ± 2 s.e. and, behind
+    them on the same row, a grey band over its bootstrap 95 % interval."""
+    for i, c in enumerate(reversed(comps)):
+        t = c["trained"]
+        ax.errorbar(100 * t["diff"], i, xerr=100 * t["two_se"], fmt="o", capsize=3, zorder=3,
+                    color={"better": "#2ca02c", "worse": "#d62728"}.get(t["verdict"], "#1f77b4"))
+        if t.get("bootstrap_95"):
+            ax.plot([100 * x for x in t["bootstrap_95"]], [i, i], color=BOOTSTRAP_GREY, lw=7,
+                    solid_capstyle="butt", zorder=1)
+    ax.axvline(0, color="0.6", lw=0.8)
+    ax.set_ylim(-0.5, len(comps) - 0.5)  # every row its own band, one comparison included
+    ax.set_yticks(range(len(comps)), [textwrap.fill(f"{labels[c['a']]} vs {labels[c['b']]}", 48)
+                                      for c in reversed(comps)], fontsize=7)
+    ax.set_xlabel("difference in task-average acc_norm (points)\n± 2 s.e.; grey band: bootstrap 95 %", fontsize=8)
+
+
 def differences_figure(comps: list[dict], labels: dict, path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 0.7 * len(comps) + 1.4))
-    for i, c in enumerate(reversed(comps)):
-        t = c["trained"]
-        ax.errorbar(100 * t["diff"], i, xerr=100 * t["two_se"], fmt="o", capsize=3,
-                    color={"better": "#2ca02c", "worse": "#d62728"}.get(t["verdict"], "#1f77b4"))
-        if t.get("bootstrap_95"):
-            ax.plot([100 * x for x in t["bootstrap_95"]], [i - 0.18] * 2, color="0.5", lw=1)
-    ax.axvline(0, color="0.6", lw=0.8)
-    ax.set_yticks(range(len(comps)), [textwrap.fill(f"{labels[c['a']]} vs {labels[c['b']]}", 48)
-                                      for c in reversed(comps)], fontsize=7)
-    ax.set_xlabel("difference in task-average acc_norm (points)\n± 2 s.e.; grey: bootstrap 95 %", fontsize=8)
+    draw_differences(ax, comps, labels)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

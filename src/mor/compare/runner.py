@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..safety import atomic_write_text
+from ..stopping import stop_cleanly
 from .claims import Claim, grace_seconds, live_claims
 from .data import Splits, carve, write_train_folders
 from .plan import Arm, Plan, PlanError, key_hash, lr_name, rate_beyond
@@ -256,13 +257,17 @@ class Worker:
             record.update(trainable_parameters=0, train_seconds=0.0)
         self.log(f"score {job.name}")
         start = time.perf_counter()
-        if job.kind == "select":
-            record.update(self.score(adapter_dir, self.splits.validation, routing=False))
-            record["validation_average"] = sum(t["acc_norm"] for t in record["tasks"].values()) / len(record["tasks"])
-        else:
-            tasks = {**self.splits.test, **self.splits.heldout}
-            routing = arm is not None and arm.spec().method in ("mor", "moelora")
-            record.update(self.score(adapter_dir, tasks, routing=routing))
+        trained = f"its training is finished ({adapter_dir}), its scores were not written" if adapter_dir else \
+            "its scores were not written"
+        with stop_cleanly(f"scoring {job.name}", trained, rerun="run the same `mor compare` command again (it scores "
+                                                              "this run again, without training it again)"):
+            if job.kind == "select":
+                record.update(self.score(adapter_dir, self.splits.validation, routing=False))
+                record["validation_average"] = sum(t["acc_norm"] for t in record["tasks"].values()) / len(record["tasks"])
+            else:
+                tasks = {**self.splits.test, **self.splits.heldout}
+                routing = arm is not None and arm.spec().method in ("mor", "moelora")
+                record.update(self.score(adapter_dir, tasks, routing=routing))
         record["eval_seconds"] = time.perf_counter() - start
         record["finished"] = _now()
         return record

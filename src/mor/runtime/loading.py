@@ -166,10 +166,13 @@ def four_bit_config(compute_dtype: torch.dtype = torch.float32):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
-def given_model_name(name_or_path: str | None) -> str:
-    """The base model as the user named it (a hub id, a folder, a .gguf file, or "smollm2" for the
-    embedded default), never the cache folder it resolves to: what saved folders record as their base."""
-    return str(name_or_path) if name_or_path not in (None, "") else DEFAULT_MODEL
+def standalone_base(name_or_path: str | None) -> str:
+    """The base as an export records it (``base_model_name_or_path``) for tools that never import
+    mor (peft's ``AutoPeftModelForCausalLM``, vLLM): the embedded default and a .gguf file as the
+    absolute folder they resolve to, a local folder as its absolute path (peft opens a relative one
+    from the working directory, not from the export), a hub id as given."""
+    resolved = resolve_model_path(name_or_path)
+    return os.path.abspath(resolved) if Path(resolved).exists() else resolved
 
 
 def recorded_4bit(adapter: str | Path | None) -> bool | None:

@@ -8,15 +8,13 @@ import math
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
 from ..errors import TrainingDiverged
-from ..safety import EXIT_PREEMPTED, Stopped
+from ..stopping import EXIT_PREEMPTED, SignalHandlers, Stopped
 
 DIVERGENCE_FACTOR = 1.5  # a final logged loss above 1.5x the first one is reported as divergence
 
@@ -59,14 +57,12 @@ class StopOnSignal(TrainerCallback):
     (transformers' ``enable_jit_checkpoint`` handles SIGTERM only, acts 3 s after it, and saves
     without the ``on_save`` event that marks a checkpoint complete, so it is not used.)"""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
     def __init__(self, resume_hint: str = "run the same command again with --resume"):
         self.resume_hint = resume_hint
         self.received: int | None = None
         self.stopped_at: int | None = None
         self.last_checkpoint: Path | None = None  # set when training ended without a signal
-        self._previous: dict[int, Any] = {}
+        self._handlers = SignalHandlers(self._handle)
 
     def _handle(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
@@ -86,13 +82,10 @@ class StopOnSignal(TrainerCallback):
 
     def restore(self) -> None:
         """Put back the signal handlers there were before training."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
+        self._handlers.restore()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        self._handlers.install()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):

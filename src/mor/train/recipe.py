@@ -29,8 +29,9 @@ from ..params import count_trainable_parameters
 from ..runtime.distributed import (adapter_checksum, all_gather_objects, check_launch_before_start, checkpoint_state,
                                    gather_adapter_state_dict, save_adapter, world_size)
 from ..runtime.loading import load_model, load_tokenizer
-from ..safety import atomic_folder, atomic_write_text, check_training_space, nonfinite_tensors
 from ..errors import SettingsError
+from ..safety import atomic_folder, atomic_write_text, check_training_space, nonfinite_tensors
+from ..stopping import stop_cleanly
 from .callbacks import FiniteCheckCallback, StopOnSignal, divergence_warning
 from .run_folder import claim_run_folder, release_failed_run_folder, take_run_folder
 from .adapters import apply_adapter
@@ -122,7 +123,8 @@ def _run(cfg: TrainConfig, callbacks: list, settings: dict) -> tuple[TrainResult
 
     # 3. evaluate before (the adapter off)
     if cfg.evaluate and cfg.evaluate_before and eval_tasks and not cfg.resume:
-        with model.disable_adapter():
+        with model.disable_adapter(), stop_cleanly("scoring the base model before training",
+                                                   "nothing was trained or saved yet"):
             run.before = _timed_evaluation(run, "before", model, tokenizer, eval_tasks, cfg)
 
     # 4. trainer (the inputs loaded and the disk has room: now the old run's files go), 5. train or resume
