@@ -70,7 +70,7 @@ def add_compare_flags(p) -> None:
 @command("compare", "compare adapters (MoR, LoRA, DoRA, MoE-LoRA) on your model and data: paired, seeded, "
                     "learning rates chosen on validation", arguments=add_compare_flags)
 def cmd_compare(args) -> int:
-    from ..compare import Worker, read_plan, write_report
+    from ..compare import read_plan, write_report
     from ..compare.report import selection_status
 
     flags = [f"--{f}" for f in PLAN_FLAGS if getattr(args, f) is not None]

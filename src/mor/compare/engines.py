@@ -27,7 +27,6 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import MissingExtra, MorError
