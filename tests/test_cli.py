@@ -61,6 +61,25 @@ def test_mor_help_and_import_mor_import_neither_peft_nor_torch():
     assert done.returncode == 0 and "export-vllm" in done.stdout, done.stderr
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "merge", "export-lora", "export-vllm", "compare"])
+def test_a_commands_help_imports_neither_peft_nor_torch(command):
+    # `mor train --help` lists every flag generated from MoRConfig's and TrainConfig's fields (their
+    # schema is MoROptions, a plain dataclass) without importing torch, peft or transformers: instant
+    code = f"""if True:
+        import sys
+        from mor.cli import main
+        try:
+            main(["{command}", "--help"])
+        except SystemExit as exit_:
+            assert exit_.code == 0
+        print("heavy after help:", [m for m in sys.argv[1:] if m in sys.modules])
+    """
+    done = subprocess.run([sys.executable, "-c", code, *HEAVY], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "heavy after help: []" in done.stdout, done.stdout
+    assert "usage: mor " + command in done.stdout
+
+
 @pytest.mark.parametrize("method", ["mor", "moelora", "lora", "dora"])
 def test_train_eval_merge_analyze_for_each_method(tmp_path, tiny_model_dir, tiny_tasks, method, capsys):
     out = tmp_path / "run"
@@ -190,3 +209,47 @@ def test_eval_log_samples_keeps_every_records_scores_for_paired_comparisons(tmp_
     assert run_cli("eval", "--model", tiny_model_dir, "--adapter", out / "adapter", "--data", *tiny_tasks,
                    "--limit", 6, "--output", tmp_path / "plain.json") == 0
     assert "samples" not in json.loads((tmp_path / "plain.json").read_text())  # aggregates only, unless asked
+
+
+def _command_raising(monkeypatch, error: BaseException) -> None:
+    """`mor eval` replaced by a handler that raises ``error``."""
+    import mor.cli as cli
+
+    cli.build_parser(["eval"])  # registers the commands
+    monkeypatch.setattr(cli.COMMANDS["eval"], "run", lambda args: (_ for _ in ()).throw(error))
+
+
+def test_a_users_mistake_is_one_error_line_and_a_bug_is_a_traceback(monkeypatch, capsys):
+    from mor.errors import MorError, SettingsError
+
+    _command_raising(monkeypatch, SettingsError("--lr 0: give a finite learning rate above 0"))
+    assert run_cli("eval", "--data", "x") == 2
+    err = capsys.readouterr().err
+    assert err == "error: --lr 0: give a finite learning rate above 0\n"  # one line, no traceback
+    assert run_cli("-v", "eval", "--data", "x") == 2  # -v: the traceback too, then the same line
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.endswith("error: --lr 0: give a finite learning rate above 0\n")
+    # a ValueError that is not a MorError is a bug in mor or a library: never dressed up as a user's mistake
+    _command_raising(monkeypatch, ValueError("an internal invariant broke"))
+    with pytest.raises(ValueError, match="internal invariant"):
+        run_cli("eval", "--data", "x")
+    assert issubclass(SettingsError, ValueError) and issubclass(SettingsError, MorError)  # old `except ValueError` still works
+
+
+def test_a_missing_optional_package_names_the_extra(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    import mor.errors
+    from mor.data.tables import table_rows
+    from mor.errors import MissingExtra
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(mor.errors.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "datasets" else real(name, *a))
+    table = tmp_path / "task.parquet"
+    table.write_bytes(b"not read")
+    with pytest.raises(MissingExtra, match=r'pip install "mor-adapters\[train\]"'):
+        table_rows(table)
+    _command_raising(monkeypatch, MissingExtra("x needs 'datasets': pip install \"mor-adapters[train]\""))
+    assert run_cli("eval", "--data", "x") == 2
+    assert capsys.readouterr().err.startswith("error: x needs 'datasets'")

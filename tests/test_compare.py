@@ -272,12 +272,19 @@ def test_the_common_case_from_flags_without_a_plan_file(tmp_path, tiny_model_dir
     assert not (tmp_path / "results" / "compare" / "typo").exists()  # a missing file is refused before any plan
 
 
-def test_two_workers_share_a_plan(tmp_path, tiny_model_dir):
+def test_two_hosts_share_a_plan(tmp_path, tiny_model_dir):
+    """Two workers on two "hosts" (separate processes recording different host names in their
+    claims) racing through one plan: every training once, every result written."""
     plan_file = tiny_plan(tmp_path, tiny_model_dir, seeds=[0, 1, 2], baseline=False)
-    out = compare(plan_file, "--workers", "2", "--no-report")
-    lines = [line for line in out.stdout.splitlines() if "] train " in line]
+    command = [sys.executable, "-m", "mor.cli", "compare", str(plan_file), "--no-report", "--threads", "1"]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, TOKENIZERS_PARALLELISM="false", MOR_HOST=host))
+             for host in ("host-a", "host-b")]
+    outs = [p.communicate()[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    lines = [line for out in outs for line in out.splitlines() if "] train " in line]
     assert len({line.split("] ", 1)[1] for line in lines}) == len(lines) == 4 + 4  # every training once
-    assert len({line.split(" pid ")[1].split("]")[0] for line in out.stdout.splitlines() if " pid " in line}) == 2
+    assert {line.split(" pid")[0].split()[-1] for line in lines} <= {"host-a", "host-b"}
     assert len(list((tmp_path / "results").glob("*_seed*.json"))) == 6
 
 
@@ -344,19 +351,6 @@ def test_report_reproduces_the_ablations():
         assert c["trained"]["diff"] == pytest.approx(want["diff"], abs=1e-12)
         assert c["trained"]["two_se"] == pytest.approx(want["two_se"], abs=1e-12)
         assert c["trained"]["verdict"] == want["verdict"]
-
-
-def test_workers_claim_runs_with_lock_files(tmp_path):
-    """Two workers never take the same run; a lock left by a dead process is taken over."""
-    from mor.compare.runner import claim
-
-    lock = tmp_path / "locks" / "mor_seed0.lock"
-    assert claim(lock) and lock.read_text() == str(os.getpid())
-    assert not claim(lock)  # held by a live process (this one)
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    lock.write_text(str(dead.pid))
-    assert claim(lock)
 
 
 def test_a_folder_task_without_a_train_split_trains_on_the_rest_of_its_test_split(tmp_path):

@@ -11,12 +11,13 @@ import mor
 
 PACKAGE = Path(mor.__file__).parent
 LAYERS = [  # bottom to top
-    {"config", "layer", "routing", "model", "export", "params", "baselines", "safety", "startup", "__init__"},  # the method
+    {"config", "layer", "routing", "model", "export", "params", "baselines", "safety", "startup", "_compat", "options", "errors", "stopping",
+     "__init__"},  # the method
     {"data"},
     {"runtime"},
     {"eval", "analysis", "lm_eval_model", "serving"},
     {"train"},
-    {"compare"},
+    {"compare", "integrations"},
     {"cli"},
 ]
 

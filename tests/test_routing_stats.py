@@ -193,3 +193,21 @@ def test_train_flags_reach_the_config(monkeypatch):
     assert (cfg.base_dtype, cfg.group_by_length, cfg.router_lr_multiplier, cfg.router_init_scale,
             cfg.routing_stats_steps) == ("bf16", True, 30.0, 5.0, 7)
     assert training_arguments(cfg).train_sampling_strategy == "group_by_length"
+
+
+def test_routers_are_found_one_way_and_two_active_adapters_are_an_error(tiny_llama):
+    # routing statistics used to switch themselves off silently when find_routers swallowed this error
+    from peft import get_peft_model
+
+    from mor import MoRConfig
+    from mor.errors import SettingsError
+    from mor.layer import find_routers, mixture_layers
+
+    assert find_routers(tiny_llama) == {}  # no mixture layers (a LoRA / DoRA run): nothing to record
+    model = get_peft_model(tiny_llama, MoRConfig(r=2, num_experts=2, init_seed=0))
+    routers = find_routers(model)
+    assert set(routers) == set(mixture_layers(model)) == set(model.mor_layers()) and len(routers) == 6
+    model.add_adapter("second", MoRConfig(r=2, num_experts=2, init_seed=1))
+    model.base_model.set_adapter(["default", "second"])
+    with pytest.raises(SettingsError, match="one adapter at a time"):
+        find_routers(model)

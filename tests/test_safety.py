@@ -135,7 +135,7 @@ def test_an_infinite_learning_rate_is_an_error_line(tmp_path, tiny_model_dir, pa
 
 
 def test_a_loss_that_ends_far_above_its_start_is_warned_about():
-    from mor.safety import divergence_warning
+    from mor.train.callbacks import divergence_warning
 
     history = [{"step": 1, "loss": 4.14}, {"step": 10, "loss": 6.0}, {"step": 20, "loss": 10.8}]
     warning = divergence_warning(history, lr=1e6)

@@ -36,6 +36,26 @@ def test_every_setting_is_a_flag_with_help():
     assert "init_seed" not in actions  # --seed seeds the adapter too
 
 
+def test_morconfig_is_the_options_fields_on_peft_config_field_for_field():
+    # the flags' schema (MoROptions, no peft) and the peft config cannot drift apart: MoRConfig is made of it
+    from peft import PeftConfig
+
+    from mor.options import MoROptions
+
+    ours = {f.name: f for f in fields(MoROptions)}
+    config = {f.name: f for f in fields(MoRConfig)}
+    assert set(config) - {f.name for f in fields(PeftConfig)} == set(ours)
+    for name, item in ours.items():
+        assert (config[name].default, config[name].metadata) == (item.default, item.metadata), name
+    for item in fields(AdapterSpec):  # the adapter flags take MoRConfig's defaults and help
+        if item.name != "method":
+            assert item.default == config[item.name].default, item.name
+            assert item.metadata["help"] == config[item.name].metadata["help"], item.name
+    assert MoROptions(r=4).alpha == MoRConfig(r=4).alpha == 8.0  # the same resolution and validation
+    with pytest.raises(ValueError, match="MoRConfig.router"):
+        MoROptions(router="nope")
+
+
 def test_the_cli_default_run_is_the_library_default_run(monkeypatch):
     ran = []
     monkeypatch.setattr(mor.train, "run_training", lambda cfg: ran.append(cfg) or (_ for _ in ()).throw(KeyboardInterrupt))

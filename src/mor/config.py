@@ -1,121 +1,49 @@
-"""``MoRConfig``: every setting of a MoR (or MoE-LoRA) adapter — a peft config, the single place
-where each field's default and meaning live (the ``mor train`` flags are generated from it)."""
+"""``MoRConfig``: every setting of a MoR (or MoE-LoRA) adapter as a peft config — the fields of
+``mor.options.MoROptions`` (the single place where each field's default and meaning live, readable
+without peft) on top of peft's ``PeftConfig``."""
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 from peft import PeftConfig
 
+from .options import ALL_METHODS, INITS, METHODS, ROUTERS, TARGET_PRESETS, MoROptions
+from .errors import AdapterError, MissingInput
+
+__all__ = ["ALL_METHODS", "CONFIG_NAME", "INITS", "METHODS", "MoELoRAConfig", "MoRConfig", "PEFT_TYPE", "ROUTERS",
+           "TARGET_PRESETS", "WEIGHTS_NAME", "read_adapter_config"]
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_TYPE = "MOR"
 
-METHODS = ("mor", "moelora")  # the peft methods of this package
-ALL_METHODS = (*METHODS, "lora", "dora")  # every adapter a training run can put on (LoRA/DoRA: peft's own)
-ROUTERS = ("softmax", "mean", "balanced", "topk")
-INITS = ("ones_noise", "ones")
-
-#: Presets for ``target_modules`` (LLaMA-family names; other models: give the names).
-TARGET_PRESETS: dict[str, list[str]] = {
-    "ffn": ["gate_proj", "up_proj", "down_proj"],
-    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "attention+ffn": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-
 
 @dataclass
-class MoRConfig(PeftConfig):
+class MoRConfig(PeftConfig, MoROptions):
     """Configuration of a Mixture-of-Ranks adapter (``method="mor"``) or of the MoE-LoRA baseline
     (``method="moelora"``). Per adapted layer W: d_in -> d_out MoR learns A (r x d_in),
     B (d_out x r), expert scales Omega_A (N x r), Omega_B (N x d_out) and a router W_g (N x d_in);
     see ``mor.layer`` for the equation. Use it like any peft config: ``get_peft_model(model, MoRConfig())``.
     """
 
-    method: str = field(default="mor", metadata={"help": "mor: shared A, B + per-expert scaling vectors; "
-                                                         "moelora: N independent LoRA pairs (the baseline)"})
-    r: int = field(default=8, metadata={"help": "rank of the shared pair (mor) or of each expert (moelora)"})
-    num_experts: int = field(default=8, metadata={"help": "number of experts N"})
-    alpha: Optional[float] = field(default=None, metadata={
-        "help": "the update is scaled by alpha / r; default 2*r (a scale of 2 at every rank)"})
-    dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter's input (0 disables it)"})
-    target_modules: Optional[Union[list[str], str]] = field(default="ffn", metadata={
-        "help": "modules to adapt: comma-separated names, a preset (ffn, attention, attention+ffn), "
-                "all-linear (every linear layer but the output head), or a regex over full module names"})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={
-        "help": "modules not to adapt (names or a regex), as in peft"})
-    router: str = field(default="softmax", metadata={
-        "help": "softmax (learned, the paper's), mean (uniform 1/N, no parameters), balanced (softmax + "
-                "load-balancing loss), topk (softmax kept on the top_k experts)"})
-    top_k: int = field(default=2, metadata={"help": "experts kept per token with router=topk"})
-    balance_coef: float = field(default=0.01, metadata={"help": "weight of the load-balancing loss (router=balanced)"})
-    init: str = field(default="ones_noise", metadata={
-        "help": "expert scales at init: ones_noise (1 + N(0, init_scale_std^2): experts differ from the start) "
-                "or ones (identical experts; B = 0 either way, so the model starts as the base model)"})
-    init_scale_std: float = field(default=0.1, metadata={"help": "std of the noise of init=ones_noise"})
-    init_seed: Optional[int] = field(default=None, metadata={"help": "seed of the adapter's initialisation"})
-    base_model_fingerprint: Optional[dict] = field(default=None, metadata={
-        "help": "shapes and a hash of a few base weights, recorded at save and checked at load"})
     task_type: Optional[str] = field(default="CAUSAL_LM", metadata={"help": "peft task type"})
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # peft's checks (task type, peft version)
         self.peft_type = PEFT_TYPE
-        if isinstance(self.target_modules, str) and self.target_modules in TARGET_PRESETS:
-            self.target_modules = list(TARGET_PRESETS[self.target_modules])
-        elif isinstance(self.target_modules, (tuple, set)):
-            self.target_modules = list(self.target_modules)
-        if self.alpha is None and _is_int(self.r):
-            self.alpha = 2.0 * self.r
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the field and what is allowed."""
-
-        def check(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"MoRConfig.{name}={getattr(self, name)!r} is invalid: {allowed}.")
-
-        check(self.method in METHODS, "method", f"choose one of {METHODS}")
-        check(_is_int(self.r) and self.r >= 1, "r", "the rank must be an integer >= 1")
-        check(_is_int(self.num_experts) and self.num_experts >= 1, "num_experts", "need an integer >= 1 experts")
-        check(self.router in ROUTERS, "router", f"choose one of {ROUTERS}")
-        check(_is_int(self.top_k) and self.top_k >= 1, "top_k", "must be an integer >= 1")
-        if self.router == "topk":
-            check(self.top_k <= self.num_experts, "top_k", f"must be <= num_experts={self.num_experts}")
-        check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", "must be > 0")
-        check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
-        check(self.balance_coef >= 0, "balance_coef", "must be >= 0")
-        check(self.init in INITS, "init", f"choose one of {INITS}")
-        check(self.init_scale_std >= 0, "init_scale_std", "must be >= 0")
-        targets = self.target_modules
-        check((isinstance(targets, str) and targets != "")
-              or (isinstance(targets, list) and len(targets) > 0 and all(isinstance(t, str) and t for t in targets)),
-              "target_modules",
-              "give a non-empty list of module names, a preset (ffn, attention, attention+ffn), 'all-linear' or a regex")
-        if isinstance(targets, str) and targets != "all-linear":
-            try:
-                re.compile(targets)
-            except re.error as err:
-                check(False, "target_modules", f"not a valid regular expression ({err}); give comma-separated module "
-                                               "names or a valid regex")
-
-    @property
-    def scaling(self) -> float:
-        """The factor alpha / r applied to every expert's update."""
-        return self.alpha / self.r
+        self.resolve()  # presets, alpha's default, validation (MoROptions)
 
     @classmethod
     def load(cls, folder: Union[str, Path]) -> "MoRConfig":
         """The config of a saved MoR adapter folder (current or legacy format), with clear errors."""
         data = read_adapter_config(folder)
         if data.get("peft_type") != PEFT_TYPE and data.get("adapter_type") != "mor":
-            raise ValueError(f"{Path(folder) / CONFIG_NAME} is not a MoR/MoE-LoRA adapter config "
-                             f"(peft_type={data.get('peft_type')!r}).")
+            raise AdapterError(f"{Path(folder) / CONFIG_NAME} is not a MoR/MoE-LoRA adapter config "
+                                 f"(peft_type={data.get('peft_type')!r}).")
         return cls.from_dict(data)
 
     @classmethod
@@ -124,7 +52,7 @@ class MoRConfig(PeftConfig):
         legacy = {"adapter_type", "mor_version"}
         unknown = sorted(set(data) - known - legacy)
         if unknown:
-            raise ValueError(f"Unknown MoRConfig fields {unknown}; known fields are {sorted(known)}.")
+            raise AdapterError(f"Unknown MoRConfig fields {unknown}; known fields are {sorted(known)}.")
         return cls(**{k: v for k, v in data.items() if k in known and k != "peft_type"})
 
 
@@ -132,21 +60,17 @@ def read_adapter_config(folder: Union[str, Path]) -> dict:
     """The parsed adapter_config.json of an adapter folder (ours or peft's), with clear errors."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: pass a folder written by save_pretrained.")
+        raise MissingInput(f"No {CONFIG_NAME} in {folder}: pass a folder written by save_pretrained.")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); re-save the adapter.") from err
+        raise AdapterError(f"{path} is not valid JSON ({err}); re-save the adapter.") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object of adapter settings "
-                         "({\"peft_type\": ..., \"r\": ...}); re-save the adapter with save_pretrained.")
+        raise AdapterError(f"{path} holds a JSON {type(data).__name__}, not an object of adapter settings "
+                             "({\"peft_type\": ..., \"r\": ...}); re-save the adapter with save_pretrained.")
     return data
 
 
 def MoELoRAConfig(**kwargs) -> MoRConfig:
     """Config of the MoE-LoRA baseline: ``MoRConfig(method="moelora", ...)``."""
     return MoRConfig(method="moelora", **kwargs)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

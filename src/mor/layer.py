@@ -28,6 +28,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import _compat
+from .errors import AdapterError, SettingsError
+from .options import update_scale
 from .routing import Router
 
 
@@ -66,10 +69,11 @@ class MoRAdapter(ExpertMixture):
 
     def __init__(self, in_features: int, out_features: int, r: int, num_experts: int, alpha: float,
                  dropout: float = 0.0, router: str = "softmax", top_k: int = 2, init: str = "ones_noise",
-                 init_scale_std: float = 0.1, generator: torch.Generator | None = None, **factory):
+                 init_scale_std: float = 0.1, generator: torch.Generator | None = None, use_rslora: bool = False,
+                 **factory):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.num_experts, self.scaling = r, num_experts, alpha / r
+        self.r, self.num_experts, self.scaling = r, num_experts, update_scale(alpha, r, use_rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = Router(in_features, num_experts, router, top_k, **factory)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))  # A: (r, d_in)
@@ -142,11 +146,11 @@ class MoRAdapter(ExpertMixture):
         (an optimizer step, load_state_dict, ``.to()``) rebuilds it.
         """
         # the parameter dicts, not attribute access: this runs at every call, 90 times per decoded token
-        params = (*self._parameters.values(), *self.router._parameters.values())  # A, B, Omega_A, Omega_B, W_g
+        params = (*_compat.direct_parameters(self), *_compat.direct_parameters(self.router))  # A, B, Omega_A, Omega_B, W_g
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return TokenIndependentFactors(self._build_stacked_up_t(), None)
         # new storage (.to(), .data =) changes the pointer; in-place updates bump the version
-        key = [(p.data_ptr(), p._version) for p in params]
+        key = _compat.parameter_versions(params)
         if self._factors_cache is None or self._factors_cache[0] != key:
             with torch.no_grad():
                 router_weight = self.router.weight
@@ -224,9 +228,7 @@ def unpacked_4bit(layer: nn.Module):
     state = weight.quant_state
     if not getattr(state, "packing_format_for_cpu", False):
         return weight.data, state
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    codes, inverse_state = _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.copy(state))
+    codes, inverse_state = _compat.unpack_4bit_for_cpu(weight.data.clone(), copy.copy(state))
     return codes, getattr(layer, "mor_quant_state", inverse_state)
 
 
@@ -334,7 +336,7 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
             adapter = self.mor[name]
             weight = weight + adapter.merged_delta(adapter.router.merge_routing()).float()
             if safe_merge and not torch.isfinite(weight).all():
-                raise ValueError(f"merging adapter {name!r} would give non-finite weights; it is broken")
+                raise AdapterError(f"merging adapter {name!r} would give non-finite weights; it is broken")
         if is_quantized(base):
             self.base_layer = plain_linear(base, weight.to(dtype))
         else:
@@ -360,7 +362,7 @@ def plain_linear(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
     return linear
 
 
-# -- finding the layers: the one way (export, routing statistics, analysis, the CLI use it) ---------
+# -- finding the layers: the one way (the peft model, export, routing statistics, analysis, the CLI) -
 
 def _transformers_root_prefix(model: nn.Module) -> str:
     """Dotted name of the outermost transformers ``PreTrainedModel`` inside ``model`` ("" if it
@@ -373,30 +375,36 @@ def _transformers_root_prefix(model: nn.Module) -> str:
     return ""
 
 
-def mixture_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The active MoR / MoE-LoRA adapter of every mixture layer of ``model``, keyed by the layer's
-    name relative to the transformers model (wrapper prefixes such as ``base_model.model.`` stripped)."""
+def named_mixture_layers(model: nn.Module) -> dict[str, MixtureLayer]:
+    """Every mixture layer (peft's wrapper around an adapted linear) of ``model``, keyed by its name
+    relative to the transformers model (wrapper prefixes such as ``base_model.model.`` stripped)."""
     prefix = _transformers_root_prefix(model)
+    return {name[len(prefix) + 1:] if prefix else name: module for name, module in model.named_modules()
+            if isinstance(module, MixtureLayer)}
+
+
+def mixture_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The active MoR / MoE-LoRA adapter of every mixture layer of ``model``, keyed as in
+    :func:`named_mixture_layers`."""
     layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, MixtureLayer):
-            active = [a for a in module.active_adapters if a in module.mor]
-            if len(active) != 1:
-                raise ValueError(f"{name}: one adapter at a time (export, routing statistics); active adapters are {active}")
-            layers[name[len(prefix) + 1:] if prefix else name] = module.mor[active[0]]
+    for name, module in named_mixture_layers(model).items():
+        active = [a for a in module.active_adapters if a in module.mor]
+        if len(active) != 1:
+            raise SettingsError(f"{name}: one adapter at a time (export, routing statistics); active adapters are {active}")
+        layers[name] = module.mor[active[0]]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoR / MoE-LoRA layers; "
-                         "load a MoR or MoE-LoRA adapter onto the model first")
+        raise AdapterError(f"{type(model).__name__} has no MoR / MoE-LoRA layers; "
+                           "load a MoR or MoE-LoRA adapter onto the model first")
     return layers
 
 
 def find_routers(model: nn.Module) -> dict[str, nn.Module]:
     """``{layer name: router}`` of the active MoR / MoE-LoRA adapter of every mixture layer (names
-    as in :func:`mixture_layers`); ``{}`` for a model without one (a LoRA / DoRA run)."""
-    try:
-        return {name: adapter.router for name, adapter in mixture_layers(model).items()}
-    except ValueError:
+    as in :func:`mixture_layers`); ``{}`` for a model without mixture layers (a LoRA / DoRA run). Two
+    active adapters are an error, as in :func:`mixture_layers`: routing statistics never silently stop."""
+    if not named_mixture_layers(model):
         return {}
+    return {name: adapter.router for name, adapter in mixture_layers(model).items()}
 
 
 def transformers_model(model: nn.Module) -> nn.Module:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.models.huggingface import HFLM
+from .errors import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def _resolve_dtype(dtype):
         return dtype if dtype is not None else torch.float32
     value = getattr(torch, str(dtype), None)
     if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16, float16 or auto")
+        raise SettingsError(f"unknown dtype {dtype!r}: use float32, bfloat16, float16 or auto")
     return value
 
 
@@ -134,7 +135,7 @@ class MoRLM(HFLM):
     ) -> None:
         bad = [k for k in _UNSUPPORTED if kwargs.get(k)]
         if bad:
-            raise ValueError(
+            raise SettingsError(
                 f"model type 'mor' does not take {', '.join(bad)}; attach adapters with adapter=<folder>"
             )
         for key in _UNSUPPORTED:

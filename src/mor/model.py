@@ -8,7 +8,8 @@ routing, the exact merge with fixed routing, and the router's load-balancing los
 reaches them by attribute: ``peft_model.measure_routing(...)``, ``peft_model.merge_and_unload(routing)``.
 
 peft has no public registry for methods outside its ``PeftType`` enum, so ``register()`` writes
-MoR into peft.mapping's dictionaries; it refuses a peft version outside the tested range.
+MoR into peft.mapping's dictionaries (through ``mor._compat``); it refuses a peft version outside the
+tested range.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
+from . import _compat
 from .baselines.moelora import MoELoRAAdapter
 from .config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, MoRConfig, read_adapter_config
-from .layer import MixtureLayer, MoRAdapter, compute_dtype, keep_4bit_states, linear_shape
+from .errors import AdapterError, DataError, MissingInput, SettingsError
+from .layer import MixtureLayer, MoRAdapter, compute_dtype, keep_4bit_states, linear_shape, named_mixture_layers
 from .routing import GateRecorder, Routing, RoutingProfile, load_balancing_loss, resolve_routing
-
-PEFT_SUPPORTED = ((0, 21), (0, 22))  # [min, max): the versions the tests cover
 
 
 # -- the tuner -------------------------------------------------------------------------------------
@@ -36,7 +37,7 @@ def make_adapter(config: MoRConfig, base_layer: nn.Module, generator: torch.Gene
     """The MoR (or MoE-LoRA) adapter of ``config`` for ``base_layer``, in the layer's compute dtype."""
     d_in, d_out = linear_shape(base_layer)
     common = dict(r=config.r, num_experts=config.num_experts, alpha=config.alpha, dropout=config.dropout,
-                  router=config.router, top_k=config.top_k, generator=generator,
+                  router=config.router, top_k=config.top_k, generator=generator, use_rslora=config.use_rslora,
                   dtype=compute_dtype(base_layer), device=base_layer.weight.device)
     if config.method == "moelora":
         return MoELoRAAdapter(d_in, d_out, **common)
@@ -66,9 +67,6 @@ class MoRModel(BaseTuner):
                 stacklevel=2,
             )
 
-    def _post_injection_hook(self, model: nn.Module, config: MoRConfig, adapter_name: str) -> None:
-        self._install_balance_loss(model)
-
     @staticmethod
     def _check_target_module_exists(config: MoRConfig, key: str):
         return check_target_module_exists(config, key)
@@ -79,8 +77,8 @@ class MoRModel(BaseTuner):
         try:
             adapter = make_adapter(config, base, self._generator)
         except TypeError as err:
-            raise ValueError(f"MoRConfig.target_modules selects {current_key!r}: {err}; name the linear "
-                             "projections instead") from err
+            raise SettingsError(f"MoRConfig.target_modules selects {current_key!r}: {err}; name the linear "
+                                "projections instead") from err
         if isinstance(target, MixtureLayer):
             target.update_layer(adapter_name, adapter)
             return
@@ -96,8 +94,21 @@ class MoRModel(BaseTuner):
             if "not found in the base model" not in str(err):
                 raise
             leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-            raise ValueError(f"MoRConfig.target_modules={self.peft_config[adapter_name].target_modules!r} matches "
-                             f"no module of {type(model).__name__}; its linear layers are named {leaves}") from err
+            raise SettingsError(f"MoRConfig.target_modules={self.peft_config[adapter_name].target_modules!r} matches "
+                                f"no module of {type(model).__name__}; its linear layers are named {leaves}") from err
+        self._install_balance_loss(model)  # here, not in peft's _post_injection_hook (peft >=0.20 only)
+
+    def forward(self, *args, **kwargs):
+        # through the module call, so that the balance loss's hooks on the model run (peft <0.21 calls
+        # self.model.forward, which skips them)
+        return self.model(*args, **kwargs)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # peft's hook for swapping a module in (a mixture layer around its base) and back (unload, merge):
+        # set it, nothing more; an adapter is built on its base layer's device. (BaseTuner's version also
+        # writes the old module's weight onto a new one without a base layer, which undid a merged
+        # trainable_token_indices embedding; LoRA overrides it alike.)
+        setattr(parent, child_name, new_module)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -148,7 +159,7 @@ class MoRModel(BaseTuner):
     # -- MoR's own verbs ------------------------------------------------------------------------------
     def mor_layers(self) -> dict[str, MixtureLayer]:
         """Every mixture layer, by its dotted name in the transformers model."""
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, MixtureLayer)}
+        return named_mixture_layers(self.model)
 
     def mor_adapters(self) -> dict[str, nn.Module]:
         """The active adapter's MoRAdapter / MoELoRAAdapter of every layer, by layer name."""
@@ -163,7 +174,7 @@ class MoRModel(BaseTuner):
     def _active_adapter_name(self) -> str:
         active = self.active_adapters
         if len(active) != 1:
-            raise ValueError(f"routing verbs act on one adapter; active adapters are {active}: call set_adapter")
+            raise SettingsError(f"routing verbs act on one adapter; active adapters are {active}: call set_adapter")
         return active[0]
 
     def _routers(self) -> dict[str, nn.Module]:
@@ -173,7 +184,7 @@ class MoRModel(BaseTuner):
         """Per-layer fixed weights (N,) from a profile, a single vector, a mapping, a path or "uniform"."""
         if routing is None:
             if self.mor_config.router != "mean":
-                raise ValueError(
+                raise SettingsError(
                     "merging a learned router needs a fixed routing: pass routing=model.measure_routing(...) "
                     "(a RoutingProfile), a weight vector of length num_experts, a saved profile's path, or 'uniform'")
             routing = "uniform"
@@ -202,7 +213,7 @@ class MoRModel(BaseTuner):
         if tokenizer is not None:
             texts = list(batches)
             if not any(texts):
-                raise ValueError(no_tokens)
+                raise DataError(no_tokens)
             batches = _tokenized_batches(texts, tokenizer, batch_size, max_length)
         if progress:
             from tqdm.auto import tqdm
@@ -221,7 +232,7 @@ class MoRModel(BaseTuner):
         finally:
             self.model.train(was_training)
         if not recorder.tokens():
-            raise ValueError(no_tokens)
+            raise DataError(no_tokens)
         return recorder.profile()
 
     def merge_and_unload(self, routing: Routing = None, progressbar: bool = False, safe_merge: bool = True,
@@ -236,7 +247,7 @@ class MoRModel(BaseTuner):
         pinned = all(router.fixed is not None for router in self._routers().values())
         context = contextlib.nullcontext() if routing is None and pinned else self.fixed_routing(routing)
         with context:
-            model = self._unload_and_optionally_merge(merge=True, progressbar=progressbar, safe_merge=safe_merge,
+            model = _compat.unload_and_optionally_merge(self, merge=True, progressbar=progressbar, safe_merge=safe_merge,
                                                       adapter_names=adapter_names)
         self._install_balance_loss(model)
         dequantize_model(model)
@@ -338,24 +349,9 @@ def fingerprints_match(recorded: dict, current: dict) -> bool:
 # -- registration with peft -----------------------------------------------------------------------
 
 def register() -> None:
-    """Make MoR a peft method (idempotent); refuse a peft outside the tested version range."""
-    import peft
-    from peft import mapping
-
-    version = tuple(int(p) for p in peft.__version__.split(".")[:2] if p.isdigit())
-    low, high = PEFT_SUPPORTED
-    if not (low <= version < high) or not all(hasattr(mapping, name) for name in _MAPPINGS):
-        raise ImportError(
-            f"mor supports peft >={low[0]}.{low[1]},<{high[0]}.{high[1]} (it registers MoR in peft.mapping, which "
-            f"is not a public API); peft {peft.__version__} is installed. "
-            f"Install a supported one: pip install 'peft>={low[0]}.{low[1]},<{high[0]}.{high[1]}'"
-        )
-    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = MoRConfig
-    mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = MoRModel
-    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = MoRModel.prefix
-
-
-_MAPPINGS = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
+    """Make MoR a peft method (idempotent); refuse a peft or transformers outside the tested ranges."""
+    _compat.check_versions()
+    _compat.register_peft_method(PEFT_TYPE, MoRConfig, MoRModel, MoRModel.prefix)
 
 
 # -- entry points ----------------------------------------------------------------------------------
@@ -401,7 +397,7 @@ def load_adapter(model: nn.Module, adapter_dir: Union[str, Path], is_trainable: 
         check_peft_tensors(peft_model, _read_weights(adapter_dir, _load_peft_weights), adapter_dir / WEIGHTS_NAME,
                            data.get("peft_type"))
     else:
-        raise ValueError(f"{adapter_dir / CONFIG_NAME} is neither a MoR/MoE-LoRA nor a peft adapter config")
+        raise AdapterError(f"{adapter_dir / CONFIG_NAME} is neither a MoR/MoE-LoRA nor a peft adapter config")
     if not is_trainable:
         peft_model.eval()
         for p in peft_model.parameters():
@@ -418,34 +414,34 @@ def _load_peft_weights(folder: str) -> dict[str, torch.Tensor]:
 def _read_weights(adapter_dir: Path, reader) -> dict[str, torch.Tensor]:
     path = adapter_dir / WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"adapter weights not found: {path}")
+        raise MissingInput(f"adapter weights not found: {path}")
     try:
         return reader(str(adapter_dir))
     except Exception as err:  # safetensors raises its own error types for truncated / corrupt files
-        raise ValueError(f"{path} is corrupted or not a safetensors file ({err}); re-save the adapter") from err
+        raise AdapterError(f"{path} is corrupted or not a safetensors file ({err}); re-save the adapter") from err
 
 
 def load_state_strict(peft_model: nn.Module, tensors: dict[str, torch.Tensor], path: Path,
                       adapter_name: str = "default") -> None:
     """Load saved adapter tensors (peft's key format) so that a missing, extra or mis-shaped tensor
-    is an error naming it, never a silent partial load."""
-    own = {MoRModel._remove_adapter_name_from_key(k, adapter_name): v
-           for k, v in peft_model.state_dict().items() if f".{MoRModel.prefix}.{adapter_name}." in k}
+    is an error naming it, never a silent partial load. The expected tensors are those peft saves for
+    the adapter: MoR's own, and the modules_to_save / trainable_token_indices trained beside it."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    own = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
              for k in sorted(set(own) & set(tensors)) if tensors[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        raise ValueError(
+        raise AdapterError(
             f"{path} does not match this model and config: "
             + "; ".join(part for part in (
                 f"{len(missing)} missing tensors (e.g. {missing[:3]})" if missing else "",
                 f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})" if unexpected else "",
                 f"shape mismatches {wrong[:3]}" if wrong else "") if part)
             + ". Load it onto the same base model it was trained on, with its own adapter_config.json.")
-    with torch.no_grad():
-        for key, value in tensors.items():
-            own[key].copy_(value)
+    set_peft_model_state_dict(peft_model, tensors, adapter_name=adapter_name)
 
 
 def check_peft_tensors(peft_model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, peft_type) -> None:
@@ -458,7 +454,7 @@ def check_peft_tensors(peft_model: nn.Module, tensors: dict[str, torch.Tensor], 
     expected = set(get_peft_model_state_dict(peft_model))
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
-        raise ValueError(
+        raise AdapterError(
             f"{path} does not hold the tensors its adapter_config.json (peft_type {peft_type}) asks for: "
             + "; ".join(part for part in (
                 f"{len(missing)} of {len(expected)} missing (e.g. {missing[:2]})" if missing else "",
@@ -477,7 +473,7 @@ def legacy_state_dict(adapter_dir: Union[str, Path]) -> dict[str, torch.Tensor]:
     for key, value in tensors.items():
         param = next((p for p in params if key.endswith("." + p)), None)
         if param is None:
-            raise ValueError(f"{adapter_dir}: unexpected tensor {key!r} in a mor 0.1 adapter")
+            raise AdapterError(f"{adapter_dir}: unexpected tensor {key!r} in a mor 0.1 adapter")
         layer = key[: -len(param) - 1]
         converted[f"base_model.model.{layer}.{MoRModel.prefix}.{param}"] = value
     return converted
@@ -496,27 +492,25 @@ def convert_legacy_adapter(adapter_dir: Union[str, Path], output_dir: Union[str,
 def find_target_modules(model: nn.Module, config: MoRConfig) -> list[str]:
     """Dotted names of the modules ``config.target_modules`` selects in a plain model, by peft's own
     matching rules (so LoRA/DoRA baselines adapt exactly the same modules); ValueError if none."""
-    from peft.tuners.tuners_utils import _ExcludedModule, _maybe_include_all_linear_layers
-
     import copy
 
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = _maybe_include_all_linear_layers(copy.deepcopy(config), model)
+    config = _compat.include_all_linear_layers(copy.deepcopy(config), model)
     adapted = [name + "." for name, module in model.named_modules() if isinstance(module, MixtureLayer)]
     names = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in adapted):
             continue  # a mixture layer counts as the linear layer it wraps
         found = check_target_module_exists(config, name)
-        if found and not isinstance(found, _ExcludedModule):
+        if found and not _compat.is_excluded(found):
             try:
                 linear_shape(getattr(module, "base_layer", module))
             except TypeError as err:
-                raise ValueError(f"MoRConfig.target_modules selects {name!r}: {err}; name the linear "
-                                 "projections instead") from err
+                raise SettingsError(f"MoRConfig.target_modules selects {name!r}: {err}; name the linear "
+                                    "projections instead") from err
             names.append(name)
     if not names:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"MoRConfig.target_modules={config.target_modules!r} matches no module of "
-                         f"{type(model).__name__}; its linear layers are named {leaves}")
+        raise SettingsError(f"MoRConfig.target_modules={config.target_modules!r} matches no module of "
+                            f"{type(model).__name__}; its linear layers are named {leaves}")
     return names

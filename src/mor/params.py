@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from .config import ALL_METHODS, MoRConfig
+from .errors import SettingsError
 
 
 def layer_parameter_count(method: str, d_in: int, d_out: int, r: int, num_experts: int = 1,
@@ -27,7 +28,7 @@ def layer_parameter_count(method: str, d_in: int, d_out: int, r: int, num_expert
         return num_experts * r * (d_in + d_out) + router_params
     if method == "mor":
         return r * (d_in + d_out) + num_experts * (r + d_out) + router_params
-    raise ValueError(f"unknown method {method!r}; choose one of {ALL_METHODS}")
+    raise SettingsError(f"unknown method {method!r}; choose one of {ALL_METHODS}")
 
 
 def target_shapes(model: nn.Module, target_modules="ffn") -> list[tuple[int, int]]:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import AdapterError, DataError, MissingInput, SettingsError
+
 
 class Router(nn.Module):
     """Maps inputs (..., d_in) to expert weights (..., N) that are >= 0 and sum to 1."""
@@ -67,7 +69,7 @@ class Router(nn.Module):
             return self.fixed
         if self.weight is None:
             return torch.full((self.num_experts,), 1.0 / self.num_experts)
-        raise ValueError(
+        raise SettingsError(
             "merging a learned router needs a fixed routing: model.merge_and_unload(routing=...) with "
             "routing=model.measure_routing(...) (a RoutingProfile), a weight vector of length num_experts, "
             "a saved routing_profile.json, or 'uniform'"
@@ -121,14 +123,14 @@ class RoutingProfile:
         """The profile a ``save`` wrote (the one reader of routing_profile.json files)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"routing profile not found: {path} (give a routing_profile.json or 'uniform')")
+            raise MissingInput(f"routing profile not found: {path} (give a routing_profile.json or 'uniform')")
         try:
             data = json.loads(path.read_text())
             return cls({k: torch.tensor(v, dtype=torch.float32) for k, v in data.items()})
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not a routing profile (invalid JSON: {err})") from err
+            raise AdapterError(f"{path} is not a routing profile (invalid JSON: {err})") from err
         except (AttributeError, TypeError, ValueError) as err:
-            raise ValueError(f"{path} is not a routing profile ({err})") from err
+            raise AdapterError(f"{path} is not a routing profile ({err})") from err
 
 
 class GateSums:
@@ -181,8 +183,8 @@ class GateRecorder:
             if self.mask is not None:
                 keep = self.mask.reshape(-1).to(flat.device).bool()
                 if keep.numel() != flat.shape[0]:
-                    raise ValueError(f"routing: the attention mask covers {keep.numel()} tokens but router {name} "
-                                     f"saw {flat.shape[0]}; set the recorder's mask to the batch's attention mask")
+                    raise DataError(f"routing: the attention mask covers {keep.numel()} tokens but router {name} "
+                                    f"saw {flat.shape[0]}; set the recorder's mask to the batch's attention mask")
                 flat = flat[keep]
             self.sums.setdefault(self.task, {}).setdefault(name, self.accumulator()).add(flat)
         return hook
@@ -195,8 +197,8 @@ class GateRecorder:
     def profile(self, task: str = "all") -> RoutingProfile:
         """The routing profile of ``task``: every layer's mean gate over the task's real tokens."""
         if not self.tokens(task):
-            raise ValueError(f"no tokens were routed for {task!r} while recording; run a forward pass on "
-                             "inputs with tokens")
+            raise DataError(f"no tokens were routed for {task!r} while recording; run a forward pass on "
+                            "inputs with tokens")
         return RoutingProfile({layer: sums.mean() for layer, sums in self.sums[task].items()})
 
 
@@ -230,13 +232,13 @@ def resolve_routing(layers: Mapping[str, nn.Module], routing: Routing) -> dict[s
             continue
         g = torch.as_tensor(routing[key], dtype=torch.float32).reshape(-1)
         if g.numel() != layer.num_experts:
-            raise ValueError(f"routing for {name} has {g.numel()} weights; the layer has "
-                             f"num_experts={layer.num_experts}")
+            raise AdapterError(f"routing for {name} has {g.numel()} weights; the layer has "
+                               f"num_experts={layer.num_experts}")
         if not torch.isfinite(g).all():
-            raise ValueError(f"routing for {name} holds NaN or inf ({g.tolist()}); a profile measured on NaN "
-                             "outputs is no routing: measure it again (mor merge/export-lora --data) or pass 'uniform'")
+            raise AdapterError(f"routing for {name} holds NaN or inf ({g.tolist()}); a profile measured on NaN "
+                               "outputs is no routing: measure it again (mor merge/export-lora --data) or pass 'uniform'")
         resolved[name] = g
     if missing:
-        raise ValueError(f"the routing profile has no weights for {len(missing)} layers, e.g. {missing[:3]}; "
-                         "measure it on this adapter (mor merge/export-lora --data) or pass 'uniform'")
+        raise AdapterError(f"the routing profile has no weights for {len(missing)} layers, e.g. {missing[:3]}; "
+                           "measure it on this adapter (mor merge/export-lora --data) or pass 'uniform'")
     return resolved

@@ -1,17 +1,17 @@
 """Guards for what the commands write and read: nothing a user already has is overwritten,
-writes are atomic, and non-finite weights are never saved or scored.
+writes are atomic, and non-finite weights are never saved or scored. Every writer uses these (the
+method's saves included), so this module imports only torch; a training run's own folder and its
+Trainer callbacks live in ``mor.train.run_folder`` and ``mor.train.callbacks``.
 
-- :func:`claim_run_folder` (``mor train``): the output folder must be new or empty, or hold
-  this same run (``--resume`` with matching settings, recorded in ``mor_run.json``), or the
-  user said ``--overwrite``.
+- :func:`check_output_place`: an output is never one of the command's inputs.
 - :func:`claim_output_folder` / :func:`check_output_file` (``merge``, ``analyze``, ``eval``):
   a non-empty folder or an existing file is replaced only with ``--overwrite``, and never when
   it is one of the command's own inputs.
 - :func:`atomic_folder` / :func:`atomic_write_text`: write to a temporary sibling and rename,
   so a kill leaves the previous result intact.
-- :func:`check_adapter_weights`, :class:`FiniteCheckCallback`, :func:`divergence_warning`:
-  NaN/inf weights stop training (naming the step), are refused at load, and a loss that ends
-  far above its start is reported.
+- :func:`check_adapter_weights`, :func:`nonfinite_tensors`: NaN/inf (or absurdly large) weights
+  are refused at load and never written.
+- :class:`Stopped`: a command stopped by a signal, with the exit status the CLI returns.
 
 Every refusal is an :class:`OutputError` or :class:`AdapterError` (both ``ValueError``), which
 the CLI prints as one ``error:`` line with exit status 2.
@@ -21,39 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
-import math
 import os
 import re
 import shutil
-import signal
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
-from transformers import TrainerCallback
 
-from .stopping import EXIT_PREEMPTED, SignalHandlers, Stopped  # noqa: F401  (EXIT_PREEMPTED, Stopped: names of mor.safety too)
-
-RUN_RECORD = "mor_run.json"
-"""Written by ``mor train`` into its output folder: the settings a ``--resume`` must match."""
+from .errors import AdapterError, OutputError, SettingsError
+from .stopping import EXIT_PREEMPTED, Stopped  # noqa: F401  (names of mor.safety too)
 
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors",)
-DIVERGENCE_FACTOR = 1.5  # a final logged loss above 1.5x the first one is reported as divergence
-
-
-class OutputError(ValueError):
-    """A command would overwrite something it does not own, or resume a different run."""
-
-
-class AdapterError(ValueError):
-    """An adapter folder cannot be used: unreadable, mismatched, or with non-finite weights."""
-
-
-class TrainingDiverged(ValueError):
-    """The loss or the trainable weights became NaN/inf during training."""
 
 
 # -- the one output-ownership rule -------------------------------------------------------------------
@@ -267,11 +247,11 @@ def check_adapter_fits(parameters: int, what: str, activation_floats: int = 0, t
     need = parameters * (TRAINING_BYTES_PER_PARAMETER if training else 4) + 4 * activation_floats
     free = available_memory()
     if need > free:
-        raise ValueError(f"{what} has {parameters:,} parameters: about {_size(need)} to "
-                         f"{'train' if training else 'load'} (weights" + (", gradients, optimizer state" if training
-                                                                           else "")
-                         + (", activations" if activation_floats else "") + f"), but {_size(free)} of memory is "
-                         "available. Lower --r or --num-experts (or --batch-size, --max-length, or the targets).")
+        raise SettingsError(f"{what} has {parameters:,} parameters: about {_size(need)} to "
+                            f"{'train' if training else 'load'} (weights" + (", gradients, optimizer state" if training
+                                                                              else "")
+                            + (", activations" if activation_floats else "") + f"), but {_size(free)} of memory is "
+                            "available. Lower --r or --num-experts (or --batch-size, --max-length, or the targets).")
 
 
 # -- faults of the machine, as one line ------------------------------------------------------------
@@ -314,99 +294,6 @@ def io_error_message(err: BaseException) -> str | None:
     if isinstance(err, OSError):
         return f"{os.strerror(code) if code else type(err).__name__}{':' if where else ''}{where}"
     return None
-
-
-# -- the training run's folder -----------------------------------------------------------------------
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def _differences(recorded: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(recorded) | set(now)):
-        old, new = recorded.get(key), now.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            out.extend(_differences(old, new, f"{prefix}{key}."))
-        elif old != new:
-            out.append(f"{prefix}{key}: {old!r} in the run, {new!r} now")
-    return out
-
-
-def claim_run_folder(folder: str | Path, settings: Mapping[str, Any], overwrite: bool = False,
-                     resume: bool = False, inputs: Mapping[str, Any] | None = None) -> bool:
-    """Check ``mor train``'s output folder before any work, changing nothing on disk; return
-    whether the folder is new (so that a run that fails early removes it again).
-
-    ``settings`` are what a resumed run must share with the run that wrote the folder (the
-    model, adapter, data and optimisation settings; not the step count). The rule of
-    :func:`check_output_place` holds against ``inputs``; then a new or empty folder is fine, a
-    non-empty one only with ``resume`` and matching settings (``mor_run.json``), or with
-    ``overwrite``. :func:`take_run_folder` makes the claim real once the run's inputs loaded.
-    """
-    folder = Path(folder)
-    if resume and overwrite:
-        raise OutputError("give --resume (continue the run in --output) or --overwrite (replace it), not both.")
-    check_output_place(folder, "--output", inputs)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return False  # under `accelerate launch` the main process alone claims the folder
-    record = folder / RUN_RECORD
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"--output {folder} is a file; give a folder path.")
-    if _entries(folder):
-        if resume:
-            if not record.is_file():
-                raise OutputError(f"--resume: {folder} holds no record of a mor train run ({RUN_RECORD}), so "
-                                  "there is nothing to continue; choose a new --output, or add --overwrite "
-                                  "(without --resume) to start a new run there.")
-            differ = _differences(json.loads(record.read_text())["settings"], _jsonable(dict(settings)))
-            if differ:
-                raise OutputError(f"--resume: the run in {folder} was started with other settings ("
-                                  + "; ".join(differ) + "); resume with the same flags, or choose a new --output.")
-        elif not overwrite:
-            raise OutputError(f"--output {folder} is not empty (it holds {_describe(folder)}); mor train writes "
-                              "only into a new or empty folder. Choose another --output, add --resume to "
-                              "continue the run there, or --overwrite to replace it.")
-    return not folder.exists()
-
-
-RUN_PRODUCTS = ("checkpoints", "figures", "routing_stats.json", "result.json")
-"""What ``train --overwrite`` removes of the old run before training: what would otherwise be
-mistaken for the new run's (a later ``--resume`` would pick up old checkpoints). The old adapter
-stays until the new one replaces it; files the run did not write are left alone."""
-
-
-def take_run_folder(folder: str | Path, settings: Mapping[str, Any], overwrite: bool = False) -> None:
-    """Once a run's data and model loaded, make its claim on ``folder`` (see
-    :func:`claim_run_folder`): create it, and with ``overwrite`` remove the old run's
-    checkpoints, figures and records so that no later ``--resume`` or reader picks them up;
-    then write ``mor_run.json``. A resumed run's folder is left as it is, but for the hidden
-    temporaries (``.<name>.*.tmp``) a kill -9 left there mid-write."""
-    folder = Path(folder)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    for stale in folder.glob(".*.tmp"):  # what a kill -9 left of an atomic write into this run folder
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    record = folder / RUN_RECORD
-    if record.is_file() and not overwrite:
-        return  # --resume: the folder holds this run
-    if overwrite:
-        for path in (folder / name for name in RUN_PRODUCTS):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(record, json.dumps({"command": "mor train", "settings": _jsonable(dict(settings))},
-                                         indent=2) + "\n")
-
-
-def release_failed_run_folder(folder: str | Path, created: bool) -> None:
-    """After a run that failed before its first checkpoint, remove the folder it created."""
-    folder = Path(folder)
-    if created and folder.is_dir() and not any(folder.glob("checkpoints/checkpoint-*")) \
-            and not (folder / "adapter").exists():
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- non-finite weights -------------------------------------------------------------------------------
@@ -459,110 +346,3 @@ def check_adapter_weights(folder: str | Path) -> None:
             raise AdapterError(f"{path}: {len(huge)} adapter tensors hold values far beyond any trained adapter "
                                f"(e.g. |{name}| up to {value:.3g}; the bound is {MAX_ADAPTER_WEIGHT:g}); such weights "
                                "make every score NaN. The file is corrupt or the training diverged: retrain it.")
-
-
-class FiniteCheckCallback(TrainerCallback):
-    """Stops training with :class:`TrainingDiverged` as soon as a logged loss or a trainable
-    weight is NaN/inf, before that step's checkpoint is written."""
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            for name, param in model.named_parameters():
-                if param.requires_grad and not torch.isfinite(param.detach()).all():
-                    raise TrainingDiverged(
-                        f"training diverged at step {state.global_step}: {name} holds NaN or inf after the "
-                        f"update (learning rate {args.learning_rate:g}); no adapter was saved from this run's "
-                        "end. Lower --lr and start again (--overwrite).")
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise TrainingDiverged(f"training diverged at step {state.global_step}: the loss is {loss} "
-                                   f"(learning rate {args.learning_rate:g}); no adapter was saved from this "
-                                   "run's end. Lower --lr and start again (--overwrite).")
-        return control
-
-
-# -- preemption: SIGTERM / SIGINT during training ---------------------------------------------------
-
-
-class StopOnSignal(TrainerCallback):
-    """Preemption-safe training: on the first SIGTERM or SIGINT the step in progress finishes,
-    a complete checkpoint is written (marked complete like every checkpoint, gathered across
-    ranks by the trainer's own save), and :class:`Stopped` (status :data:`EXIT_PREEMPTED`) says
-    where and how to resume. Under several processes the ranks agree on the step to stop at (a
-    max all-reduce each step), so a signal that reaches one rank stops all of them together. A
-    second signal stops at once; the last complete checkpoint is untouched, since a checkpoint
-    is marked complete only after everything in it is written. After the last step (while the
-    adapter is saved and scored) a signal stops at once with :data:`EXIT_PREEMPTED`: the last
-    step's checkpoint is complete, and ``--resume`` saves and scores again. The handlers stay
-    until :meth:`restore` (``run_training`` calls it however the run ends).
-
-    (transformers' ``enable_jit_checkpoint`` handles SIGTERM only, acts 3 s after it, and saves
-    without the ``on_save`` event that marks a checkpoint complete, so it is not used.)"""
-
-    def __init__(self, resume_hint: str = "run the same command again with --resume"):
-        self.resume_hint = resume_hint
-        self.received: int | None = None
-        self.stopped_at: int | None = None
-        self.last_checkpoint: Path | None = None  # set when training ended without a signal
-        self._handlers = SignalHandlers(self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        name = signal.Signals(signum).name
-        if self.last_checkpoint is not None:
-            self.restore()
-            raise Stopped(f"stopped by {name} after the last step, before the adapter was saved and scored: the "
-                          f"complete checkpoint is {self.last_checkpoint}; to finish, {self.resume_hint}.",
-                          EXIT_PREEMPTED)
-        if self.received is not None:
-            self.restore()
-            raise Stopped(f"second signal ({name}): stopped at once. The last complete checkpoint is intact; "
-                          f"to continue, {self.resume_hint}.", 128 + signum)
-        self.received = signum
-        rank = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
-        print(f"\nreceived {name}{rank}: finishing this step, then writing a checkpoint (send it again to stop "
-              "at once)", file=sys.stderr, flush=True)
-
-    def restore(self) -> None:
-        """Put back the signal handlers there were before training."""
-        self._handlers.restore()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._handlers.install()
-        return control
-
-    def on_step_end(self, args, state, control, **kwargs):
-        stop = self.received is not None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([int(stop)], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(flag.item())
-        if stop:
-            self.stopped_at = state.global_step
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.stopped_at is None:
-            self.last_checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            return control
-        self.restore()
-        name = signal.Signals(self.received).name if self.received else "a signal on another process"
-        folder = Path(args.output_dir) / f"checkpoint-{self.stopped_at}"
-        raise Stopped(f"stopped by {name} at step {self.stopped_at}: the complete checkpoint is {folder}; to "
-                      f"continue, {self.resume_hint}.", EXIT_PREEMPTED)
-
-
-def divergence_warning(log_history: list[dict], lr: float) -> str | None:
-    """A warning when the last logged training loss ends far above the first one."""
-    losses = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
-    if len(losses) < 2:
-        return None
-    (first_step, first), (last_step, last) = losses[0], losses[-1]
-    if last > DIVERGENCE_FACTOR * first:
-        return (f"the training loss rose from {first:.4g} (step {first_step}) to {last:.4g} (step {last_step}): "
-                f"the run diverged and the adapter is likely worse than none; lower --lr (now {lr:g}).")
-    return None

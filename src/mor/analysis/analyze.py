@@ -20,6 +20,7 @@ from torch import nn
 
 from ..layer import MoRAdapter
 from ..params import count_trainable_parameters, layer_parameter_count, target_shapes
+from ..errors import AdapterError
 from .plots import FIGURES, draw_figures, short_layer_name
 from ..runtime.report import text_table
 from ..routing import RoutingProfile
@@ -72,7 +73,7 @@ def _layer_names(profiles: Mapping[str, RoutingProfile]) -> list[str]:
     names = list(profiles[tasks[0]].weights)
     for task in tasks[1:]:
         if set(profiles[task].weights) != set(names):
-            raise ValueError(f"profiles of {tasks[0]!r} and {task!r} cover different layers; measure both on one adapter")
+            raise AdapterError(f"profiles of {tasks[0]!r} and {task!r} cover different layers; measure both on one adapter")
     return names
 
 
@@ -340,7 +341,7 @@ def rank_spectrum(model, profile=None, layers=None, lora_model: nn.Module | None
     """
     all_layers = model.mor_adapters()
     if not all_layers:
-        raise ValueError("the model has no mixture layers")
+        raise AdapterError("the model has no mixture layers")
     routing = model.resolve_routing("uniform" if profile is None else profile)
     names = _resolve_layers(list(all_layers), layers, max_layers)
     uniform = profile is None or (isinstance(profile, str) and profile == "uniform")

@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence, Union
 
+from ..errors import DataError, require
+
 #: File names of the figures ``analysis.analyze`` writes, by key.
 FIGURES = {
     "routing_by_task": "routing_by_task.png",
@@ -51,6 +53,7 @@ def short_layer_name(name: str) -> str:
 
 
 def _figure(width: float, height: float):
+    require("matplotlib", "drawing routing figures")
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
@@ -170,7 +173,7 @@ def plot_routing_over_steps(records: Sequence[Mapping], path: PathLike) -> Path:
     of tokens, against the optimiser step; one thin line per layer (colour = depth), the mean over
     layers thick."""
     if not records:
-        raise ValueError("no routing records to draw (routing_stats.json is empty)")
+        raise DataError("no routing records to draw (routing_stats.json is empty)")
     from matplotlib import colormaps
 
     steps = [r["step"] for r in records]

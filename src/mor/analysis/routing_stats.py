@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 from ..layer import find_routers
 from ..routing import GateRecorder, GateSums
 from ..safety import atomic_write_text
+from ..errors import AdapterError
 
 STATS_NAME = "routing_stats.json"
 
@@ -97,8 +98,8 @@ class RoutingRecorder(GateRecorder):
     def __init__(self, model: nn.Module):
         routers = find_routers(model)
         if not routers:
-            raise ValueError("the model has no router (mor.routing.Router): routing statistics need a MoR or "
-                             "MoE-LoRA adapter")
+            raise AdapterError("the model has no router (mor.routing.Router): routing statistics need a MoR or "
+                                 "MoE-LoRA adapter")
         super().__init__(routers)
 
     def gate_means(self) -> dict[str, dict[str, list[float]]]:

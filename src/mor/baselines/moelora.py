@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from ..options import update_scale
 from ..layer import ExpertMixture
 from ..routing import Router
 
@@ -23,10 +24,10 @@ class MoELoRAAdapter(ExpertMixture):
 
     def __init__(self, in_features: int, out_features: int, r: int, num_experts: int, alpha: float,
                  dropout: float = 0.0, router: str = "softmax", top_k: int = 2,
-                 generator: torch.Generator | None = None, **factory):
+                 generator: torch.Generator | None = None, use_rslora: bool = False, **factory):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.num_experts, self.scaling = r, num_experts, alpha / r
+        self.r, self.num_experts, self.scaling = r, num_experts, update_scale(alpha, r, use_rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = Router(in_features, num_experts, router, top_k, **factory)
         self.lora_A = nn.Parameter(torch.empty(num_experts, r, in_features, **factory))  # A_i: (N, r, d_in)

@@ -74,6 +74,7 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"mor {__version__}")
     sub = parser.add_subparsers(dest="command")
+    parser.mor_commands = sub.choices  # command name -> its parser
     for cmd in COMMANDS.values():
         command_parser = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         if commands is None or cmd.name in commands:
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from ..data import DataError
+    from ..errors import MorError
     from ..safety import io_error_message
     from ..stopping import EXIT_PREEMPTED, Stopped, set_command
 
@@ -103,21 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "config", None):  # a run file: its settings are the defaults, flags override them
             from .train import defaults_from_file
 
-            parser._subparsers._group_actions[0].choices[args.command].set_defaults(**defaults_from_file(args.config))
+            parser.mor_commands[args.command].set_defaults(**defaults_from_file(args.config))
             args = parser.parse_args(argv)
         set_command(["mor", *argv])  # the command a clean stop names to continue
         with _stopping(COMMANDS[args.command], args):
             return COMMANDS[args.command].run(args)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except MorError as err:  # a mistake in what the user gave: one line (and the traceback with -v)
+        return _error_line(str(err), args.verbose)
     except Exception as err:  # a fault of the machine (full disk, read-only folder) is one line too
         message = io_error_message(err)
         if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except Stopped as stop:  # SIGTERM / SIGINT (mor.stopping; training: mor.safety.StopOnSignal)
+            raise  # anything else is a bug: its traceback
+        return _error_line(message, args.verbose)
+    except Stopped as stop:  # SIGTERM / SIGINT (mor.stopping; training: mor.train.callbacks.StopOnSignal)
         print(f"\n{'error: ' if stop.status != EXIT_PREEMPTED else ''}{stop}", file=sys.stderr)  # under a progress bar
         return stop.status
     finally:
@@ -125,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
             from ..runtime.distributed import end_process_group
 
             end_process_group()
+
+
+def _error_line(message: str, verbose: bool) -> int:
+    if verbose:
+        import traceback
+
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 # -- flags several commands share --------------------------------------------------------------------

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import add_data, add_load_in_4bit, add_model, add_overwrite, at_least_one, command, load_in_4bit_of
+from ..errors import SettingsError
 
 PLAIN_TEXT = ["The quick brown fox jumps over the lazy dog."]  # the check text when no --data is given
 
@@ -55,7 +56,7 @@ def cmd_eval(args) -> int:
     if not args.merged:
         results = evaluate_model(model, tokenizer, tasks, args.scoring, **common)
     elif not is_mor_model(model):
-        raise ValueError("--merged needs a MoR or MoE-LoRA adapter (--adapter)")
+        raise SettingsError("--merged needs a MoR or MoE-LoRA adapter (--adapter)")
     else:
         results = evaluate_merged(model, tokenizer, tasks, args.scoring, routing=args.routing, **common)
     for task in tasks:
@@ -95,11 +96,11 @@ def cmd_merge(args) -> int:
     model, tokenizer = load_adapted(args.model, args.adapter, load_in_4bit=load_in_4bit_of(args))
     check_free_space(out, sum(p.numel() * p.element_size() for p in model.parameters()), "the merged model")
     if not is_mor_model(model):
-        raise ValueError(f"{args.adapter} is not a MoR/MoE-LoRA adapter; LoRA/DoRA merge with peft's merge_and_unload")
+        raise SettingsError(f"{args.adapter} is not a MoR/MoE-LoRA adapter; LoRA/DoRA merge with peft's merge_and_unload")
     if args.routing:
         routing, texts = RoutingProfile.load(args.routing), PLAIN_TEXT
     elif not args.data:
-        raise ValueError("give --data (a task whose routing to measure) or --routing profile.json")
+        raise SettingsError("give --data (a task whose routing to measure) or --routing profile.json")
     else:
         texts = _prompts_of(args.data, args.skip_bad, tokenizer, args.limit)
         routing = model.measure_routing(texts, tokenizer=tokenizer, progress=True)
@@ -155,7 +156,7 @@ def cmd_analyze(args) -> int:
                                                              "--data": args.data, "--routing-stats": stats})
     model, tokenizer = load_adapted(args.model, args.adapter, load_in_4bit=load_in_4bit_of(args))
     if not is_mor_model(model):
-        raise ValueError(f"{args.adapter} is not a MoR/MoE-LoRA adapter: routing analysis needs a router")
+        raise SettingsError(f"{args.adapter} is not a MoR/MoE-LoRA adapter: routing analysis needs a router")
     texts = {t.name: task_prompts(t, tokenizer, args.limit) for t in load_eval_tasks(args.data, args.skip_bad)}
     with atomic_folder(args.output) as tmp:  # a whole new folder: no stale figures next to new ones
         result = analyze(model, texts, tmp, tokenizer=tokenizer)
@@ -202,7 +203,7 @@ def cmd_export_lora(args) -> int:
     try:
         layers = mixture_layers(model)
     except ValueError:
-        raise ValueError(f"{args.adapter} is not a MoR/MoE-LoRA adapter (a peft LoRA/DoRA is already a LoRA)")
+        raise SettingsError(f"{args.adapter} is not a MoR/MoE-LoRA adapter (a peft LoRA/DoRA is already a LoRA)")
     if args.routing:
         jobs = [(Path(), args.routing, PLAIN_TEXT)]
     else:
@@ -261,7 +262,7 @@ def cmd_generate(args) -> int:
     from ..runtime.loading import load_adapted
 
     if not args.prompt and sys.stdin.isatty():  # before loading anything
-        raise ValueError("give --prompt TEXT, or pipe prompts on stdin (one per line)")
+        raise SettingsError("give --prompt TEXT, or pipe prompts on stdin (one per line)")
     prompts = args.prompt or read_prompts(sys.stdin)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                   chat_template=not args.no_chat_template)
@@ -270,7 +271,7 @@ def cmd_generate(args) -> int:
     context = contextlib.nullcontext()
     if args.routing and not args.merged:
         if not is_mor_model(model):
-            raise ValueError("--routing needs a MoR or MoE-LoRA adapter (--adapter)")
+            raise SettingsError("--routing needs a MoR or MoE-LoRA adapter (--adapter)")
         context = model.fixed_routing(args.routing)
     torch.manual_seed(args.seed)
     with context:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from . import at_least_one, command
+from ..errors import SettingsError
 
 
 PLAN_FLAGS = ("data", "heldout", "arms", "model", "steps", "seeds", "lrs", "target", "name")
@@ -33,7 +34,27 @@ def add_compare_flags(p) -> None:
                    "(`mor train --target`)")
     g.add_argument("--name", help="the comparison's name: its results/compare/NAME folder (default: compare)")
     p.add_argument("--workers", type=at_least_one, default=1,
-                   help="processes sharing the plan, each taking the next unclaimed run (default 1)")
+                   help="processes sharing the plan, each taking the next unclaimed run, each given its own GPUs "
+                        "(the plan's resources.gpus a run) where the machine has them (default 1)")
+    e = p.add_argument_group("engines: where the trainings run (docs/cluster.md)")
+    e.add_argument("--engine", choices=["local", "slurm", "ray"], default=None,
+                   help="local: --workers processes on this machine; slurm: job arrays through submitit; ray: Ray "
+                        "tasks (default: the plan's engine:, else local)")
+    e.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="the Ray cluster: auto, ray://HOST:PORT or HOST:PORT (default: start Ray on this machine)")
+    e.add_argument("--slurm-partition", default=None, help="the partition of every job (default: the plan's "
+                                                         "slurm.partition, else the cluster's default)")
+    e.add_argument("--slurm-time", type=at_least_one, default=None, metavar="MINUTES",
+                   help="time limit of each job (default: the plan's slurm.timeout_min, else 240); a job near it is "
+                        "requeued and resumes from its last complete checkpoint")
+    e.add_argument("--slurm-array-parallelism", type=at_least_one, default=None, metavar="N",
+                   help="jobs of an array running at once (default: the plan's slurm.array_parallelism, else 256)")
+    e.add_argument("--slurm-local", action="store_true",
+                   help="--engine slurm's jobs through submitit's LocalExecutor on this machine (no SLURM): try a "
+                        "plan's jobs as the cluster will run them")
+    e.add_argument("--claim-grace", type=float, default=None, metavar="SECONDS",
+                   help="a claimed run whose holder's heartbeat is older than this is taken over (default 60, or "
+                        "$MOR_CLAIM_GRACE); every worker of a plan must use the same")
     p.add_argument("--threads", type=at_least_one, default=None,
                    help="torch threads per worker (default: CPU cores / workers)")
     p.add_argument("--limit", type=at_least_one, default=None,
@@ -49,19 +70,19 @@ def add_compare_flags(p) -> None:
 @command("compare", "compare adapters (MoR, LoRA, DoRA, MoE-LoRA) on your model and data: paired, seeded, "
                     "learning rates chosen on validation", arguments=add_compare_flags)
 def cmd_compare(args) -> int:
-    from ..compare import Worker, read_plan, write_report
+    from ..compare import read_plan, write_report
     from ..compare.report import selection_status
 
     flags = [f"--{f}" for f in PLAN_FLAGS if getattr(args, f) is not None]
     if args.plan and flags:
-        raise ValueError(f"give a plan file or the plan flags ({', '.join(flags)}), not both: a plan's settings "
-                         "live in its file")
+        raise SettingsError(f"give a plan file or the plan flags ({', '.join(flags)}), not both: a plan's settings "
+                               "live in its file")
     if not args.plan:
         from ..compare.plan import plan_from_flags, write_plan_file
 
         if not args.data:
-            raise ValueError("give a plan file (mor compare plan.yaml) or the tasks to compare on: "
-                             "mor compare --data TASK [TASK ...] [--arms lora mor]")
+            raise SettingsError("give a plan file (mor compare plan.yaml) or the tasks to compare on: "
+                                   "mor compare --data TASK [TASK ...] [--arms lora mor]")
         raw = plan_from_flags(args.data, args.heldout, args.arms, args.model, args.steps, args.seeds, args.lrs,
                               args.target, args.name)
         args.plan = str(write_plan_file(raw, Path(raw["results"]) / "plan.yaml"))
@@ -77,23 +98,27 @@ def cmd_compare(args) -> int:
 
         print(f"wrote {write_cost(plan, rounds=args.cost)}")
     elif not args.report:
-        if args.workers > 1:
-            from ..compare.runner import run_workers
-
-            extra = ["--limit", str(args.limit)] if args.limit else []
-            status = run_workers(args.plan, args.workers, args.threads, extra)
-            if status != 0:
-                print(f"error: a worker failed with status {status} (its output is above); run the same command "
-                      "again to resume", file=sys.stderr)
-                return status
+        if args.claim_grace is not None:
+            os.environ["MOR_CLAIM_GRACE"] = str(args.claim_grace)  # the workers and jobs this starts inherit it
+        engine = args.engine or plan.engine
+        if engine != "local":
+            _run_engine(plan, engine, args)
         else:
-            from ..runtime.loading import load_model
-            from ..compare.plan import match_budget
+            from ..compare.engines import Resources, gpu_sets, visible_gpus
 
-            counts = match_budget(plan, load_model(plan.model))
-            log = lambda msg: print(f"[{time.strftime('%H:%M:%S')} pid {os.getpid()}] {msg}", flush=True)  # noqa: E731
-            log("trainable parameters: " + ", ".join(f"{plan.arms[a].label} {n:,}" for a, n in counts.items()))
-            Worker(plan, log=log, limit=args.limit).run()
+            gpus = visible_gpus()
+            sets = gpu_sets(args.workers, Resources.of(plan).gpus_per_run(plan, len(gpus)), gpus)
+            if args.workers == 1 and sets[0] in (None, ",".join(gpus)):  # its GPUs are all it sees: run here
+                _run_here(plan, args)
+            else:  # worker processes, each started with its own CUDA_VISIBLE_DEVICES
+                from ..compare.runner import run_workers
+
+                extra = ["--limit", str(args.limit)] if args.limit else []
+                status = run_workers(args.plan, args.workers, args.threads, extra, sets)
+                if status != 0:
+                    print(f"error: a worker failed with status {status} (its output is above); run the same command "
+                          "again to resume", file=sys.stderr)
+                    return status
     if args.no_report:
         return 0
     from ..compare.plan import match_budget
@@ -106,3 +131,40 @@ def cmd_compare(args) -> int:
     if md is not None:
         print(f"\nwrote {md}")
     return 0
+
+
+def _log(msg: str) -> None:
+    from ..compare.claims import host_name
+
+    host = f" {host_name()}" if os.environ.get("MOR_HOST") else ""
+    print(f"[{time.strftime('%H:%M:%S')}{host} pid {os.getpid()}] {msg}", flush=True)
+
+
+def _run_here(plan, args) -> None:
+    """The plan's jobs in this process, taking the next unclaimed one until none is left."""
+    from ..compare import Worker
+    from ..compare.plan import match_budget
+    from ..runtime.loading import load_model
+
+    counts = match_budget(plan, load_model(plan.model))
+    _log("trainable parameters: " + ", ".join(f"{plan.arms[a].label} {n:,}" for a, n in counts.items()))
+    Worker(plan, log=_log, limit=args.limit).run()
+
+
+def _run_engine(plan, engine: str, args) -> None:
+    """The plan through SLURM or Ray: this process decides what runs, the engine runs it."""
+    from ..compare.engines import Driver, make_engine
+    from ..compare.plan import match_budget
+    from ..runtime.loading import load_model
+
+    if args.limit or args.workers > 1:
+        raise SettingsError(f"--engine {engine} runs every job the plan has; --workers and --limit are the local "
+                            "engine's")
+    runner = make_engine(plan, engine, args.ray_address, args.slurm_partition, args.slurm_time,
+                         args.slurm_array_parallelism, args.slurm_local)  # refuses before anything is loaded
+    try:
+        counts = match_budget(plan, load_model(plan.model))
+        _log("trainable parameters: " + ", ".join(f"{plan.arms[a].label} {n:,}" for a, n in counts.items()))
+        Driver(plan, runner, log=_log, threads=args.threads).run()
+    finally:
+        runner.close()

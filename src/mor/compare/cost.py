@@ -17,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
+from ..errors import PlanError
 from ..safety import atomic_write_text
 from .plan import Plan, match_budget
 
@@ -44,7 +45,7 @@ def _batches(plan: Plan, tokenizer, splits, count: int) -> list[dict]:
     batches = [collate([dict(f) for f in tokenized[b:b + size]], tokenizer.pad_token_id)  # the lengths' whole spread
                for b in starts[:: max(1, len(starts) // count)][:count]]
     if not batches:
-        raise ValueError(f"plan {plan.name}: fewer training examples ({len(examples)}) than one batch ({size})")
+        raise PlanError(f"plan {plan.name}: fewer training examples ({len(examples)}) than one batch ({size})")
     return [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")} for b in batches]
 
 

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import PlanError
 from ..train.adapters import AdapterSpec
 from ..train.config import TrainConfig, read_mapping_file
 
@@ -46,8 +47,6 @@ TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - ENGINE_SETTINGS
 ARM_KEYS = {"label", "lr", "lrs", "seeds"}
 
 
-class PlanError(ValueError):
-    """A plan that cannot run as written; the message names the key and what to write instead."""
 
 
 @dataclass
@@ -122,6 +121,9 @@ class Plan:
     eval_batch_size: int = 16
     results: Optional[str] = None
     work: Optional[str] = None
+    engine: str = "local"  # where the trainings run: local | slurm | ray (--engine overrides)
+    resources: dict = field(default_factory=dict)  # one run's gpus / cpus / mem_gb (engines.Resources)
+    slurm: dict = field(default_factory=dict)  # partition / timeout_min / array_parallelism of --engine slurm
     path: Optional[Path] = None  # the plan file
 
     @property
@@ -231,6 +233,21 @@ def _rates(value, where: str) -> list[float]:
     return rates
 
 
+ENGINE_NAMES = ("local", "slurm", "ray")
+RESOURCE_KEYS = {"gpus": int, "cpus": int, "mem_gb": (int, float)}  # one run's
+SLURM_KEYS = {"partition": str, "timeout_min": int, "array_parallelism": int}
+
+
+def _engine_mapping(raw: dict, name: str, known: dict, where: str) -> dict:
+    value = raw.get(name) or {}
+    _need(isinstance(value, dict), f"{where}: {name}", f"give a mapping ({', '.join(known)})")
+    _only(value, set(known), f"{where}: {name}")
+    for k, v in value.items():
+        ok = isinstance(v, known[k]) and not isinstance(v, bool) and (known[k] is str or v >= (0 if k == "gpus" else 1))
+        _need(ok, f"{where}: {name}.{k}", f"give {'a name' if known[k] is str else 'a positive number'}, not {v!r}")
+    return dict(value)
+
+
 def read_plan(path: str | Path) -> Plan:
     """The plan in ``path`` (YAML or JSON), checked: every error names the key."""
     path = Path(path)
@@ -306,7 +323,10 @@ def plan_from_dict(raw: dict, path: Path | None = None) -> Plan:
                 compare=[tuple(c) for c in raw.get("compare") or []], baseline=bool(raw.get("baseline", False)),
                 budget=raw.get("budget"), processes=int(raw.get("processes", 1)),
                 routing_prompts=int(raw.get("routing_prompts", 64)), eval_batch_size=int(raw.get("eval_batch_size", 16)),
-                results=raw.get("results"), work=raw.get("work"), path=path.resolve() if path else None)
+                results=raw.get("results"), work=raw.get("work"), engine=str(raw.get("engine", "local")),
+                resources=_engine_mapping(raw, "resources", RESOURCE_KEYS, where),
+                slurm=_engine_mapping(raw, "slurm", SLURM_KEYS, where), path=path.resolve() if path else None)
+    _need(plan.engine in ENGINE_NAMES, f"{where}: engine", f"give one of {', '.join(ENGINE_NAMES)}")
     for a, b in plan.comparisons():
         for side in (a, b):
             _need(side in arms or (side == "base" and plan.baseline), f"{where}: compare [{a}, {b}]",

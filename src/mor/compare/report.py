@@ -11,6 +11,7 @@ import statistics
 import textwrap
 from pathlib import Path
 
+from ..errors import require
 from ..runtime.report import markdown_table
 from ..safety import atomic_write_text
 from .plan import Plan, lr_name
@@ -177,6 +178,7 @@ def cost_table(cost: dict) -> str:
 # -- figures -----------------------------------------------------------------------------------------
 
 def _plt():
+    require("matplotlib", "drawing the report's figures")
     import matplotlib
 
     matplotlib.use("Agg")

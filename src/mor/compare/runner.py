@@ -11,9 +11,11 @@ Jobs, in the order they are taken:
    (same rate, seed and steps) is scored, not repeated. Seed-major: every arm's first seed before
    anyone's second, so an unfinished plan already compares every arm.
 
-A worker claims a job with a lock file holding its pid (a dead holder's lock is taken over),
-trains in ``<work>/train/<run>/`` (resuming a killed attempt from its last complete checkpoint),
-and writes the JSON last, atomically. A finished JSON made under other settings is refused.
+A worker claims a job (``claims.Claim``: host, PID, start time and a heartbeat; a claim whose
+heartbeat stopped for the grace period is taken over), trains in ``<work>/train/<run>/`` (resuming
+a killed attempt from its last complete checkpoint), and writes the JSON last, atomically. A
+finished JSON made under other settings is refused. ``pending`` says what can run now; the
+engines (``engines``: SLURM, Ray) run the same jobs through one driver.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Callable, Optional
 
 from ..safety import atomic_write_text
 from ..stopping import stop_cleanly
+from .claims import Claim, grace_seconds, live_claims
 from .data import Splits, carve, write_train_folders
 from .plan import Arm, Plan, PlanError, key_hash, lr_name, rate_beyond
 
@@ -126,38 +129,35 @@ def chosen_lr(plan: Plan, arm: Arm) -> tuple[float | None, dict]:
     return lr, scores
 
 
-# -- workers share a plan through lock files ---------------------------------------------------------
+# -- what can run now -----------------------------------------------------------------------------------
 
-def claim(lock: Path) -> bool:
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                os.kill(int(lock.read_text().strip() or 0), 0)
-                return False  # a live process holds it
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)  # a dead holder: take it over
+def pending(plan: Plan) -> tuple[list[tuple[Job, float | None]], bool]:
+    """(the unfinished jobs that can run now, in order, each with its rate (final runs); whether a
+    final run waits for its arm's selection to finish). Read from the finished results, so every
+    worker and the driver agree."""
+    ready, waiting = [], False
+    for job in jobs(plan):
+        lr = None
+        if job.kind == "final":
+            lr, _ = chosen_lr(plan, plan.arms[job.arm])
+            if lr is None:
+                waiting = True
                 continue
-            except PermissionError:
-                return False
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
+        if read_result(result_path(plan, job), job_key(plan, job, lr)) is None:
+            ready.append((job, lr))
+    return ready, waiting
 
 
-def _live_locks(folder: Path) -> bool:
-    for lock in folder.glob("**/*.lock") if folder.is_dir() else []:
-        try:
-            os.kill(int(lock.read_text().strip() or 0), 0)
-            return True
-        except (ValueError, ProcessLookupError, FileNotFoundError):
-            continue
-        except PermissionError:
-            return True
-    return False
+def lr_selection(plan: Plan, job: Job, lr: float | None) -> dict | None:
+    """What a final run records of its arm's selection: every tried rate's validation score."""
+    if job.kind != "final":
+        return None
+    _, grid = chosen_lr(plan, plan.arms[job.arm])
+    return dict(validation_average=grid, chosen=lr_name(lr)) if grid else None
+
+
+def lock_path(plan: Plan, job: Job) -> Path:
+    return plan.work_dir() / "locks" / f"{job.name.replace('/', '_')}.lock"
 
 
 # -- one job ------------------------------------------------------------------------------------------
@@ -165,11 +165,12 @@ def _live_locks(folder: Path) -> bool:
 class Worker:
     """Runs the jobs of one plan in this process."""
 
-    def __init__(self, plan: Plan, log: Callable[[str], None] = print, limit: int | None = None):
+    def __init__(self, plan: Plan, log: Callable[[str], None] = print, limit: int | None = None,
+                 grace: float | None = None):
         from .plan import match_budget
 
         match_budget(plan)  # an arm without r gets the budget's (every key below needs its r)
-        self.plan, self.log, self.limit = plan, log, limit
+        self.plan, self.log, self.limit, self.grace = plan, log, limit, grace_seconds(grace)
         self.work = plan.work_dir()
         self._splits: Splits | None = None
         self._data_folders: list[str] | None = None
@@ -177,60 +178,58 @@ class Worker:
     @property
     def splits(self) -> Splits:
         if self._splits is None:
-            lock = self.work / "locks" / "carve.lock"
-            while not claim(lock):  # one worker writes the generated and carved files at a time
+            claim = Claim(self.work / "locks" / "carve.lock", self.grace)
+            while not claim.acquire():  # one worker writes the generated and carved files at a time
                 time.sleep(0.5)
-            try:
+            with claim:
                 self._splits = carve(self.plan, self.work)
                 folder = self.work / f"data_{key_hash(self.plan.data.key())}"
                 self._data_folders = write_train_folders(self._splits, folder)
-            finally:
-                lock.unlink(missing_ok=True)
         return self._splits
 
-    def run(self, poll_seconds: float = 15.0) -> int:
+    def run(self, poll_seconds: float | None = None) -> int:
         """Do every job that is not finished; wait for jobs other workers hold. Returns how many
         this worker finished."""
+        poll_seconds = min(15.0, self.grace / 2) if poll_seconds is None else poll_seconds
         done = 0
         while True:
-            waiting = progressed = False
-            for job in jobs(self.plan):
+            ready, waiting = pending(self.plan)
+            progressed = False
+            for job, lr in ready:
                 if self.limit is not None and done >= self.limit:
                     return done
-                lr = None
-                if job.kind == "final":
-                    lr, _ = chosen_lr(self.plan, self.plan.arms[job.arm])
-                    if lr is None:
-                        waiting = True
-                        continue
-                key = job_key(self.plan, job, lr)
-                path = result_path(self.plan, job)
-                if read_result(path, key) is not None:
-                    continue
-                lock = self.work / "locks" / f"{job.name.replace('/', '_')}.lock"
-                if not claim(lock):
+                claim = Claim(lock_path(self.plan, job), self.grace)
+                if not claim.acquire():
                     waiting = True
                     continue
-                try:
+                with claim:
+                    key = job_key(self.plan, job, lr)
+                    path = result_path(self.plan, job)
                     if read_result(path, key) is None:  # finished while we were claiming?
                         self.execute(job, lr, key, path)
                         done += 1
                         progressed = True
-                finally:
-                    lock.unlink(missing_ok=True)
-                if progressed:
+                if progressed:  # from the top: a finished trial may have widened a grid or chosen a rate
                     break
-            if progressed:  # from the top: a finished trial may have widened a grid or chosen a rate
+            if progressed:
                 continue
             if not waiting:
                 return done
-            if not _live_locks(self.work / "locks") and not any(
-                    j.kind == "select" and read_result(result_path(self.plan, j), job_key(self.plan, j)) is None
-                    for j in jobs(self.plan)):
+            if not live_claims(self.work / "locks", self.grace) and not any(
+                    j.kind == "select" for j, _ in pending(self.plan)[0]):
                 return done
             time.sleep(poll_seconds)
 
     def execute(self, job: Job, lr: float | None, key: dict, path: Path) -> dict:
+        """Run ``job`` and write its record at ``path``."""
+        record = self.perform(job, lr, key, lr_selection(self.plan, job, lr))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+        self.log(f"finished {job.name} -> {path}")
+        return record
+
+    def perform(self, job: Job, lr: float | None, key: dict, selection: dict | None) -> dict:
+        """Train (or reuse the training of) ``job`` and score it: its record, not written."""
         import torch
 
         plan = self.plan
@@ -253,8 +252,7 @@ class Worker:
                                   if "loss" in h],
                           routing_during_training=trained.get("routing_stats"))
             if job.kind == "final":
-                _, grid = chosen_lr(plan, arm)
-                record["lr_selection"] = dict(validation_average=grid, chosen=lr_name(lr)) if grid else None
+                record["lr_selection"] = selection
         else:
             record.update(trainable_parameters=0, train_seconds=0.0)
         self.log(f"score {job.name}")
@@ -272,9 +270,6 @@ class Worker:
                 record.update(self.score(adapter_dir, tasks, routing=routing))
         record["eval_seconds"] = time.perf_counter() - start
         record["finished"] = _now()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
-        self.log(f"finished {job.name} -> {path}")
         return record
 
     def train(self, arm: Arm, lr: float, seed: int, steps: int) -> dict:
@@ -397,11 +392,15 @@ def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def run_workers(plan_path: str, workers: int, threads: int | None, extra: list[str]) -> int:
-    """``workers`` processes of ``mor compare PLAN`` sharing the plan; returns the first failure's status."""
+def run_workers(plan_path: str, workers: int, threads: int | None, extra: list[str],
+                gpus: list[str | None] | None = None) -> int:
+    """``workers`` processes of ``mor compare PLAN`` sharing the plan, worker w seeing the GPUs
+    ``gpus[w]`` (``CUDA_VISIBLE_DEVICES``; None: the environment's); returns the first failure's status."""
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     child = [sys.executable, "-m", "mor.cli", "compare", plan_path, "--workers", "1", "--threads", str(threads),
              "--no-report", *extra]
-    procs = [subprocess.Popen(child) for _ in range(workers)]
+    gpus = gpus or [None] * workers
+    procs = [subprocess.Popen(child, env=dict(os.environ, **({"CUDA_VISIBLE_DEVICES": g} if g is not None else {})))
+             for g in gpus]
     codes = [p.wait() for p in procs]
     return next((c for c in codes if c != 0), 0)

@@ -22,6 +22,8 @@ import math
 import statistics
 from typing import Mapping, Sequence
 
+from ..errors import PlanError
+
 Z_95 = 1.96
 Z_POWER_80 = 0.8416
 TIE_WIDTH = 2.0  # the verdict's interval: diff +- 2 se
@@ -81,8 +83,8 @@ def paired(a: Sequence[Mapping], b: Sequence[Mapping], tasks: Sequence[str], met
         sa, sb = [bits(r, t, metric) for r in a], [bits(r, t, metric) for r in b]
         n = len(sa[0])
         if any(len(x) != n for x in sa + sb):
-            raise ValueError(f"task {t}: the runs scored different numbers of records; they were not made on the "
-                             "same test split")
+            raise PlanError(f"task {t}: the runs scored different numbers of records; they were not made on the "
+                            "same test split")
         d = [sum(x[j] for x in sa) / len(sa) - sum(x[j] for x in sb) / len(sb) for j in range(n)]
         per_task.append(d)
         diff += sum(d) / n / T

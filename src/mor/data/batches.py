@@ -53,7 +53,7 @@ def _prompt_labels(tokenizer: Any, example: TrainingExample, prompt_ids: list[in
     if not example.trained_spans:
         return labels
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("multi-turn chat records need a fast tokenizer (offsets locate the earlier assistant turns)")
+        raise DataError("multi-turn chat records need a fast tokenizer (offsets locate the earlier assistant turns)")
     encoding = tokenizer(example.prompt, add_special_tokens=False, return_offsets_mapping=True)
     if list(encoding["input_ids"]) != prompt_ids:  # the prompt's ids are its own encoding (see _split_ids)
         raise ValueError(f"{example.source}: the prompt's tokens changed between two encodings")
@@ -76,7 +76,7 @@ def tokenize_example(example: TrainingExample, tokenizer: Any, max_length: int) 
         raise ValueError(f"max_length must be positive, not {max_length}")
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token before tokenising.")
+        raise DataError("the tokenizer has no eos_token; set tokenizer.eos_token before tokenising.")
     prompt_ids, target_ids = _split_ids(tokenizer, example.prompt, example.target)
     prompt_labels = _prompt_labels(tokenizer, example, prompt_ids)
     target_ids = target_ids + [eos]
@@ -130,7 +130,7 @@ def collate(batch: Sequence[dict], pad_token_id: int) -> dict:
     import torch
 
     if pad_token_id is None:
-        raise ValueError("pad_token_id is None; set tokenizer.pad_token (e.g. to the eos token).")
+        raise DataError("pad_token_id is None; set tokenizer.pad_token (e.g. to the eos token).")
     if not batch:
         raise ValueError("cannot collate an empty batch")
     width = max(len(item["input_ids"]) for item in batch)
@@ -173,7 +173,7 @@ def mix_tasks(
     names = sorted(per_task_examples)
     empty = [n for n in names if not per_task_examples[n]]
     if not names or empty:
-        raise ValueError(f"mix_tasks needs non-empty tasks (empty: {', '.join(empty) or 'no tasks given'})")
+        raise DataError(f"mix_tasks needs non-empty tasks (empty: {', '.join(empty) or 'no tasks given'})")
     if size is not None and size < 1:
         raise ValueError(f"size must be positive, not {size}")
     rng = random.Random(seed)
@@ -205,11 +205,11 @@ def split_records(
         raise DataError(f"task {task.name!r} has {n} record(s); a train/eval split needs at least two.")
     if eval_fraction is not None:
         if not 0 < eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be between 0 and 1, not {eval_fraction}")
+            raise DataError(f"eval_fraction must be between 0 and 1, not {eval_fraction}")
         k = min(max(round(n * eval_fraction), 1), n - 1)
     else:
         if not 0 < eval_size < n:
-            raise ValueError(f"eval_size must be between 1 and {n - 1} for task {task.name!r}, not {eval_size}")
+            raise DataError(f"eval_size must be between 1 and {n - 1} for task {task.name!r}, not {eval_size}")
         k = eval_size
     order = list(range(n))
     random.Random(seed).shuffle(order)

@@ -18,6 +18,7 @@ import json
 import random
 from pathlib import Path
 from typing import Callable
+from ..errors import SettingsError
 
 DEFAULT_SEED = 0
 DEFAULT_TRAIN_SIZE = 320
@@ -114,7 +115,7 @@ def _draw_unique(
         while True:
             tries += 1
             if tries > max_tries:
-                raise ValueError(f"cannot draw {n} distinct inputs for labels {labels}; ask for fewer")
+                raise SettingsError(f"cannot draw {n} distinct inputs for labels {labels}; ask for fewer")
             key, question = draw(rng, label)
             if key not in used:
                 used.add(key)
@@ -186,7 +187,7 @@ def _kind(rng: random.Random, train_size: int, eval_size: int) -> dict[str, list
                     recs.append(_record(q, labels, label))
                     break
             else:
-                raise ValueError("cannot draw enough distinct Zarn words; ask for fewer")
+                raise SettingsError("cannot draw enough distinct Zarn words; ask for fewer")
         split[name] = recs
     return split
 
@@ -238,11 +239,11 @@ def builtin_suite(
     are per task. The inputs of eval records never occur in the task's train records.
     """
     if train_size < 0 or eval_size < 0:
-        raise ValueError("train_size and eval_size must be >= 0")
+        raise SettingsError("train_size and eval_size must be >= 0")
     names = TASK_NAMES if tasks is None else tuple(tasks)
     unknown = [t for t in names if t not in _GENERATORS]
     if unknown:
-        raise ValueError(f"unknown built-in task(s) {unknown}; known: {', '.join(TASK_NAMES)}")
+        raise SettingsError(f"unknown built-in task(s) {unknown}; known: {', '.join(TASK_NAMES)}")
     suite = {}
     for name in names:
         rng = random.Random(f"mor-builtin:{seed}:{name}")  # str seeds are stable across runs

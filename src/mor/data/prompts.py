@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import SettingsError
 from .choices import ParsedChoice, parse_multiple_choice
 from .records import Record, Task
 from .types import DataError, MultipleChoiceItem, TrainingExample
@@ -25,7 +26,7 @@ TARGET_DELIMITER = " "
 def text_prompt(question: str, template: str = DEFAULT_TEMPLATE) -> str:
     """Fill ``{question}`` in ``template`` (a plain replacement, so other braces are literal)."""
     if "{question}" not in template:
-        raise ValueError(f"template {template!r} has no {{question}} placeholder; add one.")
+        raise SettingsError(f"template {template!r} has no {{question}} placeholder; add one.")
     return template.replace("{question}", question)
 
 
@@ -40,8 +41,8 @@ def read_chat_template(value: str) -> str:
         return path.read_text(encoding="utf-8")
     if "{{" in value or "{%" in value:
         return value
-    raise ValueError(f"--chat-template {value}: no such file, and not a Jinja template (it has no {{{{ or {{%); "
-                     "give a template file or its text")
+    raise SettingsError(f"--chat-template {value}: no such file, and not a Jinja template (it has no {{{{ or {{%); "
+                           "give a template file or its text")
 
 
 def _render_chat(messages: list[dict], tokenizer: Any, generation_prompt: bool = True) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from ..errors import MissingInput
 from .choices import _FORMAT, _check_choice, _check_choices, _nonempty_str, parse_multiple_choice
 from .tables import TABLE_FORMATS, check_columns, column_hint, rename_fields, table_rows
 from .types import DataError
@@ -321,13 +322,13 @@ def _folder_files(folder: Path, split: str | None) -> list[Path]:
         chosen = [p for p in files if p.stem.lower() == split.lower()]
         if not chosen:
             hint = " (carve one with mor.data.split_records)" if split.lower() == "train" else ""
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{folder} has no {split} file ({split}.json, .jsonl, .parquet, .arrow or .csv){hint}; its data "
                 f"files are: {names}"
             )
         return chosen
     if not files:
-        raise FileNotFoundError(f"{folder} has no data files ({', '.join(DATA_SUFFIXES)})")
+        raise MissingInput(f"{folder} has no data files ({', '.join(DATA_SUFFIXES)})")
     split_files = [p for p in files if p.stem.lower() in SPLIT_NAMES]
     if split_files and len(files) > 1:
         raise DataError(
@@ -353,7 +354,7 @@ def load_task_records(path: str | Path, skip_bad: bool = False, split: str | Non
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"task data not found: {path}")
+        raise MissingInput(f"task data not found: {path}")
     files = _folder_files(path, split) if path.is_dir() else [path]
     skipped: list[str] = []
     records = [r for f in files for r in _read_file(f, skip_bad, skipped, columns)]

@@ -17,6 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from ..errors import MissingInput
 from .records import DATA_SUFFIXES, SPLIT_NAMES, Task, _distinct, _records_from_values, load_task_records, task_name
 from .tables import check_columns, column_hint, dataset_rows, hub_dataset, saved_dataset
 from .types import DataError
@@ -37,11 +38,11 @@ class DataSource:
         if self.spec.startswith(HUB_PREFIX):
             name, _, config = self.spec[len(HUB_PREFIX):].partition(":")
             if not name:
-                raise ValueError(f"--data {spec}: name the dataset, e.g. hub:openai/gsm8k:main")
+                raise DataError(f"--data {spec}: name the dataset, e.g. hub:openai/gsm8k:main")
             self.hub = (name, config or None)
         elif not self.path.exists():
             if not HUB_ID.fullmatch(self.spec):
-                raise FileNotFoundError(f"--data {spec}: no such file or folder (a hub dataset is hub:NAME[:CONFIG])")
+                raise MissingInput(f"--data {spec}: no such file or folder (a hub dataset is hub:NAME[:CONFIG])")
             self.hub = (self.spec, None)
 
     @property
@@ -65,7 +66,7 @@ class DataSource:
             try:
                 return hub_dataset(name, config)
             except (OSError, ConnectionError) as err:
-                raise FileNotFoundError(f"--data {self.spec}: the Hugging Face dataset could not be loaded ({err})") \
+                raise MissingInput(f"--data {self.spec}: the Hugging Face dataset could not be loaded ({err})") \
                     from err
         return saved_dataset(self.path)
 

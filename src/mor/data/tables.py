@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Union
 
+from ..errors import SettingsError, require
 from .types import DataError
 
 TABLE_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
@@ -29,17 +30,17 @@ def parse_columns(value: Union[str, Mapping[str, str], None]) -> dict[str, str]:
         pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
         bad = [("=".join(p)) for p in pairs if len(p) != 2 or not p[0].strip() or not p[1].strip()]
         if bad:
-            raise ValueError(f"--columns {value}: write FIELD=COLUMN pairs separated by commas, e.g. "
-                             f"instruction=question,output=answer (not {bad[0]!r})")
+            raise SettingsError(f"--columns {value}: write FIELD=COLUMN pairs separated by commas, e.g. "
+                                   f"instruction=question,output=answer (not {bad[0]!r})")
         mapping = {f.strip(): c.strip() for f, c in pairs}
     elif isinstance(value, Mapping):
         mapping = {str(f): str(c) for f, c in value.items()}
     else:
-        raise ValueError(f"--columns {value!r}: give FIELD=COLUMN pairs (a mapping in a --config file)")
+        raise SettingsError(f"--columns {value!r}: give FIELD=COLUMN pairs (a mapping in a --config file)")
     unknown = sorted(set(mapping) - set(RECORD_FIELDS))
     if unknown:
-        raise ValueError(f"--columns: {unknown[0]!r} is not a record field; map columns onto "
-                         f"{', '.join(RECORD_FIELDS)} (FIELD=COLUMN)")
+        raise SettingsError(f"--columns: {unknown[0]!r} is not a record field; map columns onto "
+                               f"{', '.join(RECORD_FIELDS)} (FIELD=COLUMN)")
     return mapping
 
 
@@ -76,7 +77,7 @@ def _rows(dataset) -> Iterator[tuple[int, dict]]:
 
 def table_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict]]]:
     """Column names and rows of a parquet / arrow / CSV file."""
-    import datasets
+    datasets = _datasets()
 
     try:
         dataset = datasets.load_dataset(TABLE_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
@@ -88,16 +89,22 @@ def table_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict]]]:
 
 def saved_dataset(path: Path) -> Any:
     """The Dataset or DatasetDict a ``save_to_disk`` folder holds."""
-    import datasets
+    datasets = _datasets()
 
     return datasets.load_from_disk(str(path))
 
 
 def hub_dataset(name: str, config: str | None) -> Any:
     """The DatasetDict of a hub dataset (all its splits; needs the network or datasets' cache)."""
+    return _datasets().load_dataset(name, config)
+
+
+def _datasets():
+    """The ``datasets`` package (an extra: JSON/JSONL tasks need none of it)."""
+    require("datasets", "reading parquet / arrow / CSV tables, save_to_disk folders and hub datasets")
     import datasets
 
-    return datasets.load_dataset(name, config)
+    return datasets
 
 
 def dataset_rows(dataset) -> tuple[list[str], Iterator[tuple[int, dict]]]:

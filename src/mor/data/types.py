@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-class DataError(ValueError):
-    """A task file or record is malformed. The message says where, what, and how to fix it."""
+from ..errors import DataError  # noqa: F401  (the data's error, re-exported: mor.data.DataError)
 
 
 @dataclass

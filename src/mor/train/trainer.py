@@ -25,9 +25,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
+from .. import _compat
 from ..config import WEIGHTS_NAME
 from ..runtime.distributed import check_launch, load_adapter_file, save_adapter
 from ..safety import atomic_write_text
+from ..errors import SettingsError
 from .config import TrainConfig
 
 logger = logging.getLogger("mor")
@@ -105,7 +107,7 @@ def warmup_from_the_first_step(scheduler, warmup_steps: int) -> None:
     scheduler.lr_lambdas = [functools.partial(_ahead_in_warmup, f, warmup_steps) for f in scheduler.lr_lambdas]
     for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    _compat.set_scheduler_last_lr(scheduler, [group["lr"] for group in scheduler.optimizer.param_groups])
 
 
 def _ahead_in_warmup(factor, warmup_steps: int, step: int) -> float:
@@ -231,13 +233,14 @@ def _report_to(name: str) -> list[str]:
     if name == "none":
         return []
     if importlib.util.find_spec(name) is None:
-        raise ValueError(f"--report-to {name}: the {name} package is not installed; pip install {name}, "
-                         "or choose --report-to none")
+        raise SettingsError(f"--report-to {name}: the {name} package is not installed; pip install {name}, "
+                               "or choose --report-to none")
     return [name]
 
 
 def training_arguments(cfg: TrainConfig) -> TrainingArguments:
     """The transformers TrainingArguments of a run (checkpoints under ``<output>/checkpoints``)."""
+    _compat.require_training_argument("train_sampling_strategy", "mor train")
     on_gpu = torch.cuda.is_available()
     bf16 = cfg.bf16 if cfg.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()
     return TrainingArguments(
