@@ -160,9 +160,12 @@ class MoRAdapter(ExpertMixture):
         return self._factors_cache[1]
 
     def _build_stacked_up_t(self) -> torch.Tensor:
-        _, up = self.expert_factors()  # (N, d_out, r): diag(Omega_B[i]) B
-        up = self.scaling * up * self.expert_scales_in.unsqueeze(1)  # ... diag(Omega_A[i]), times alpha/r
-        return up.transpose(1, 2).reshape(self.num_experts * self.r, self.out_features)  # [U_i^T]_i stacked
+        """U^T (N*r, d_out): U_i^T = (alpha/r) diag(Omega_A[i]) B^T diag(Omega_B[i]), built in the
+        stacked layout (N, r, d_out) itself (no transposed copy): two products over N*r*d_out elements,
+        which a training step pays forward and backward in every layer."""
+        scales_in = self.scaling * self.expert_scales_in  # (alpha/r) Omega_A: (N, r)
+        up_t = scales_in.unsqueeze(-1) * (self.expert_scales_out.unsqueeze(1) * self.lora_B.t())  # (N, r, d_out)
+        return up_t.reshape(self.num_experts * self.r, self.out_features)  # [U_i^T]_i stacked
 
     def expert_factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(down (N, r, d_in), up (N, d_out, r)) with D_i = scaling * up[i] @ down[i], computed in

@@ -28,7 +28,7 @@ from .baselines.moelora import MoELoRAAdapter
 from .config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, MoRConfig, read_adapter_config
 from .errors import AdapterError, DataError, MissingInput, SettingsError
 from .layer import MixtureLayer, MoRAdapter, compute_dtype, keep_4bit_states, linear_shape, named_mixture_layers
-from .routing import GateRecorder, Routing, RoutingProfile, load_balancing_loss, resolve_routing
+from .routing import GateRecorder, Routing, RoutingProfile, mean_balancing_loss, resolve_routing
 
 
 # -- the tuner -------------------------------------------------------------------------------------
@@ -124,24 +124,24 @@ class MoRModel(BaseTuner):
         if getattr(self, "_balance_hooks", None):
             for handle in self._balance_hooks:
                 handle.remove()
-        self._balance_hooks, self._aux_losses = [], []
+        self._balance_hooks, self._router_gates = [], []
         self.last_router_aux_loss = None
         balanced = {name for name, cfg in self.peft_config.items() if cfg.router == "balanced"}
         if not balanced:
             return
 
-        def collect(router, _inputs, gates):
+        def collect(router, _inputs, gates):  # the gates only: the loss is computed once for all layers
             if router.training and router.fixed is None:
-                self._aux_losses.append(load_balancing_loss(gates.reshape(-1, gates.shape[-1]).float()))
+                self._router_gates.append(gates.reshape(-1, gates.shape[-1]))
 
         def clear(_module, _args):
-            self._aux_losses.clear()
+            self._router_gates.clear()
 
         def add_to_loss(_module, _args, output):
-            if not self._aux_losses:
+            if not self._router_gates:
                 return output
-            aux = torch.stack(self._aux_losses).mean()
-            self._aux_losses.clear()
+            aux = mean_balancing_loss(self._router_gates)
+            self._router_gates.clear()
             coef = max(self.peft_config[name].balance_coef for name in balanced)
             self.last_router_aux_loss = float(aux.detach())
             if getattr(output, "loss", None) is not None:

@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -88,12 +88,22 @@ def gates_from_logits(logits: torch.Tensor, strategy: str, top_k: int) -> torch.
 
 
 def load_balancing_loss(probs: torch.Tensor) -> torch.Tensor:
-    """Switch-Transformer load-balancing loss N * sum_i f_i P_i for router probabilities (T, N)."""
+    """Switch-Transformer load-balancing loss N * sum_i f_i P_i for router probabilities (T, N); for
+    (L, T, N), the L layers' losses (L,) at once (a training step's layers in a few ops, not L times as many)."""
     num_experts = probs.shape[-1]
-    top = probs.argmax(dim=-1)  # (T,)
-    share = torch.bincount(top, minlength=num_experts).to(probs.dtype) / max(top.numel(), 1)  # f_i
-    mean_prob = probs.mean(dim=0)  # P_i
-    return num_experts * (share * mean_prob).sum()
+    top = probs.detach().argmax(dim=-1, keepdim=True)  # (..., T, 1)
+    share = torch.zeros_like(probs).scatter_(-1, top, 1.0).mean(dim=-2)  # f_i: (..., N)
+    mean_prob = probs.mean(dim=-2)  # P_i: (..., N)
+    return num_experts * (share * mean_prob).sum(dim=-1)
+
+
+def mean_balancing_loss(gates: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean over layers of :func:`load_balancing_loss` of each layer's router probabilities (T, N),
+    in fp32; the layers stacked into one computation when they routed the same tokens (a decoder's do)."""
+    gates = [g.float() for g in gates]
+    if all(g.shape == gates[0].shape for g in gates):
+        return load_balancing_loss(torch.stack(gates)).mean()
+    return torch.stack([load_balancing_loss(g) for g in gates]).mean()
 
 
 # -- routing profiles ------------------------------------------------------------------------

@@ -82,41 +82,59 @@ def ratio_row(times: list[float], reference: list[float]) -> dict:
     return dict(ratio=statistics.median(ratios), iqr=[q[0], q[2]], seconds=statistics.median(times))
 
 
-def measure_cost(plan: Plan, rounds: int = 20, warmup: int = 3, log=print) -> dict:
-    """Interleaved step times of every arm against the reference (the plan's first LoRA arm, else its first arm)."""
-    import torch
+def reference_arm(plan: Plan) -> str:
+    """The arm every other is timed against: the plan's first LoRA arm, else its first arm."""
+    return next((name for name, arm in plan.arms.items() if arm.adapter.get("method") == "lora"), next(iter(plan.arms)))
 
+
+def build_contenders(plan: Plan, batch_count: int, log=print) -> tuple[dict, list[dict], str]:
+    """Every arm's model and optimizer built as a training builds them (base dtype, router init, the
+    Trainer's optimizer with its router groups), in train mode, plus a second copy of the reference
+    arm ("noise floor"); ``batch_count`` training batches (see ``_batches``); the optimizer's name."""
     from ..runtime.loading import load_model, load_tokenizer
     from ..train import TrainConfig
     from ..train.recipe import setup_model
-    from .runner import Worker, _machine
+    from .runner import Worker
 
     worker = Worker(plan, log=log)
     tokenizer = load_tokenizer(plan.model)
-    batches = _batches(plan, tokenizer, worker.splits, warmup + rounds)
+    batches = _batches(plan, tokenizer, worker.splits, batch_count)
     match_budget(plan, load_model(plan.model))
-    reference = next((name for name, arm in plan.arms.items() if arm.adapter.get("method") == "lora"),
-                     next(iter(plan.arms)))  # the plan's first LoRA arm
+    reference = reference_arm(plan)
     contenders = dict(plan.arms, **{"noise floor": plan.arms[reference]})
     built, optim = {}, None
-    for name, arm in contenders.items():  # built as a training builds it (base dtype, router init, optimizer)
+    for name, arm in contenders.items():
         lr = plan.arm_grid(arm)[0]
         cfg = TrainConfig.from_dict(worker.train_config(arm, lr, 0, plan.steps(), plan.work_dir() / "cost"))
         model, _ = setup_model(cfg)
         model.train()
         optimizer, optim = _run_optimizer(cfg, model)
         built[name] = (model, optimizer)
+    return built, batches, optim
 
-    def step(pair, batch) -> tuple[float, float]:
-        model, optimizer = pair
-        optimizer.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        model(**batch).loss.backward()
-        middle = time.perf_counter()
-        optimizer.step()
-        return middle - start, time.perf_counter() - middle
 
-    times = _interleaved(built, step, rounds, warmup, log, "training step", batches)
+def training_step(pair, batch) -> tuple[float, float]:
+    """One step of a (model, optimizer) pair on ``batch``: (forward + backward, optimizer) seconds."""
+    model, optimizer = pair
+    optimizer.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    model(**batch).loss.backward()
+    middle = time.perf_counter()
+    optimizer.step()
+    return middle - start, time.perf_counter() - middle
+
+
+def measure_cost(plan: Plan, rounds: int = 20, warmup: int = 3, log=print, optimizers: bool = True) -> dict:
+    """Interleaved step times of every arm against the reference (the plan's first LoRA arm, else its
+    first arm); with ``optimizers``, also every AdamW implementation on the last step's gradients."""
+    import torch
+
+    from .runner import _machine
+
+    built, batches, optim = build_contenders(plan, warmup + rounds, log)
+    reference = reference_arm(plan)
+    contenders = dict(plan.arms, **{"noise floor": plan.arms[reference]})
+    times = _interleaved(built, training_step, rounds, warmup, log, "training step", batches)
     total = {name: [f + o for f, o in t] for name, t in times.items()}
     forward_backward = {name: [f for f, _ in t] for name, t in times.items()}
     optimizer_only = {name: [o for _, o in t] for name, t in times.items()}
@@ -131,6 +149,13 @@ def measure_cost(plan: Plan, rounds: int = 20, warmup: int = 3, log=print) -> di
                     parameters=sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
                     lrs=sorted({g["lr"] for g in optimizer.param_groups}), implementation=_implementation(optimizer))
 
+    shapes = [tuple(b["input_ids"].shape) for b in batches]
+    cost = dict(reference=plan.arms[reference].label or reference, rounds=rounds,
+                batch=[shapes[0][0], statistics.median(s[1] for s in shapes), max(s[1] for s in shapes)],
+                optim=optim, noise_floor=row("noise floor")["ratio"], arms=[row(name) for name in plan.arms],
+                machine=_machine())
+    if not optimizers:
+        return cost
     # the same gradients (the last backward's), every AdamW implementation, interleaved
     variants = {(name, impl): torch.optim.AdamW([{k: g[k] for k in ("params", "lr", "betas", "eps", "weight_decay")}
                                                  for g in built[name][1].param_groups], **kwargs)
@@ -139,11 +164,7 @@ def measure_cost(plan: Plan, rounds: int = 20, warmup: int = 3, log=print) -> di
     adamw = [dict(arm=name, label=plan.arms[name].label or name, implementation=impl,
                   **ratio_row(seconds[(name, impl)], seconds[(reference, impl)]))
              for name in plan.arms for impl in ADAMW]
-    shapes = [tuple(b["input_ids"].shape) for b in batches]
-    return dict(reference=plan.arms[reference].label or reference, rounds=rounds,
-                batch=[shapes[0][0], statistics.median(s[1] for s in shapes), max(s[1] for s in shapes)],
-                optim=optim, noise_floor=row("noise floor")["ratio"], arms=[row(name) for name in plan.arms],
-                adamw=adamw, machine=_machine())
+    return dict(cost, adamw=adamw)
 
 
 def _implementation(optimizer) -> str:
