@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name in [*plan.arms, "noise floor"]:
         arm = plan.arms.get(name, plan.arms[reference])
-        rows.append(dict(arm=name, label=arm.label or name, **ratio_row(total[name], total[reference]),
+        label = arm.label or name if name in plan.arms else f"noise floor ({arm.label or reference} twice)"
+        rows.append(dict(arm=name, label=label, **ratio_row(total[name], total[reference]),
                          forward_backward=ratio_row([f for f, _ in times[name]], [f for f, _ in times[reference]]),
                          optimizer_ms=1e3 * ratio_row([o for _, o in times[name]], [o for _, o in times[reference]])["seconds"],
                          tensors=sum(len(g["params"]) for g in built[name][1].param_groups)))

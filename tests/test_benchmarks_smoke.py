@@ -145,3 +145,22 @@ def test_served_layer_benchmark_smoke(tmp_path, capsys):
     assert set(data["results"]) == {f"{layer} @ 3" for layer, _, _ in served_layer.LAYERS}
     assert all(set(r) == {"base", "MoR, torch_gemm", "MoR, vllm_cpu_gemm"} for r in data["results"].values())
     assert "vllm_cpu_gemm" in capsys.readouterr().out
+
+
+def test_step_benchmark_smoke(tmp_path, capsys, tiny_model_dir):
+    """``benchmarks.step`` on a tiny plan: the named arms and the noise floor against LoRA, each arm's
+    profile table, the JSON; an arm the plan lacks is refused with its arms named."""
+    from benchmarks.step import main
+    from test_compare import tiny_plan
+
+    plan = tiny_plan(tmp_path, tiny_model_dir, arms=dict(lora=dict(method="lora", r=4),
+                                                         mor=dict(method="mor", num_experts=4, router="balanced")))
+    report = main(["--plan", str(plan), "--arms", "lora", "mor", "--rounds", "2", "--warmup", "0", "--profile", "1",
+                   "--json", str(tmp_path / "step.json")])
+    rows = {r["arm"]: r for r in report["arms"]}
+    assert set(rows) == {"lora", "mor", "noise floor"} and rows["lora"]["ratio"] == 1.0
+    assert rows["mor"]["tensors"] > rows["lora"]["tensors"] and set(report["profile"]) == {"lora", "mor"}
+    assert report["profile"]["mor"]["top"][0]["ms"] > 0 and "noise floor" in capsys.readouterr().out
+    assert json.loads((tmp_path / "step.json").read_text())["arms"][0]["arm"] == "lora"
+    with pytest.raises(SystemExit, match="no arm 'moe'"):
+        main(["--plan", str(plan), "--arms", "lora", "moe"])
