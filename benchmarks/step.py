@@ -7,6 +7,9 @@ torch.profiler and the table of where the time goes (self CPU time per op, forwa
 together) is printed and kept in the JSON.
 
     PYTHONPATH=src nice -n 10 python -m benchmarks.step --rounds 20 --profile 5 --json results/step.json
+
+``--losses STEPS`` trains each arm alone instead and keeps its losses; run it on two versions of the
+code (``--against`` the first one's JSON) to check that a change to the step left the losses alone.
 """
 
 from __future__ import annotations
@@ -40,6 +43,24 @@ def profile_arm(pair, batches: list[dict], top: int) -> dict:
                 top=[dict(op=e.key, ms=e.self_cpu_time_total / 1e3 / steps, calls=e.count / steps) for e in rows])
 
 
+def training_losses(plan, steps: int) -> dict[str, list[float]]:
+    """Each arm of ``plan`` built alone (as ``--cost`` builds it, the Trainer's seed set last) and trained
+    ``steps`` steps on the plan's batches: its losses, to compare two versions of the code."""
+    losses = {}
+    for name, arm in dict(plan.arms).items():
+        plan.arms = {name: arm}
+        built, batches, _ = build_contenders(plan, steps, log=lambda _: None)
+        model, optimizer = built[name]
+        losses[name] = []
+        for batch in batches:
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            losses[name].append(loss.item())
+    return losses
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", default=str(ROOT / "benchmarks/plans/mix9.yaml"))
@@ -50,6 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="profile each arm for STEPS steps")
     p.add_argument("--top", type=int, default=12, help="ops per arm in the profile table")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--losses", type=int, default=0, metavar="STEPS",
+                   help="instead of timing: train each arm alone for STEPS steps and keep its losses")
+    p.add_argument("--against", default=None, metavar="JSON",
+                   help="with --losses: a JSON an earlier --losses run wrote; print the largest difference")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -62,6 +87,15 @@ def main(argv: list[str] | None = None) -> dict:
     plan.arms = {name: plan.arms[name] for name in args.arms}
     if args.data_root:
         plan.data.root = str(Path(args.data_root).resolve())
+    if args.losses:
+        report = dict(plan=plan.name, steps=args.losses, losses=training_losses(plan, args.losses), machine=machine_info())
+        if args.against:
+            earlier = json.loads(Path(args.against).read_text())["losses"]
+            report["max_difference"] = {name: max(abs(a - b) for a, b in zip(losses, earlier[name]))
+                                        for name, losses in report["losses"].items() if name in earlier}
+            print(text_table(["arm", "steps", "largest loss difference"],
+                             [[name, args.losses, f"{d:.3g}"] for name, d in report["max_difference"].items()]))
+        return _write(report, args.json)
     reference = reference_arm(plan)
     built, batches, optim = build_contenders(plan, args.warmup + args.rounds, log=lambda _: None)
     times = _interleaved(built, training_step, args.rounds, args.warmup, lambda _: None, "step", batches)
@@ -90,10 +124,14 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"\n{name}: {prof['total_ms']:.0f} ms self CPU per step, {prof['ops_per_step']:.0f} ops per step")
             print(text_table(["op", "ms / step", "calls / step"],
                              [[t["op"], f"{t['ms']:.1f}", f"{t['calls']:.0f}"] for t in prof["top"]]))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.json}")
+    return _write(report, args.json)
+
+
+def _write(report: dict, path: str | None) -> dict:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {path}")
     return report
 
 

@@ -162,5 +162,8 @@ def test_step_benchmark_smoke(tmp_path, capsys, tiny_model_dir):
     assert rows["mor"]["tensors"] > rows["lora"]["tensors"] and set(report["profile"]) == {"lora", "mor"}
     assert report["profile"]["mor"]["top"][0]["ms"] > 0 and "noise floor" in capsys.readouterr().out
     assert json.loads((tmp_path / "step.json").read_text())["arms"][0]["arm"] == "lora"
+    first = main(["--plan", str(plan), "--arms", "mor", "--losses", "2", "--json", str(tmp_path / "losses.json")])
+    again = main(["--plan", str(plan), "--arms", "mor", "--losses", "2", "--against", str(tmp_path / "losses.json")])
+    assert len(first["losses"]["mor"]) == 2 and again["max_difference"] == {"mor": 0.0}  # seeded: the same run
     with pytest.raises(SystemExit, match="no arm 'moe'"):
         main(["--plan", str(plan), "--arms", "lora", "moe"])
