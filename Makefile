@@ -25,10 +25,11 @@ demo: install  ## train MoR on the built-in suite with SmolLM2, evaluate before/
 # engine are built once): while one waits on a subprocess (vLLM, accelerate launch, an import) the other runs.
 PYTEST_WORKERS ?= 2
 
-test: install  ## the whole test suite (offline; real-model tests included), then the other peft minors and axolotl
+test: install  ## the whole test suite (offline; real-model tests included), then the other peft minors, axolotl and LLaMA-Factory
 	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 	PYTHON=$(PYTHON) bash scripts/test_peft_versions.sh
 	PYTHON=$(PYTHON) bash scripts/test_axolotl.sh
+	PYTHON=$(PYTHON) bash scripts/test_llamafactory.sh
 
 test-fast: install
 	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
