@@ -85,6 +85,30 @@ def test_use_rslora_scales_by_alpha_over_sqrt_r_in_the_forward_the_merge_and_the
     assert (logits(loaded.merge_and_unload()) - expected).abs().max() < 1e-5
 
 
+
+@pytest.mark.parametrize("method", ["mor", "lora"])
+def test_mor_train_flags_set_rslora_and_modules_to_save_for_every_method(method):
+    from peft import LoraConfig
+
+    from mor.cli import build_parser
+    from mor.cli.flags import settings_from_args
+    from mor.train.adapters import AdapterSpec, apply_adapter
+
+    args = build_parser().parse_args(["train", "--method", method, "--r", "4", "--alpha", "8", "--use-rslora",
+                                      "--modules-to-save", "lm_head"])
+    spec = settings_from_args(AdapterSpec, args)
+    config = spec.to_peft_config(make_tiny_llama())
+    assert isinstance(config, LoraConfig if method == "lora" else MoRConfig)
+    assert config.use_rslora is True and list(config.modules_to_save) == ["lm_head"]
+    model = apply_adapter(make_tiny_llama(), spec)
+    assert any("lm_head" in n and p.requires_grad for n, p in model.named_parameters())
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    scale = layer.scaling["default"] if method == "lora" else next(iter(model.mor_adapters().values())).scaling
+    assert scale == 8 / math.sqrt(4)
+    plain = settings_from_args(AdapterSpec, build_parser().parse_args(["train", "--method", method]))
+    assert plain.use_rslora is False and plain.modules_to_save is None
+
+
 def test_the_balanced_routers_loss_is_added_through_the_peft_model():
     # on every peft minor: peft <0.21 runs the tuner's model without its forward hooks unless MoR's tuner calls it
     model = get_peft_model(make_tiny_llama(), MoRConfig(r=4, num_experts=3, router="balanced", balance_coef=0.5))

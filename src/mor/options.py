@@ -59,7 +59,7 @@ class MoROptions:
         "help": "shapes and a hash of a few base weights, recorded at save and checked at load"})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={
         "help": "modules trained in full beside the adapter and saved with it (e.g. lm_head, embed_tokens), "
-                "as in peft's LoRA", "flag": None})
+                "as in peft's LoRA"})
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(default=None, metadata={
         "help": "token ids whose embedding rows are trained and saved (new tokens of a chat template), "
                 "as in peft's LoRA; a dict maps embedding layer names to ids", "flag": None})
