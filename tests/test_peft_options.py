@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import mor
 from mor import MoRConfig
@@ -57,6 +57,36 @@ def test_trainable_token_indices_train_only_those_rows_and_reload(tmp_path):
     base = make_tiny_llama().get_input_embeddings().weight
     changed = sorted(int(i) for i in torch.nonzero((rows != base).any(dim=1)).flatten())
     assert changed == indices  # only the listed tokens' rows moved, and the merge kept them
+
+
+
+@pytest.mark.parametrize("beside", [{"modules_to_save": ["lm_head"]}, {"trainable_token_indices": [5, 7]}])
+def test_a_lora_export_carries_what_the_adapter_trains_beside_it(tmp_path, beside):
+    from peft import LoraConfig
+
+    from mor.export import export_lora
+
+    model = get_peft_model(make_tiny_llama(), MoRConfig(r=4, num_experts=3, dropout=0.0, init_seed=0, **beside))
+    train_steps(model)
+    model.eval()
+    profile = model.measure_routing([{"input_ids": BATCH}])
+    with model.fixed_routing(profile):
+        expected = logits(model)
+    export_lora(model, profile, tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    key, value = next(iter(beside.items()))
+    assert config[key] == value
+    lora = PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "lora").eval()
+    assert isinstance(lora.peft_config["default"], LoraConfig)
+    assert (logits(lora) - expected).abs().max() < 1e-5
+    # the layers' LoRA alone (what the export wrote before): other logits, so carrying them matters
+    tensors = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    assert any(".lora_" not in k for k in tensors)
+    (tmp_path / "alone").mkdir()
+    save_file({k: v for k, v in tensors.items() if ".lora_" in k}, str(tmp_path / "alone" / "adapter_model.safetensors"))
+    (tmp_path / "alone" / "adapter_config.json").write_text(json.dumps({**config, key: None}))
+    alone = PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "alone").eval()
+    assert (logits(alone) - expected).abs().max() > 1e-3
 
 
 def test_use_rslora_scales_by_alpha_over_sqrt_r_in_the_forward_the_merge_and_the_export(tmp_path):

@@ -77,6 +77,31 @@ def _target_modules(model: nn.Module, layers: Mapping[str, nn.Module]) -> list[s
     return sorted(leaves) if selected == set(layers) else sorted(layers)
 
 
+def _trained_beside(model: nn.Module, layers: Mapping[str, nn.Module]) -> tuple[dict, dict]:
+    """What the adapter trains beside its mixture layers (``modules_to_save``, ``trainable_token_indices``):
+    its tensors, keyed as peft saves them (the same keys in a LoRA file), and the LoraConfig fields
+    that declare them. Refused on a bare model carrying such modules: their settings are the PeftModel's."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if not isinstance(model, PeftModel):
+        if any(isinstance(module, AuxiliaryTrainingWrapper) for module in model.modules()):
+            raise AdapterError("this model trains modules beside its adapter (modules_to_save / trainable_token_indices); "
+                               "export it from its PeftModel (mor.load_adapter / PeftModel.from_pretrained) so the "
+                               "LoRA carries them")
+        return {}, {}
+    name = model.active_adapter
+    config = model.peft_config[name]
+    fields = {key: getattr(config, key, None) for key in ("modules_to_save", "trainable_token_indices")}
+    fields = {key: value for key, value in fields.items() if value}
+    if not fields:
+        return {}, {}
+    mixtures = tuple(f"base_model.model.{layer}." for layer in layers)
+    tensors = {key: value.detach().cpu() for key, value in get_peft_model_state_dict(model, adapter_name=name).items()
+               if not key.startswith(mixtures)}
+    return tensors, fields
+
+
 @torch.no_grad()
 def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path],
                 base_model_name_or_path: Union[str, None] = None) -> Path:
@@ -85,8 +110,9 @@ def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path]
     ``model``: a model carrying MoR / MoE-LoRA layers (a ``MoRModel`` or the bare transformers
     model after injection). ``routing``: see ``resolve_routing``. The folder holds
     adapter_config.json (peft ``LoraConfig``: rank r for MoR, N*r for MoE-LoRA; ``lora_alpha``
-    such that lora_alpha / rank is the layer's alpha / r; no dropout), adapter_model.safetensors
-    and the routing it was made with (routing_profile.json, ignored by peft). Returns the folder.
+    such that lora_alpha / rank is the layer's alpha / r; no dropout; the adapter's own
+    ``modules_to_save`` / ``trainable_token_indices``, whose trained tensors go along in peft's keys),
+    adapter_model.safetensors and the routing it was made with (routing_profile.json, ignored by peft). Returns the folder.
 
     The folder is written whole or not at all (:func:`mor.safety.atomic_folder`; what was there
     is replaced), and never with NaN/inf or absurdly large weights.
@@ -108,11 +134,13 @@ def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path]
                            "(Linear vs Conv1D); one LoRA folder needs them alike")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(transformers_model(model), "config", None), "_name_or_path", None)
+    beside, beside_fields = _trained_beside(model, layers)  # a trained lm_head / new tokens' rows go along
+    tensors.update(beside)
     alpha = alphas.pop()
     config = LoraConfig(r=ranks.pop(), lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
                         lora_dropout=0.0, target_modules=_target_modules(model, layers),
                         fan_in_fan_out=conv1d.pop(), bias="none", task_type="CAUSAL_LM",
-                        base_model_name_or_path=base_model_name_or_path or None)
+                        base_model_name_or_path=base_model_name_or_path or None, **beside_fields)
     bad = nonfinite_tensors(tensors) + [name for name, _ in oversized_tensors(tensors)]
     if bad:
         raise AdapterError(f"the exported LoRA would hold NaN/inf or absurdly large values ({len(bad)} tensors, e.g. "

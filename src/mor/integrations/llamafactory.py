@@ -81,7 +81,11 @@ def register() -> None:
     check_llamafactory_version()
     from llamafactory.v1.plugins.model_plugins.peft import PeftPlugin
 
-    if PeftPlugin._registry[PLUGIN].get("__call__") is not get_mor_model:
+    try:
+        registered = PeftPlugin(PLUGIN)["__call__"]
+    except ValueError:  # not registered yet
+        registered = None
+    if registered is not get_mor_model:
         PeftPlugin(PLUGIN).register()(get_mor_model)
 
 
