@@ -25,14 +25,15 @@ from mor.integrations import llamafactory as lf  # noqa: E402
 
 from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "trainers.md"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def documented_yaml() -> dict:
-    """The LLaMA-Factory YAML of docs/trainers.md, as written."""
-    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", DOC.read_text(), re.S) if "name: mor" in b]
-    assert len(blocks) == 1
-    return yaml.safe_load(blocks[0])
+    """The LLaMA-Factory YAML of the README and docs/trainers.md, as written (the same in both)."""
+    texts = (ROOT / "README.md").read_text(), (ROOT / "docs" / "trainers.md").read_text()
+    blocks = [yaml.safe_load(b) for t in texts for b in re.findall(r"```yaml\n(.*?)```", t, re.S) if "name: mor" in b]
+    assert len(blocks) == 2 and blocks[0] == blocks[1], blocks
+    return blocks[0]
 
 
 @pytest.fixture(scope="module")
