@@ -120,3 +120,18 @@ def make_bpe_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+
+
+def documented_yaml(marker: str) -> dict:
+    """A trainer's YAML as the README and docs/trainers.md write it (the block containing ``marker``;
+    the two must say the same)."""
+    import re
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    texts = (root / "README.md").read_text(), (root / "docs" / "trainers.md").read_text()
+    blocks = [yaml.safe_load(b) for t in texts for b in re.findall(r"```yaml\n(.*?)```", t, re.S) if marker in b]
+    assert len(blocks) == 2 and blocks[0] == blocks[1], blocks
+    return blocks[0]
+

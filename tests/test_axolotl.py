@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")  # axolotl's telemetry: read when it is imported
 axolotl = pytest.importorskip("axolotl")
@@ -24,6 +21,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 import mor  # noqa: E402
 
+import conftest  # noqa: E402
 from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
 
 PLUGIN = "mor.integrations.axolotl.MoRPlugin"
@@ -43,15 +41,8 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def documented_yaml() -> dict:
-    """The axolotl YAML of the README and docs/trainers.md, as written (the same in both)."""
-    texts = (ROOT / "README.md").read_text(), (ROOT / "docs" / "trainers.md").read_text()
-    blocks = [yaml.safe_load(b) for t in texts for b in re.findall(r"```yaml\n(.*?)```", t, re.S) if "adapter: mor" in b]
-    assert len(blocks) == 2 and blocks[0] == blocks[1], blocks
-    return blocks[0]
+    return conftest.documented_yaml("adapter: mor")
 
 
 def config(workdir, **changes) -> DictDefault:

@@ -6,7 +6,6 @@ where llamafactory is not installed."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,12 @@ import mor  # noqa: E402
 from mor.errors import SettingsError  # noqa: E402
 from mor.integrations import llamafactory as lf  # noqa: E402
 
+import conftest  # noqa: E402
 from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def documented_yaml() -> dict:
-    """The LLaMA-Factory YAML of the README and docs/trainers.md, as written (the same in both)."""
-    texts = (ROOT / "README.md").read_text(), (ROOT / "docs" / "trainers.md").read_text()
-    blocks = [yaml.safe_load(b) for t in texts for b in re.findall(r"```yaml\n(.*?)```", t, re.S) if "name: mor" in b]
-    assert len(blocks) == 2 and blocks[0] == blocks[1], blocks
-    return blocks[0]
+    return conftest.documented_yaml("name: mor")
 
 
 @pytest.fixture(scope="module")

@@ -86,9 +86,9 @@ def _trained_beside(model: nn.Module, layers: Mapping[str, nn.Module]) -> tuple[
 
     if not isinstance(model, PeftModel):
         if any(isinstance(module, AuxiliaryTrainingWrapper) for module in model.modules()):
-            raise AdapterError("this model trains modules beside its adapter (modules_to_save / trainable_token_indices); "
-                               "export it from its PeftModel (mor.load_adapter / PeftModel.from_pretrained) so the "
-                               "LoRA carries them")
+            raise AdapterError("this model trains modules beside its adapter (modules_to_save / "
+                               "trainable_token_indices); export it from its PeftModel (mor.load_adapter / "
+                               "PeftModel.from_pretrained) so that the LoRA carries them")
         return {}, {}
     name = model.active_adapter
     config = model.peft_config[name]
@@ -97,8 +97,8 @@ def _trained_beside(model: nn.Module, layers: Mapping[str, nn.Module]) -> tuple[
     if not fields:
         return {}, {}
     mixtures = tuple(f"base_model.model.{layer}." for layer in layers)
-    tensors = {key: value.detach().cpu() for key, value in get_peft_model_state_dict(model, adapter_name=name).items()
-               if not key.startswith(mixtures)}
+    saved = get_peft_model_state_dict(model, adapter_name=name)
+    tensors = {key: value.detach().cpu() for key, value in saved.items() if not key.startswith(mixtures)}
     return tensors, fields
 
 
@@ -112,7 +112,8 @@ def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path]
     adapter_config.json (peft ``LoraConfig``: rank r for MoR, N*r for MoE-LoRA; ``lora_alpha``
     such that lora_alpha / rank is the layer's alpha / r; no dropout; the adapter's own
     ``modules_to_save`` / ``trainable_token_indices``, whose trained tensors go along in peft's keys),
-    adapter_model.safetensors and the routing it was made with (routing_profile.json, ignored by peft). Returns the folder.
+    adapter_model.safetensors and the routing it was made with (routing_profile.json, ignored by
+    peft). Returns the folder.
 
     The folder is written whole or not at all (:func:`mor.safety.atomic_folder`; what was there
     is replaced), and never with NaN/inf or absurdly large weights.

@@ -36,8 +36,8 @@ def check_llamafactory_version(version: Optional[str] = None) -> None:
     version = version or importlib.metadata.version("llamafactory")
     low, high = LLAMAFACTORY_CHECKED
     if not low <= _compat._release(version) < high:
-        raise ImportError(f"mor.integrations.llamafactory supports llamafactory>={low[0]}.{low[1]},<{high[0]}.{high[1]} "
-                          f"(its v1 PeftPlugin registry); llamafactory {version} is installed")
+        raise ImportError(f"mor.integrations.llamafactory supports llamafactory>={low[0]}.{low[1]},"
+                          f"<{high[0]}.{high[1]} (its v1 PeftPlugin registry); llamafactory {version} is installed")
 
 
 def block_config(block: dict, base_model: Optional[str] = None):
