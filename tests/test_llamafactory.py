@@ -78,6 +78,16 @@ def test_llamafactory_trains_mor_and_its_adapter_reloads_in_mor_exactly(workdir,
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=batch).logits, peft_loaded(input_ids=batch).logits)
 
+    from mor.cli import main  # the documented merge of LLaMA-Factory's output folder, on mor-format records
+
+    records = [{"instruction": f"Is {i} even or odd?", "input": "", "output": "even" if i % 2 == 0 else "odd"}
+               for i in range(8)]
+    (workdir / "records.json").write_text(json.dumps(records))
+    assert main(["merge", "--model", str(workdir / "tiny"), "--adapter", str(trained), "--data",
+                 str(workdir / "records.json"), "--output", str(workdir / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(workdir / "merged")
+    assert not any(".mor." in name for name, _ in merged.named_parameters())
+
 
 def test_the_plugin_runs_a_saved_adapter_unmerged_and_continues_it(workdir, trained):
     base = lambda: AutoModelForCausalLM.from_pretrained(workdir / "tiny")  # noqa: E731
