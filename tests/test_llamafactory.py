@@ -1,29 +1,31 @@
 """MoR through real LLaMA-Factory (0.9.5): its v1 trainer builds the adapter through
 ``PeftPlugin("mor")`` from the documented YAML, trains a few steps on CPU, and the folder it saves
-reloads in mor exactly. Runs in LLaMA-Factory's own venv (scripts/test_llamafactory.sh); skipped
-where llamafactory is not installed."""
+reloads in mor exactly. Runs in LLaMA-Factory's own venv (scripts/test_llamafactory.sh); where
+llamafactory is not installed, only the entry script's one-line errors run."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-pytest.importorskip("llamafactory")
+import mor
+from mor.errors import SettingsError
+from mor.integrations import llamafactory as lf
 
-from peft import PeftModel  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+import conftest
+from conftest import make_tiny_llama, make_tiny_tokenizer
 
-import mor  # noqa: E402
-from mor.errors import SettingsError  # noqa: E402
-from mor.integrations import llamafactory as lf  # noqa: E402
-
-import conftest  # noqa: E402
-from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
+HAVE_LLAMAFACTORY = importlib.util.find_spec("llamafactory") is not None
+needs_llamafactory = pytest.mark.skipif(not HAVE_LLAMAFACTORY,
+                                        reason="llamafactory is not installed (scripts/test_llamafactory.sh)")
 
 
 def documented_yaml() -> dict:
@@ -64,6 +66,7 @@ def trained(workdir):
     return workdir / "out"
 
 
+@needs_llamafactory
 def test_llamafactory_trains_mor_and_its_adapter_reloads_in_mor_exactly(workdir, trained):
     assert json.loads((trained / "adapter_config.json").read_text())["peft_type"] == "MOR"
     saved = load_file(str(trained / "adapter_model.safetensors"))
@@ -89,6 +92,7 @@ def test_llamafactory_trains_mor_and_its_adapter_reloads_in_mor_exactly(workdir,
     assert not any(".mor." in name for name, _ in merged.named_parameters())
 
 
+@needs_llamafactory
 def test_the_plugin_runs_a_saved_adapter_unmerged_and_continues_it(workdir, trained):
     base = lambda: AutoModelForCausalLM.from_pretrained(workdir / "tiny")  # noqa: E731
     expected = mor.load_adapter(base(), trained)
@@ -103,6 +107,7 @@ def test_the_plugin_runs_a_saved_adapter_unmerged_and_continues_it(workdir, trai
         lf.get_mor_model(base(), {"name": "mor", "adapter_name_or_path": [str(trained)] * 2})
 
 
+@needs_llamafactory
 def test_an_unknown_key_of_the_peft_block_is_an_error_naming_it(workdir, capsys):
     assert lf.main(["sft", str(write_config(workdir, "bad", num_expert=4))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -110,11 +115,20 @@ def test_an_unknown_key_of_the_peft_block_is_an_error_naming_it(workdir, capsys)
     assert not (workdir / "bad").exists()
 
 
+@needs_llamafactory
 def test_a_bad_value_and_the_balanced_router_are_refused_in_one_line(workdir, capsys):
     assert lf.main(["sft", str(write_config(workdir, "bad2", router="sofmax"))]) == 2
     assert "MoRConfig.router='sofmax' is invalid" in capsys.readouterr().err
     assert lf.main(["sft", str(write_config(workdir, "bad3", router="balanced"))]) == 2
     assert "load-balancing loss would never be trained" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(HAVE_LLAMAFACTORY, reason="llamafactory is installed")
+def test_without_llamafactory_the_entry_script_says_how_to_install_it(capsys):
+    assert lf.main(["sft", "run.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: mor.integrations.llamafactory needs LLaMA-Factory: pip install "
+                                               "llamafactory==0.9.5 (docs/trainers.md says which of its dependencies "
+                                               "a CPU needs)")
 
 
 def test_usage_and_version_errors_are_one_line(capsys):

@@ -33,8 +33,12 @@ USAGE = "usage: python -m mor.integrations.llamafactory sft CONFIG.yaml [key=val
 
 def check_llamafactory_version(version: Optional[str] = None) -> None:
     """ImportError, one line, for a llamafactory outside the releases this plugin was tested with."""
-    version = version or importlib.metadata.version("llamafactory")
     low, high = LLAMAFACTORY_CHECKED
+    try:
+        version = version or importlib.metadata.version("llamafactory")
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError("mor.integrations.llamafactory needs LLaMA-Factory: pip install llamafactory==0.9.5 "
+                          "(docs/trainers.md says which of its dependencies a CPU needs)") from None
     if not low <= _compat._release(version) < high:
         raise ImportError(f"mor.integrations.llamafactory supports llamafactory>={low[0]}.{low[1]},"
                           f"<{high[0]}.{high[1]} (its v1 PeftPlugin registry); llamafactory {version} is installed")
