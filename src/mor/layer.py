@@ -52,7 +52,7 @@ class ExpertMixture(nn.Module):
 
     def merged_delta(self, routing: torch.Tensor) -> torch.Tensor:
         """sum_i g_i D_i for a fixed weight vector g (N,): (d_out, d_in), a rank-r matrix for MoR."""
-        g = routing.to(self.lora_A.dtype).reshape(self.num_experts, 1, 1)
+        g = routing.to(self.lora_A).reshape(self.num_experts, 1, 1)  # the adapter's device and dtype
         return (g * self.expert_deltas()).sum(dim=0)
 
     @property
@@ -149,15 +149,20 @@ class MoRAdapter(ExpertMixture):
         params = (*_compat.direct_parameters(self), *_compat.direct_parameters(self.router))  # A, B, Omega_A, Omega_B, W_g
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return TokenIndependentFactors(self._build_stacked_up_t(), None)
+        if torch.compiler.is_compiling():  # torch.compile puts them in its graph (it cannot compare storage pointers)
+            return self._build_inference_factors()
         # new storage (.to(), .data =) changes the pointer; in-place updates bump the version
         key = _compat.parameter_versions(params)
         if self._factors_cache is None or self._factors_cache[0] != key:
             with torch.no_grad():
-                router_weight = self.router.weight
-                stack = router_weight is not None and self.lora_A.dtype == router_weight.dtype == torch.float32
-                router_and_down_t = torch.cat([router_weight, self.lora_A]).t() if stack else None
-                self._factors_cache = (key, TokenIndependentFactors(self._build_stacked_up_t(), router_and_down_t))
+                self._factors_cache = (key, self._build_inference_factors())
         return self._factors_cache[1]
+
+    def _build_inference_factors(self) -> TokenIndependentFactors:
+        router_weight = self.router.weight
+        stack = router_weight is not None and self.lora_A.dtype == router_weight.dtype == torch.float32
+        router_and_down_t = torch.cat([router_weight, self.lora_A]).t() if stack else None
+        return TokenIndependentFactors(self._build_stacked_up_t(), router_and_down_t)
 
     def _build_stacked_up_t(self) -> torch.Tensor:
         _, up = self.expert_factors()  # (N, d_out, r): diag(Omega_B[i]) B
