@@ -535,7 +535,9 @@ def run_sections(args, sizes: Sizes, device: torch.device, report: dict, out: Pa
 def markdown_report(report: dict) -> str:
     """The docs/results.md block: the command, the machine, every section's table."""
     m = report["machine"]
-    lines = [f"`{report['command']}` — {m['date']}, {m.get('gpu') or m['cpu']}, torch {m['torch']}, "
+    tiny = ["**Tiny shapes on the CPU: this checks that the code runs; its timings measure nothing about a GPU.**",
+            ""] if report["tiny"] else []
+    lines = tiny + [f"`{report['command']}` — {m['date']}, {m.get('gpu') or m['cpu']}, torch {m['torch']}, "
              f"transformers {m.get('transformers')}, peft {m.get('peft')}, bitsandbytes {m.get('bitsandbytes')}"
              f" ({report['wall_s']:.0f} s; results in `{report['out']}`)."]
     for name, section in report["sections"].items():
@@ -576,7 +578,7 @@ def main(argv=None) -> int:
     sizes = TINY if args.tiny else FULL
     torch.backends.cuda.matmul.allow_tf32 = False  # the adapters' fp32 parts run as a Trainer run has them
     report = {"command": "python -m benchmarks.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine_info(device, PACKAGES), "sizes": asdict(sizes), "out": str(out), "sections": {}}
+              "machine": machine_info(device, PACKAGES), "sizes": asdict(sizes), "tiny": args.tiny, "out": str(out), "sections": {}}
     start = time.perf_counter()
     run_sections(args, sizes, device, report, out)
     report["wall_s"] = time.perf_counter() - start
