@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import machine_info, markdown_table, median, paired_ratio, rotations, sync, write_json
+from benchmarks.common import (machine_info, markdown_table, median, paired_ratio, read_json, rotations, sync,
+                               write_json)
 
 SKIP_NO_CUDA = "skipped: no CUDA"
 SECTIONS = ("layer", "step", "served", "qlora", "decode")  # decode last: its compiles may meet the budget
@@ -277,7 +278,7 @@ class StepTimer:
 
 
 def run_trainer(model: nn.Module, folder: Path, sizes_steps: int, batch: int, length: int, device: torch.device,
-                data: list[dict], lr: float = 1e-4, router_lr_multiplier: float = 1.0):
+                data: list[dict], lr: float = 1e-4, router_lr_multiplier: float = 1.0, logging_steps: int = 10 ** 9):
     """Our Trainer path (AdapterTrainer, training_arguments of a TrainConfig, the run's collator):
     ``sizes_steps`` steps with bf16 autocast. Returns (trainer, StepTimer)."""
     from mor.train.config import TrainConfig
@@ -287,7 +288,7 @@ def run_trainer(model: nn.Module, folder: Path, sizes_steps: int, batch: int, le
     from mor.train.trainer import AdapterTrainer, training_arguments
 
     cfg = TrainConfig(output=str(folder), max_steps=sizes_steps, batch_size=batch, max_length=length, lr=lr,
-                      lr_scheduler="constant", warmup_ratio=0.0, save_steps=10 ** 9, logging_steps=10 ** 9,
+                      lr_scheduler="constant", warmup_ratio=0.0, save_steps=10 ** 9, logging_steps=logging_steps,
                       report_to="none", bf16=True, router_lr_multiplier=router_lr_multiplier)
     args = training_arguments(cfg)
     args.disable_tqdm = True
@@ -449,29 +450,31 @@ def served_section(sizes: Sizes, device: torch.device) -> dict:
 
 # -- section 5: QLoRA ----------------------------------------------------------------------------------
 
-def qlora_section(sizes: Sizes, device: torch.device, folder: Path) -> dict:
-    """nf4 base + MoR: train through the Trainer path, merge under the measured routing, compare logits."""
-    def skipped(why: str) -> dict:
-        return {"skipped": why, "table": markdown_table(["QLoRA (nf4 base, MoR r=8 N=8)", "result"], [["all", why]])}
+def qlora_skipped(why: str) -> dict:
+    return {"skipped": why, "table": markdown_table(["QLoRA (nf4 base, MoR r=8 N=8)", "result"], [["all", why]])}
 
-    if device.type != "cuda":
-        return skipped(SKIP_NO_CUDA)
+
+def qlora_section(sizes: Sizes, device: torch.device, folder: Path) -> dict:
+    """nf4 base + MoR: train through the Trainer path, merge under the measured routing, compare logits.
+    (The check runs it on CUDA only; the code itself takes any device bitsandbytes runs on.)"""
     try:
         import bitsandbytes  # noqa: F401
     except Exception as err:  # ImportError, or a CUDA library it cannot load
-        return skipped(f"skipped: bitsandbytes does not import ({type(err).__name__}: {str(err).splitlines()[0][:80]})")
+        return qlora_skipped(f"skipped: bitsandbytes does not import ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:80] if str(err) else ''})")
     from mor.layer import keep_4bit_layout
     from mor.runtime.loading import load_model
 
     saved = folder / "qlora-base"
     random_llama(sizes.qlora_model, torch.device("cpu"), torch.bfloat16).save_pretrained(saved)
     start = time.perf_counter()
-    base = load_model(str(saved), dtype=torch.bfloat16, load_in_4bit=True, device_map={"": device.index or 0})
+    place = f"cuda:{torch.cuda.current_device()}" if device.type == "cuda" else str(device)
+    base = load_model(str(saved), dtype=torch.bfloat16, load_in_4bit=True, device_map={"": place})
     keep_4bit_layout(base)
     model = with_adapter(base, MOR)
     data = random_batches(sizes.qlora_model["vocab_size"], sizes.qlora_batch * sizes.qlora_steps, sizes.qlora_length)
     trainer, timer = run_trainer(model, folder / "qlora", sizes.qlora_steps, sizes.qlora_batch, sizes.qlora_length,
-                                 device, data, lr=1e-3)
+                                 device, data, lr=1e-3, logging_steps=1)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     probe = torch.tensor([d["input_ids"] for d in data[: sizes.qlora_batch]], device=device)
@@ -483,13 +486,12 @@ def qlora_section(sizes: Sizes, device: torch.device, folder: Path) -> dict:
         merged_model = model.merge_and_unload(routing=profile)
         merged = merged_model(input_ids=probe).logits.float()
     diff = float((merged - unmerged).abs().max())
-    row = {"steps": sizes.qlora_steps, "step_seconds": median(timer.steps[sizes.skip_steps:]), "first_loss": losses[0],
-           "trainer_loss": losses[-1], "seconds_total": time.perf_counter() - start, "max_abs_logit_diff": diff,
+    row = {"steps": sizes.qlora_steps, "step_seconds": median(timer.steps[sizes.skip_steps:]), "losses": losses, "seconds_total": time.perf_counter() - start, "max_abs_logit_diff": diff,
            "max_abs_logit": float(unmerged.abs().max()), "merged_dtype": str(next(merged_model.parameters()).dtype),
            "finite": bool(torch.isfinite(merged).all())}
-    table = markdown_table(["steps", "step ms", "loss (step 1)", "max abs logit", "max abs logit diff, merged vs un-merged",
+    table = markdown_table(["steps", "step ms", "loss, first → last step", "max abs logit", "max abs logit diff, merged vs un-merged",
                             "merged weights"],
-                           [[row["steps"], ms(row["step_seconds"]), f"{row['first_loss']:.3f}",
+                           [[row["steps"], ms(row["step_seconds"]), f"{losses[0]:.3f} → {losses[-1]:.3f}",
                              f"{row['max_abs_logit']:.2f}", f"{diff:.3g}", row["merged_dtype"]]])
     return {"rows": [row], "table": table}
 
@@ -515,6 +517,8 @@ def run_sections(args, sizes: Sizes, device: torch.device, report: dict, out: Pa
                     result = decode_section(sizes, device, deadline=start_all + args.budget_s)
                 elif name == "served":
                     result = served_section(sizes, device)
+                elif device.type != "cuda":  # nf4 on CUDA is what users run; the CPU kernels are another path
+                    result = qlora_skipped(SKIP_NO_CUDA)
                 else:
                     result = qlora_section(sizes, device, Path(tmp))
             except Exception as err:  # a broken section is a result too: the others still run
@@ -535,8 +539,8 @@ def run_sections(args, sizes: Sizes, device: torch.device, report: dict, out: Pa
 def markdown_report(report: dict) -> str:
     """The docs/results.md block: the command, the machine, every section's table."""
     m = report["machine"]
-    tiny = ["**Tiny shapes on the CPU: this checks that the code runs; its timings measure nothing about a GPU.**",
-            ""] if report["tiny"] else []
+    tiny = [f"**Tiny shapes (`--tiny`) on {m['device']}: this checks that the code runs; its timings measure "
+            "nothing about a GPU.**", ""] if report["tiny"] else []
     lines = tiny + [f"`{report['command']}` — {m['date']}, {m.get('gpu') or m['cpu']}, torch {m['torch']}, "
              f"transformers {m.get('transformers')}, peft {m.get('peft')}, bitsandbytes {m.get('bitsandbytes')}"
              f" ({report['wall_s']:.0f} s; results in `{report['out']}`)."]
@@ -567,7 +571,16 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="no compile of the decode section starts after this many seconds (its rows say so)")
     parser.add_argument("--strict", action="store_true", help="stop at the first section that fails (tests)")
+    parser.add_argument("--render", metavar="JSON", default=None,
+                        help="measure nothing: write the tables of that earlier run's JSON into --docs")
     args = parser.parse_args(argv)
+    if args.render:
+        report = read_json(args.render)
+        if not report or "markdown" not in report:
+            raise SystemExit(f"error: {args.render} is not a finished GPU check's JSON (no 'markdown' in it)")
+        update_docs(Path(args.docs or "docs/results.md"), report["markdown"])
+        print(f"wrote the tables of {args.render} into {args.docs or 'docs/results.md'}")
+        return 0
     out = Path(args.out or ("results/gpu-tiny.json" if args.tiny else "results/gpu.json"))
     if args.tiny and out.resolve() == Path("results/gpu.json").resolve():
         raise SystemExit("error: --tiny never writes results/gpu.json (the GPU results); give another --out")
