@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import mor
 from benchmarks import gpu
@@ -98,3 +99,47 @@ def test_a_mor_layer_compiles_in_one_graph():
         x = torch.randn(3, layer.in_features)
         want = layer(x)  # eager first: the cache is filled, as after any evaluation
         torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x), want)
+
+
+@pytest.mark.parametrize("method", ["mor", "moelora"])
+def test_under_autocast_the_layer_keeps_its_output_in_the_autocast_dtype(method):
+    """bf16 autocast over a bf16 base with fp32 adapter weights (a Trainer run with bf16 on a GPU, or
+    --bf16 on a CPU): the layer never holds its (tokens, d_out) output or its gradient in fp32, and
+    computes what the cast path computes (the adapter's products in bf16 either way)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mor import MixtureLayer, MoELoRAAdapter, MoRAdapter
+
+    tokens, d_in, d_out = 5, 16, 24
+    torch.manual_seed(0)
+    cls = MoRAdapter if method == "mor" else MoELoRAAdapter
+    adapter = cls(d_in, d_out, r=4, num_experts=3, alpha=8)
+    with torch.no_grad():
+        adapter.lora_B.normal_(0, 0.1)
+    layer = MixtureLayer(nn.Linear(d_in, d_out, bias=False).to(torch.bfloat16), "default", adapter)
+    x = torch.randn(tokens, d_in, dtype=torch.bfloat16, requires_grad=True)
+
+    class Outputs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.seen.append((str(func), t.dtype, tuple(t.shape)))
+            return out
+
+    with Outputs() as outputs:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        out.sum().backward()
+    fp32_outputs = [op for op, dtype, shape in outputs.seen if dtype == torch.float32 and shape == (tokens, d_out)]
+    assert out.dtype == torch.bfloat16 and not fp32_outputs
+    assert adapter.lora_B.grad is not None and adapter.lora_B.grad.dtype == torch.float32
+
+    # the same as casting to the adapter's dtype (the path outside autocast), within bf16 rounding
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = layer.base_layer(x) + adapter(x.float()).to(torch.bfloat16)
+    torch.testing.assert_close(out, cast, atol=2e-2, rtol=2e-2)

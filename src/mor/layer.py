@@ -179,6 +179,14 @@ class MoRAdapter(ExpertMixture):
 
 # -- the peft tuner layer --------------------------------------------------------------------------
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is on for ``device_type`` (torch < 2.4 has one function per device)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a linear layer (nn.Linear and its quantised subclasses, or Conv1D)."""
     if isinstance(layer, Conv1D):
@@ -320,6 +328,11 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
                 adapter = self.mor[name]  # runs in its own dtype (fp32 over a bf16 / 4-bit base)
                 dtype = adapter.dtype
                 if x.dtype == result.dtype == dtype:  # no casts to call: one decoded token is many small calls
+                    result = adapter(x, base_out=result)
+                elif torch.is_grad_enabled() and autocast_enabled(x.device.type):
+                    # autocast runs the adapter's products in its own dtype: casting x and the (tokens, d_out)
+                    # output to the adapter's dtype and back would only add passes over them, forward and
+                    # backward (without gradients the sum is written in place, which autocast does not cast)
                     result = adapter(x, base_out=result)
                 else:
                     result = adapter(x.to(dtype), base_out=result.to(dtype)).to(result.dtype)
