@@ -101,7 +101,7 @@ FULL = Sizes(
     rounds=5, reps=10)
 TINY = Sizes(
     layer_shapes=(("tiny", "gate/up", 64, 128), ("tiny", "down", 128, 64)), layer_tokens=(32,),
-    model=MODEL_TINY, step_batch=2, step_length=16, step_steps=2, skip_steps=1, step_rounds=2,
+    model=MODEL_TINY, step_batch=2, step_length=16, step_steps=2, skip_steps=1, step_rounds=1,
     decode_batches=(1, 4), prompt_length=8, new_tokens=3, decode_rounds=1,
     served_layers=(("qkv_proj", 64, (64, 32, 32)), ("down_proj", 128, (64,))), served_tokens=(1, 8),
     qlora_model=MODEL_TINY, qlora_steps=20, qlora_batch=2, qlora_length=16, rounds=2, reps=2)
@@ -227,9 +227,11 @@ def layer_section(sizes: Sizes, device: torch.device) -> dict:
     table = markdown_table(
         ["shape", "tokens", "method", "ms", "TFLOP/s", "bound ms", "of bound", "vs LoRA"],
         [[f"{r['model']} {r['layer']} {r['d_in']}→{r['d_out']}", r["tokens"], r["method"], ms(r["seconds"]),
-          f"{r['tflops']:.1f}", ms(r["bound_seconds"]), f"{r['of_bound']:.2f}",
+          f"{r['tflops']:.3g}", ms(r["bound_seconds"]), f"{r['of_bound']:.2f}",
           "-" if r["vs_lora"] is None else f"{r['vs_lora']:.3f}x"] for r in rows])
-    return {"rows": rows, "table": table}
+    caption = ("frozen W bf16, adapter weights fp32, under bf16 autocast; input and output gradients bf16; "
+               f"median of {sizes.rounds} interleaved rounds of {sizes.reps} calls")
+    return {"rows": rows, "table": table, "caption": caption}
 
 
 # -- the model of the step and decoding sections ----------------------------------------------------
@@ -348,7 +350,11 @@ def step_section(sizes: Sizes, device: torch.device, folder: Path) -> dict:
         [[r["adapter"], ms(r["step_seconds"]), f"{r['tokens_per_s']:.0f}", f"{r['vs_lora']:.3f}x",
           SKIP_NO_CUDA if r["peak_rise_bytes"] is None else f"{r['peak_rise_bytes'] / 2 ** 30:.2f}",
           "-" if r["peak_vs_lora"] is None else f"{r['peak_vs_lora']:.3f}x"] for r in rows])
-    return {"rows": rows, "table": table, "base_parameters": parameters, "tokens_per_step": tokens}
+    caption = (f"LLaMA architecture, {parameters:,} frozen parameters (random), base bf16, adapters fp32, "
+               f"bf16 autocast; batch {sizes.step_batch} x {sizes.step_length} tokens; {sizes.step_rounds} rounds of "
+               f"{sizes.step_steps} steps per adapter, the first {sizes.skip_steps} of each untimed; peak memory: "
+               "what a train() call adds to what was allocated before it")
+    return {"rows": rows, "table": table, "caption": caption, "base_parameters": parameters, "tokens_per_step": tokens}
 
 
 # -- section 3: decoding ---------------------------------------------------------------------------
@@ -408,7 +414,12 @@ def decode_section(sizes: Sizes, device: torch.device, deadline: float = math.in
           "-" if "skipped" in r else f"{r['first_call_s']:.1f}",
           "-" if r.get("same_tokens_as_eager") is None else f"{r['same_tokens_as_eager']:.3f}"]
          for r in sorted(rows, key=lambda r: (r["batch"], r["mode"] != "eager"))])
-    return {"rows": rows, "table": table, "prompt_length": sizes.prompt_length, "new_tokens": sizes.new_tokens}
+    dtypes = {name: sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}) for name, model in models.items()}
+    caption = (f"the step section's model in bf16; prompts of {sizes.prompt_length} tokens, {sizes.new_tokens} new tokens "
+               "(greedy, no early stop); adapter weights fp32 over the bf16 base (peft's default, LoRA and MoR alike)")
+    return {"rows": rows, "table": table, "caption": caption, "prompt_length": sizes.prompt_length,
+            "new_tokens": sizes.new_tokens,
+            "adapter_dtypes": dtypes}  # peft's default over a bf16 base: fp32 adapter weights, for LoRA and MoR alike
 
 
 # -- section 4: the served layer ---------------------------------------------------------------------
@@ -437,7 +448,7 @@ def served_section(sizes: Sizes, device: torch.device) -> dict:
                 reference = base(x) + torch.cat([adapters[k](x) for k in adapters], dim=-1)
                 error = float((served(x) - reference).abs().max())
                 times = interleaved({"base": lambda: base(x), "served": lambda: served(x)}, device, sizes.rounds,
-                                    max(sizes.reps, 200 // tokens))
+                                    sizes.reps * max(1, 20 // tokens))  # more calls at few tokens
             rows.append({"layer": layer_name, "d_in": d_in, "outputs": list(outs), "tokens": tokens,
                          "base_us": 1e6 * median(times["base"]), "served_us": 1e6 * median(times["served"]),
                          "vs_base": paired_ratio(times["served"], times["base"]), "max_abs_diff_vs_reference": error})
@@ -445,7 +456,8 @@ def served_section(sizes: Sizes, device: torch.device) -> dict:
         ["layer", "tokens", "base µs", "MoR served µs", "vs base", "max abs diff vs MoRAdapter"],
         [[f"{r['layer']} {r['d_in']}→{'+'.join(map(str, r['outputs']))}", r["tokens"], f"{r['base_us']:.1f}",
           f"{r['served_us']:.1f}", f"{r['vs_base']:.3f}x", f"{r['max_abs_diff_vs_reference']:.2g}"] for r in rows])
-    return {"rows": rows, "table": table}
+    caption = "MoR r=8 N=8 on every slice, bf16, eager, no gradients; torch's GEMM (mor.serving.fused.torch_gemm)"
+    return {"rows": rows, "table": table, "caption": caption}
 
 
 # -- section 5: QLoRA ----------------------------------------------------------------------------------
@@ -493,12 +505,15 @@ def qlora_section(sizes: Sizes, device: torch.device, folder: Path) -> dict:
                             "merged weights"],
                            [[row["steps"], ms(row["step_seconds"]), f"{losses[0]:.3f} → {losses[-1]:.3f}",
                              f"{row['max_abs_logit']:.2f}", f"{diff:.3g}", row["merged_dtype"]]])
-    return {"rows": [row], "table": table}
+    caption = (f"LLaMA architecture, {sizes.qlora_model['hidden_size']} wide, {sizes.qlora_model['num_hidden_layers']} "
+               "layers (random), nf4 with double quantisation, compute bf16; MoR r=8 N=8 on the FFN, lr 1e-3, batch "
+               f"{sizes.qlora_batch} x {sizes.qlora_length}; the logits of one batch under the measured routing")
+    return {"rows": [row], "table": table, "caption": caption}
 
 
 # -- the run -------------------------------------------------------------------------------------------
 
-TITLES = {"layer": "The layer: forward + backward, bf16 autocast", "step": "The training step (~1B LLaMA, random weights)",
+TITLES = {"layer": "The layer: forward + backward, bf16 autocast", "step": "The training step, our Trainer path",
           "decode": "Decoding, greedy", "served": "The served layer (mor.serving, no vLLM)",
           "qlora": "QLoRA: nf4 base, train, merge"}
 
@@ -530,7 +545,8 @@ def run_sections(args, sizes: Sizes, device: torch.device, report: dict, out: Pa
                           "table": f"FAILED: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
             result["seconds"] = time.perf_counter() - start
             report["sections"][name] = result
-            print(f"\n## {TITLES[name]} ({result['seconds']:.0f} s)\n\n{result['table']}", flush=True)
+            caption = f"{result['caption']}\n\n" if "caption" in result else ""
+            print(f"\n## {TITLES[name]} ({result['seconds']:.0f} s)\n\n{caption}{result['table']}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             write_json(out, report)  # after every section: a run stopped by its timeout keeps what it measured
@@ -545,7 +561,8 @@ def markdown_report(report: dict) -> str:
              f"transformers {m.get('transformers')}, peft {m.get('peft')}, bitsandbytes {m.get('bitsandbytes')}"
              f" ({report['wall_s']:.0f} s; results in `{report['out']}`)."]
     for name, section in report["sections"].items():
-        lines += ["", f"**{TITLES[name]}**", "", section["table"]]
+        lines += ["", f"**{TITLES[name]}**" + (f" — {section['caption']}" if "caption" in section else ""), "",
+                  section["table"]]
     return "\n".join(lines)
 
 
