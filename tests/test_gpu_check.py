@@ -87,6 +87,9 @@ def test_fixed_routing_and_merge_follow_the_models_device():
         assert model(input_ids=ids).logits.device.type == "meta"
     adapter = next(iter(model.mor_adapters().values()))
     assert adapter.merged_delta(torch.full((4,), 0.25)).device.type == "meta"
+    from mor.export import lora_factors  # mor export-lora
+
+    assert {t.device.type for t in lora_factors(adapter, torch.full((4,), 0.25))[:2]} == {"meta"}
 
 
 def test_a_mor_layer_compiles_in_one_graph():
