@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PrinterCallback, TrainerCallback
 
 from benchmarks.common import (machine_info, markdown_table, median, paired_ratio, read_json, rotations, sync,
                                write_json)
@@ -259,24 +260,19 @@ def random_batches(vocab: int, count: int, length: int, seed: int = 0) -> list[d
             for ids in torch.randint(3, vocab, (count, length), generator=g).tolist()]
 
 
-class StepTimer:
-    """A Trainer callback: wall time of every optimizer step, the GPU's queue drained at both ends."""
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step (``steps``), the GPU's queue drained at both ends."""
 
     def __init__(self, device: torch.device):
-        from transformers import TrainerCallback
+        self.device, self.steps, self.start = device, [], 0.0
 
-        timer = self
+    def on_step_begin(self, args, state, control, **kwargs):
+        sync(self.device)
+        self.start = time.perf_counter()
 
-        class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                sync(device)
-                timer.start = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                sync(device)
-                timer.steps.append(time.perf_counter() - timer.start)
-
-        self.callback, self.steps, self.start = Callback(), [], 0.0
+    def on_step_end(self, args, state, control, **kwargs):
+        sync(self.device)
+        self.steps.append(time.perf_counter() - self.start)
 
 
 def run_trainer(model: nn.Module, folder: Path, sizes_steps: int, batch: int, length: int, device: torch.device,
@@ -285,8 +281,6 @@ def run_trainer(model: nn.Module, folder: Path, sizes_steps: int, batch: int, le
     ``sizes_steps`` steps with bf16 autocast. Returns (trainer, StepTimer)."""
     from mor.train.config import TrainConfig
     from mor.train.recipe import batch_collator
-    from transformers import PrinterCallback
-
     from mor.train.trainer import AdapterTrainer, training_arguments
 
     cfg = TrainConfig(output=str(folder), max_steps=sizes_steps, batch_size=batch, max_length=length, lr=lr,
@@ -297,7 +291,7 @@ def run_trainer(model: nn.Module, folder: Path, sizes_steps: int, batch: int, le
     args.use_cpu = device.type == "cpu"
     timer = StepTimer(device)
     trainer = AdapterTrainer(model=model, args=args, train_dataset=data, data_collator=batch_collator(0),
-                             callbacks=[timer.callback])
+                             callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # the tables say it all
     trainer.router_lr_multiplier = router_lr_multiplier
     return trainer, timer
