@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import sys
 import tempfile
@@ -181,6 +182,16 @@ def build_layer(method: str, d_in: int, d_out: int, r: int, n: int, weight: torc
     return layer
 
 
+def forward_backward(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    """One training pass of ``layer`` under bf16 autocast: forward, backward of ``grad``, gradients dropped."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        out = layer(x)
+    out.backward(grad)
+    x.grad = None
+    for p in layer.parameters():
+        p.grad = None
+
+
 def layer_section(sizes: Sizes, device: torch.device) -> dict:
     """Forward + backward of one layer per method and shape, against its matmul bound."""
     methods = {"base": ("base", 0, 0), **ADAPTERS}
@@ -203,18 +214,8 @@ def layer_section(sizes: Sizes, device: torch.device) -> dict:
         for tokens in sizes.layer_tokens:
             x = torch.randn(tokens, d_in, device=device, dtype=torch.bfloat16, requires_grad=True)
             grad = torch.randn(tokens, d_out, device=device, dtype=torch.bfloat16)
-
-            def step(layer):
-                def run():
-                    with torch.autocast(device.type, dtype=torch.bfloat16):
-                        out = layer(x)
-                    out.backward(grad)
-                    x.grad = None
-                    for p in layer.parameters():
-                        p.grad = None
-                return run
-
-            times = interleaved({name: step(layer) for name, layer in layers.items()}, device, sizes.rounds, sizes.reps)
+            times = interleaved({name: functools.partial(forward_backward, layer, x, grad)
+                                 for name, layer in layers.items()}, device, sizes.rounds, sizes.reps)
             for name, (method, r, n) in methods.items():
                 gemms = layer_gemms(method, tokens, d_in, d_out, r, n)
                 seconds, bound = median(times[name]), sum(matmul_seconds(g) for g in gemms)
@@ -223,7 +224,6 @@ def layer_section(sizes: Sizes, device: torch.device) -> dict:
                              "tflops": gemm_flops(gemms) / seconds / 1e12, "bound_seconds": bound,
                              "of_bound": bound / seconds,
                              "vs_lora": paired_ratio(times[name], times[LORA]) if name != "base" else None})
-            del x, grad
         del layers, weight
     table = markdown_table(
         ["shape", "tokens", "method", "ms", "TFLOP/s", "bound ms", "of bound", "vs LoRA"],
