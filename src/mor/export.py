@@ -49,7 +49,7 @@ def lora_factors(layer: nn.Module, routing: torch.Tensor) -> tuple[torch.Tensor,
     factors side by side. lora_B is summed in float64; both come back in the adapter's dtype.
     """
     n, r = layer.num_experts, layer.r
-    g = torch.as_tensor(routing).reshape(n).to(torch.float64)
+    g = torch.as_tensor(routing).reshape(n).to(device=layer.lora_A.device, dtype=torch.float64)  # a profile is on the CPU
     down, up = layer.expert_factors()  # (N, r, d_in), (N, d_out, r); D_i = scaling * up[i] @ down[i]
     dtype = up.dtype
     if isinstance(layer, MoRAdapter):

@@ -52,7 +52,7 @@ class ExpertMixture(nn.Module):
 
     def merged_delta(self, routing: torch.Tensor) -> torch.Tensor:
         """sum_i g_i D_i for a fixed weight vector g (N,): (d_out, d_in), a rank-r matrix for MoR."""
-        g = routing.to(self.lora_A.dtype).reshape(self.num_experts, 1, 1)
+        g = routing.to(self.lora_A).reshape(self.num_experts, 1, 1)  # the adapter's device and dtype
         return (g * self.expert_deltas()).sum(dim=0)
 
     @property
@@ -149,15 +149,20 @@ class MoRAdapter(ExpertMixture):
         params = (*_compat.direct_parameters(self), *_compat.direct_parameters(self.router))  # A, B, Omega_A, Omega_B, W_g
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return TokenIndependentFactors(self._build_stacked_up_t(), None)
+        if torch.compiler.is_compiling():  # torch.compile puts them in its graph (it cannot compare storage pointers)
+            return self._build_inference_factors()
         # new storage (.to(), .data =) changes the pointer; in-place updates bump the version
         key = _compat.parameter_versions(params)
         if self._factors_cache is None or self._factors_cache[0] != key:
             with torch.no_grad():
-                router_weight = self.router.weight
-                stack = router_weight is not None and self.lora_A.dtype == router_weight.dtype == torch.float32
-                router_and_down_t = torch.cat([router_weight, self.lora_A]).t() if stack else None
-                self._factors_cache = (key, TokenIndependentFactors(self._build_stacked_up_t(), router_and_down_t))
+                self._factors_cache = (key, self._build_inference_factors())
         return self._factors_cache[1]
+
+    def _build_inference_factors(self) -> TokenIndependentFactors:
+        router_weight = self.router.weight
+        stack = router_weight is not None and self.lora_A.dtype == router_weight.dtype == torch.float32
+        router_and_down_t = torch.cat([router_weight, self.lora_A]).t() if stack else None
+        return TokenIndependentFactors(self._build_stacked_up_t(), router_and_down_t)
 
     def _build_stacked_up_t(self) -> torch.Tensor:
         _, up = self.expert_factors()  # (N, d_out, r): diag(Omega_B[i]) B
@@ -173,6 +178,14 @@ class MoRAdapter(ExpertMixture):
 
 
 # -- the peft tuner layer --------------------------------------------------------------------------
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is on for ``device_type`` (torch < 2.4 has one function per device)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a linear layer (nn.Linear and its quantised subclasses, or Conv1D)."""
@@ -315,6 +328,11 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
                 adapter = self.mor[name]  # runs in its own dtype (fp32 over a bf16 / 4-bit base)
                 dtype = adapter.dtype
                 if x.dtype == result.dtype == dtype:  # no casts to call: one decoded token is many small calls
+                    result = adapter(x, base_out=result)
+                elif torch.is_grad_enabled() and autocast_enabled(x.device.type):
+                    # autocast runs the adapter's products in its own dtype: casting x and the (tokens, d_out)
+                    # output to the adapter's dtype and back would only add passes over them, forward and
+                    # backward (without gradients the sum is written in place, which autocast does not cast)
                     result = adapter(x, base_out=result)
                 else:
                     result = adapter(x.to(dtype), base_out=result.to(dtype)).to(result.dtype)

@@ -193,11 +193,12 @@ class MoRModel(BaseTuner):
     @contextlib.contextmanager
     def fixed_routing(self, routing: Routing) -> Iterator[None]:
         """Run with every router pinned to fixed weights (the un-merged twin of a merge)."""
-        routers = self._routers()
+        adapters = self.mor_adapters()
         weights = self.resolve_routing(routing)
+        routers = {name: adapter.router for name, adapter in adapters.items()}
         try:
             for name, router in routers.items():
-                router.fixed = weights[name]
+                router.fixed = weights[name].to(adapters[name].lora_A.device)  # a profile is on the CPU; the model may not be
             yield
         finally:
             for router in routers.values():
