@@ -26,13 +26,13 @@ demo: install  ## train MoR on the built-in suite with SmolLM2, evaluate before/
 PYTEST_WORKERS ?= 2
 
 test: install  ## the whole test suite (offline; real-model tests included), then the other peft minors, axolotl and LLaMA-Factory
-	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 	PYTHON=$(PYTHON) bash scripts/test_peft_versions.sh
 	PYTHON=$(PYTHON) bash scripts/test_axolotl.sh
 	PYTHON=$(PYTHON) bash scripts/test_llamafactory.sh
 
 test-fast: install
-	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 bench-speed: install
 	$(PYTHON) -m benchmarks.speed
