@@ -18,9 +18,10 @@ The MoE-LoRA baseline (``mor.baselines.moelora.MoELoRAAdapter``) plugs into the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,7 @@ class MoRAdapter(ExpertMixture):
         self.expert_scales_in = nn.Parameter(torch.empty(num_experts, r, **factory))  # Omega_A: (N, r)
         self.expert_scales_out = nn.Parameter(torch.empty(num_experts, out_features, **factory))  # Omega_B
         self._factors_cache: tuple[list, TokenIndependentFactors] | None = None  # see token_independent_factors
+        self._reusing_factors = False  # True inside reusing_factors(model)
         self.reset_parameters(init, init_scale_std, generator)
 
     @torch.no_grad()
@@ -140,24 +142,43 @@ class MoRAdapter(ExpertMixture):
         """U^T (N*r, d_out) and, where one product gives what the router computes (fp32, a learned
         router), the stacked [W_g; A]^T (d_in, N + r).
 
-        When no gradient is needed (generation, evaluation) they are built once and reused until a
-        parameter changes: at one decoded token, rebuilding U costs more than the adapter's own
-        product. The cache is keyed on every parameter's storage and version, so any in-place update
-        (an optimizer step, load_state_dict, ``.to()``) rebuilds it.
+        Built from the parameters at every call, except inside :func:`reusing_factors` (generation
+        and evaluation open it): there they are built at the first call without gradients and
+        reused until the block ends, since at one decoded token rebuilding U costs more than the
+        adapter's own product (docs/results.md, "U at decode"). Inside the block an in-place update
+        (an optimizer step, ``load_state_dict``) or new storage (``.to()``) rebuilds them, and so do
+        ``train()`` / ``eval()``; a write through ``.data`` is not seen until the block ends.
         """
         # the parameter dicts, not attribute access: this runs at every call, 90 times per decoded token
         params = (*_compat.direct_parameters(self), *_compat.direct_parameters(self.router))  # A, B, Omega_A, Omega_B, W_g
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return TokenIndependentFactors(self._build_stacked_up_t(), None)
+        if not self._reusing_factors:
+            return self._build_factors()
         # new storage (.to(), .data =) changes the pointer; in-place updates bump the version
         key = _compat.parameter_versions(params)
         if self._factors_cache is None or self._factors_cache[0] != key:
-            with torch.no_grad():
-                router_weight = self.router.weight
-                stack = router_weight is not None and self.lora_A.dtype == router_weight.dtype == torch.float32
-                router_and_down_t = torch.cat([router_weight, self.lora_A]).t() if stack else None
-                self._factors_cache = (key, TokenIndependentFactors(self._build_stacked_up_t(), router_and_down_t))
+            self._factors_cache = (key, self._build_factors())
         return self._factors_cache[1]
+
+    @torch.no_grad()
+    def _build_factors(self) -> TokenIndependentFactors:
+        router_weight = self.router.weight
+        stack = router_weight is not None and self.lora_A.dtype == router_weight.dtype == torch.float32
+        router_and_down_t = torch.cat([router_weight, self.lora_A]).t() if stack else None
+        return TokenIndependentFactors(self._build_stacked_up_t(), router_and_down_t)
+
+    def drop_factors(self) -> None:
+        """Forget the factors kept inside :func:`reusing_factors` (the next call rebuilds them)."""
+        self._factors_cache = None
+
+    def train(self, mode: bool = True) -> "MoRAdapter":
+        self.drop_factors()  # train() / eval() start from the parameters as they are now
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.drop_factors()  # whatever the loader writes through, the next forward reads the loaded weights
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _build_stacked_up_t(self) -> torch.Tensor:
         _, up = self.expert_factors()  # (N, d_out, r): diag(Omega_B[i]) B
@@ -170,6 +191,25 @@ class MoRAdapter(ExpertMixture):
         a, b, omega_a, omega_b = (t if dtype is None else t.to(dtype) for t in
                                   (self.lora_A, self.lora_B, self.expert_scales_in, self.expert_scales_out))
         return omega_a.unsqueeze(-1) * a, omega_b.unsqueeze(-1) * b  # diag(Omega_A[i]) A, diag(Omega_B[i]) B
+
+
+@contextlib.contextmanager
+def reusing_factors(model: nn.Module) -> Iterator[None]:
+    """Inside the block, each MoR adapter of ``model`` builds its token-independent factors (U) once,
+    at its first forward without gradients, and reuses them; at exit they are dropped. Generation
+    (``MoRModel.generate``, so ``peft_model.generate``) and evaluation open it: the weights do not
+    change during one call. Outside it nothing is kept, so a write through ``.data`` (weight
+    averaging, EMA, a loader) is always seen by the next forward. Nested blocks are fine."""
+    adapters = [m for m in model.modules() if isinstance(m, MoRAdapter)] if isinstance(model, nn.Module) else []
+    before = [adapter._reusing_factors for adapter in adapters]
+    for adapter in adapters:
+        adapter._reusing_factors = True
+    try:
+        yield
+    finally:
+        for adapter, reusing in zip(adapters, before):
+            adapter._reusing_factors = reusing
+            adapter.drop_factors()
 
 
 # -- the peft tuner layer --------------------------------------------------------------------------
