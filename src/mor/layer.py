@@ -83,6 +83,7 @@ class MoRAdapter(ExpertMixture):
         self.expert_scales_out = nn.Parameter(torch.empty(num_experts, out_features, **factory))  # Omega_B
         self._factors_cache: tuple[list, TokenIndependentFactors] | None = None  # see token_independent_factors
         self._reusing_factors = False  # True inside reusing_factors(model)
+        self.register_load_state_dict_post_hook(_drop_factors_after_load)
         self.reset_parameters(init, init_scale_std, generator)
 
     @torch.no_grad()
@@ -176,10 +177,6 @@ class MoRAdapter(ExpertMixture):
         self.drop_factors()  # train() / eval() start from the parameters as they are now
         return super().train(mode)
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self.drop_factors()  # whatever the loader writes through, the next forward reads the loaded weights
-        super()._load_from_state_dict(*args, **kwargs)
-
     def _build_stacked_up_t(self) -> torch.Tensor:
         _, up = self.expert_factors()  # (N, d_out, r): diag(Omega_B[i]) B
         up = self.scaling * up * self.expert_scales_in.unsqueeze(1)  # ... diag(Omega_A[i]), times alpha/r
@@ -191,6 +188,10 @@ class MoRAdapter(ExpertMixture):
         a, b, omega_a, omega_b = (t if dtype is None else t.to(dtype) for t in
                                   (self.lora_A, self.lora_B, self.expert_scales_in, self.expert_scales_out))
         return omega_a.unsqueeze(-1) * a, omega_b.unsqueeze(-1) * b  # diag(Omega_A[i]) A, diag(Omega_B[i]) B
+
+
+def _drop_factors_after_load(adapter: MoRAdapter, _incompatible_keys) -> None:
+    adapter.drop_factors()  # whatever the loader wrote through, the next forward reads the loaded weights
 
 
 @contextlib.contextmanager
