@@ -10,7 +10,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from mor import MixtureLayer, MoELoRAAdapter, MoRAdapter, count_trainable_parameters, layer_parameter_count
-from mor.layer import linear_shape, reusing_factors
+from mor.layer import reusing_factors
+from mor.quantized import linear_shape
 from mor.routing import load_balancing_loss
 
 D_IN, D_OUT, R, N = 24, 20, 4, 5

@@ -11,7 +11,7 @@ import mor
 
 PACKAGE = Path(mor.__file__).parent
 LAYERS = [  # bottom to top
-    {"config", "layer", "routing", "model", "export", "params", "baselines", "safety", "startup", "_compat", "options", "errors", "stopping",
+    {"config", "layer", "quantized", "routing", "model", "export", "params", "baselines", "safety", "startup", "_compat", "options", "errors", "stopping",
      "__init__"},  # the method
     {"data"},
     {"runtime"},

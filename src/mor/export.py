@@ -199,7 +199,7 @@ class MergeCheck(NamedTuple):
 def merge_checked(model: nn.Module, routing: Routing, tokenizer, texts: list[str]) -> tuple[nn.Module, MergeCheck]:
     """``model.merge_and_unload(routing)`` and how its logits compare with the un-merged model's
     under the same fixed routing (:class:`MergeCheck`), on the real tokens of ``texts[:8]``."""
-    from .layer import is_4bit
+    from .quantized import is_4bit
 
     batch = _check_batch(tokenizer, texts)
     expected = _routed_logits(model, routing, batch)
