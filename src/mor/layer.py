@@ -35,6 +35,15 @@ from .quantized import dense_weight, is_quantized, linear_shape, plain_linear, s
 from .routing import Router
 
 
+class Factors(NamedTuple):
+    """A low-rank update ``scale * B @ A``, in the one order every function giving adapter factors
+    uses (``expert_factors``, ``serving_factors``, ``mor.export.lora_factors``)."""
+
+    A: torch.Tensor  # down: (R, d_in), or (N, r, d_in) expert by expert
+    B: torch.Tensor  # up: (d_out, R), or (N, d_out, r) expert by expert
+    scale: float  # alpha/r, or 1 where it is folded into B
+
+
 class TokenIndependentFactors(NamedTuple):
     """What a MoR forward multiplies by that does not depend on the tokens."""
 
@@ -44,12 +53,12 @@ class TokenIndependentFactors(NamedTuple):
 
 class ExpertMixture(nn.Module):
     """What every mixture of low-rank experts derives from its ``expert_factors()``
-    (down (N, r, d_in), up (N, d_out, r), with D_i = scaling * up[i] @ down[i])."""
+    (A (N, r, d_in), B (N, d_out, r), scale, with D_i = scale * B[i] @ A[i])."""
 
     def expert_deltas(self) -> torch.Tensor:
         """The experts' update matrices D_i (alpha/r included): (N, d_out, d_in)."""
-        down, up = self.expert_factors()
-        return self.scaling * up @ down
+        down, up, scale = self.expert_factors()
+        return scale * up @ down
 
     def merged_delta(self, routing: torch.Tensor) -> torch.Tensor:
         """sum_i g_i D_i for a fixed weight vector g (N,): (d_out, d_in), a rank-r matrix for MoR."""
@@ -119,10 +128,10 @@ class MoRAdapter(ExpertMixture):
         """z = concat_i(G_i * h): gates (T, N) times the shared code h = A x (T, r), as (T, N*r)."""
         return (gates.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)
 
-    def serving_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(down (r, d_in), up_t (N*r, d_out), 1.0): the update is ``up_t``-times ``mix(G, down x)``
-        (a server that fuses several layers' products, mor.serving, reads this)."""
-        return self.lora_A, self.token_independent_factors().up_t, 1.0
+    def serving_factors(self) -> Factors:
+        """(A (r, d_in), U (d_out, N*r), 1.0): the update is U ``mix(G, A x)`` (alpha/r lives in U;
+        a server that fuses several layers' products, mor.serving, reads this)."""
+        return Factors(self.lora_A, self.token_independent_factors().up_t.T, 1.0)
 
     def route_and_down(self, x: torch.Tensor, router_and_down_t: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,16 +187,16 @@ class MoRAdapter(ExpertMixture):
         return super().train(mode)
 
     def _build_stacked_up_t(self) -> torch.Tensor:
-        _, up = self.expert_factors()  # (N, d_out, r): diag(Omega_B[i]) B
+        _, up, _ = self.expert_factors()  # (N, d_out, r): diag(Omega_B[i]) B
         up = self.scaling * up * self.expert_scales_in.unsqueeze(1)  # ... diag(Omega_A[i]), times alpha/r
         return up.transpose(1, 2).reshape(self.num_experts * self.r, self.out_features)  # [U_i^T]_i stacked
 
-    def expert_factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down (N, r, d_in), up (N, d_out, r)) with D_i = scaling * up[i] @ down[i], computed in
+    def expert_factors(self, dtype: torch.dtype | None = None) -> Factors:
+        """(A (N, r, d_in), B (N, d_out, r), scale) with D_i = scale * B[i] @ A[i], computed in
         ``dtype`` when given (float64 for spectra: in fp32 diag(Omega_A[i]) A rounds A's row space)."""
         a, b, omega_a, omega_b = (t if dtype is None else t.to(dtype) for t in
                                   (self.lora_A, self.lora_B, self.expert_scales_in, self.expert_scales_out))
-        return omega_a.unsqueeze(-1) * a, omega_b.unsqueeze(-1) * b  # diag(Omega_A[i]) A, diag(Omega_B[i]) B
+        return Factors(omega_a.unsqueeze(-1) * a, omega_b.unsqueeze(-1) * b, self.scaling)  # diag(Omega_A[i]) A, diag(Omega_B[i]) B
 
 
 def _drop_factors_after_load(adapter: MoRAdapter, _incompatible_keys) -> None:
