@@ -468,7 +468,7 @@ def qlora_section(sizes: Sizes, device: torch.device, folder: Path) -> dict:
     except Exception as err:  # ImportError, or a CUDA library it cannot load
         return qlora_skipped(f"skipped: bitsandbytes does not import ({type(err).__name__}: "
                              f"{str(err).splitlines()[0][:80] if str(err) else ''})")
-    from mor.layer import keep_4bit_layout
+    from mor.quantized import keep_4bit_layout
     from mor.runtime.loading import load_model
 
     saved = folder / "qlora-base"

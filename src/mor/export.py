@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import AdapterError
-from .layer import MoRAdapter, mixture_layers, transformers_model  # noqa: F401  (mixture_layers: mor.export's API)
+from .layer import Factors, MoRAdapter, mixture_layers, transformers_model  # noqa: F401  (mixture_layers: mor.export's API)
 from .routing import ROUTING_NAME, Routing, resolve_routing
 from .safety import atomic_folder, nonfinite_tensors, oversized_tensors
 
@@ -41,16 +41,16 @@ def exported_rank(layer: nn.Module) -> int:
 
 
 @torch.no_grad()
-def lora_factors(layer: nn.Module, routing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(lora_A (R, d_in), lora_B (d_out, R), lora_alpha) with (lora_alpha / R) * lora_B @ lora_A
-    equal to sum_i g_i D_i for the fixed weights g = ``routing`` (N,).
+def lora_factors(layer: nn.Module, routing: torch.Tensor) -> Factors:
+    """(lora_A (R, d_in), lora_B (d_out, R), scale) with scale * lora_B @ lora_A equal to
+    sum_i g_i D_i for the fixed weights g = ``routing`` (N,); peft's lora_alpha is scale * R.
 
     MoR: R = r, lora_A = A, lora_B = M(g). Any other mixture (MoE-LoRA): R = N*r, the experts'
     factors side by side. lora_B is summed in float64; both come back in the adapter's dtype.
     """
     n, r = layer.num_experts, layer.r
     g = torch.as_tensor(routing).reshape(n).to(device=layer.lora_A.device, dtype=torch.float64)  # a profile is on the CPU
-    down, up = layer.expert_factors()  # (N, r, d_in), (N, d_out, r); D_i = scaling * up[i] @ down[i]
+    down, up, scale = layer.expert_factors()  # (N, r, d_in), (N, d_out, r); D_i = scale * up[i] @ down[i]
     dtype = up.dtype
     if isinstance(layer, MoRAdapter):
         # up[i] = diag(Omega_B[i]) B, so M(g) = sum_i g_i up[i] diag(Omega_A[i])
@@ -62,8 +62,7 @@ def lora_factors(layer: nn.Module, routing: torch.Tensor) -> tuple[torch.Tensor,
         lora_A = down.detach().reshape(n * r, layer.in_features)  # [A_1; ...; A_N]: (N*r, d_in)
         gated = g.reshape(n, 1, 1) * up.detach().to(torch.float64)  # g_i B_i: (N, d_out, r)
         lora_B = gated.permute(1, 0, 2).reshape(layer.out_features, n * r)  # (d_out, N*r)
-    rank = lora_A.shape[0]
-    return lora_A.to(dtype).contiguous(), lora_B.to(dtype).contiguous(), layer.scaling * rank
+    return Factors(lora_A.to(dtype).contiguous(), lora_B.to(dtype).contiguous(), scale)
 
 
 # -- writing the folder -------------------------------------------------------------------------
@@ -124,7 +123,8 @@ def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path]
     weights = resolve_routing(layers, routing)
     tensors, ranks, alphas, conv1d = {}, set(), set(), set()
     for name, layer in layers.items():
-        lora_A, lora_B, alpha = lora_factors(layer, weights[name])
+        lora_A, lora_B, scale = lora_factors(layer, weights[name])
+        alpha = scale * lora_A.shape[0]  # peft's lora_alpha: its scaling is lora_alpha / rank
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.cpu()
         ranks.add(lora_A.shape[0])
@@ -228,7 +228,7 @@ class MergeCheck(NamedTuple):
 def merge_checked(model: nn.Module, routing: Routing, tokenizer, texts: list[str]) -> tuple[nn.Module, MergeCheck]:
     """``model.merge_and_unload(routing)`` and how its logits compare with the un-merged model's
     under the same fixed routing (:class:`MergeCheck`), on the real tokens of ``texts[:8]``."""
-    from .layer import is_4bit
+    from .quantized import is_4bit
 
     batch = _check_batch(tokenizer, texts)
     expected = _routed_logits(model, routing, batch)

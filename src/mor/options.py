@@ -16,6 +16,9 @@ METHODS = ("mor", "moelora")  # the peft methods of this package
 ALL_METHODS = (*METHODS, "lora", "dora")  # every adapter a training run can put on (LoRA/DoRA: peft's own)
 ROUTERS = ("softmax", "mean", "balanced", "topk")
 INITS = ("ones_noise", "ones")
+#: Prompts per task a routing is measured on by default (a routing profile for merge / export-lora, the
+#: figures of mor analyze, mor compare's routing statistics): the one default of all of them.
+ROUTING_PROMPTS = 200
 
 #: Presets for ``target_modules`` (LLaMA-family names; other models: give the names).
 TARGET_PRESETS: dict[str, list[str]] = {
