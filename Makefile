@@ -26,7 +26,7 @@ demo: install  ## train MoR on the built-in suite with SmolLM2, evaluate before/
 PYTEST_WORKERS ?= 2
 
 test: install  ## the whole test suite (offline; real-model tests included), then the other peft minors, axolotl and LLaMA-Factory
-	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30
 	PYTHON=$(PYTHON) bash scripts/test_peft_versions.sh
 	PYTHON=$(PYTHON) bash scripts/test_axolotl.sh
 	PYTHON=$(PYTHON) bash scripts/test_llamafactory.sh
