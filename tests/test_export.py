@@ -61,11 +61,11 @@ def test_lora_factors_give_the_fixed_routing_update(method, rank):
     model = adapted(method)
     routing = resolve_routing(mixture_layers(model), profile_of(model))
     for name, layer in mixture_layers(model).items():
-        lora_A, lora_B, alpha = lora_factors(layer, routing[name])
+        lora_A, lora_B, scale = lora_factors(layer, routing[name])
         assert lora_A.shape == (rank, layer.in_features) and lora_B.shape == (layer.out_features, rank)
-        assert alpha / rank == pytest.approx(layer.scaling)
+        assert scale == pytest.approx(layer.scaling)
         expected = layer.merged_delta(routing[name])  # sum_i g_i D_i
-        assert torch.allclose((alpha / rank) * lora_B @ lora_A, expected, atol=1e-6), name
+        assert torch.allclose(scale * lora_B @ lora_A, expected, atol=1e-6), name
 
 
 @pytest.mark.parametrize("method,rank", [("mor", R), ("moelora", N * R)])

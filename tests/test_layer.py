@@ -10,7 +10,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from mor import MixtureLayer, MoELoRAAdapter, MoRAdapter, count_trainable_parameters, layer_parameter_count
-from mor.layer import linear_shape
+from mor.layer import reusing_factors
+from mor.quantized import linear_shape
 from mor.routing import load_balancing_loss
 
 D_IN, D_OUT, R, N = 24, 20, 4, 5
@@ -87,21 +88,24 @@ def test_inference_forward_equals_naive_per_expert_formula(no_grad, router):
         assert (adapter.token_independent_factors().router_and_down_t is None) == (router == "mean")
 
 
-def test_inference_cache_follows_every_parameter_update():
+def test_factors_kept_inside_reusing_factors_follow_every_parameter_update():
     torch.manual_seed(0)
     layer = make("mor", nn.Linear(D_IN, D_OUT)).eval()
     adapter = layer.mor["default"]
     x = torch.randn(5, D_IN)
-    with torch.no_grad():
-        layer(x)  # fills the cache
-    for name in ("lora_A", "lora_B", "expert_scales_in", "expert_scales_out", "router.weight"):
+    with reusing_factors(layer):
         with torch.no_grad():
-            adapter.get_parameter(name).mul_(1.5)
-            out = layer(x)
-        torch.testing.assert_close(out, naive_output(layer, x), atol=ATOL, rtol=1e-5, msg=f"stale after {name}")
-    layer.double()  # new storage (and a dtype where router and A are not stacked)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x.double()), naive_output(layer, x.double()), atol=ATOL, rtol=1e-5)
+            layer(x)  # keeps U
+            assert adapter._factors_cache is not None
+        for name in ("lora_A", "lora_B", "expert_scales_in", "expert_scales_out", "router.weight"):
+            with torch.no_grad():
+                adapter.get_parameter(name).mul_(1.5)
+                out = layer(x)
+            torch.testing.assert_close(out, naive_output(layer, x), atol=ATOL, rtol=1e-5, msg=f"stale after {name}")
+        layer.double()  # new storage (and a dtype where router and A are not stacked)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x.double()), naive_output(layer, x.double()), atol=ATOL, rtol=1e-5)
+    assert adapter._factors_cache is None  # dropped at the end of the block
 
 
 @pytest.mark.parametrize("scope", ["router", "global"])
@@ -151,8 +155,8 @@ def test_pinned_routing_holds_on_the_inference_path():
     adapter = layer.mor["default"]
     x = torch.randn(4, D_IN)
     g = torch.softmax(torch.randn(N), 0)
-    with torch.inference_mode():
-        layer(x)  # fills the cache with a learned router
+    with torch.inference_mode(), reusing_factors(layer):
+        layer(x)  # keeps the factors with a learned router
         adapter.router.fixed = g
         pinned = layer(x)
     expected = layer.base_layer(x) + F.linear(x, adapter.merged_delta(g))

@@ -302,6 +302,85 @@ def test_one_training_step_lowers_loss_on_smollm2(smollm2_path):
     assert loss1 < loss0
 
 
+# -- U, kept for one generation or evaluation, never longer ------------------------------------------------
+
+def _tiny_mor():
+    return get_mor_model(make_tiny_llama(), MoRConfig(r=4, num_experts=4, init_seed=0)).eval()
+
+
+def _write_through_data(model, seed=1):
+    """What weight averaging, EMA, distributed wrappers and some loaders do: write through ``.data``,
+    which bumps no ``_version``."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if ".mor." in name:
+            p.data.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def _fresh_logits(model, no_grad=torch.no_grad):
+    """The logits of a newly built model holding ``model``'s weights: what any forward must give."""
+    fresh = _tiny_mor()
+    fresh.load_state_dict(model.state_dict())
+    with no_grad():
+        return fresh(input_ids=BATCH).logits
+
+
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+def test_writes_through_data_in_eval_mode_are_seen_by_the_next_forward(no_grad):
+    model = _tiny_mor()
+    with no_grad():
+        model(input_ids=BATCH)  # an inference forward before the change
+    _write_through_data(model)
+    with no_grad():
+        torch.testing.assert_close(model(input_ids=BATCH).logits, _fresh_logits(model, no_grad), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "train_then_eval", "end_of_the_block"])
+def test_factors_kept_inside_reusing_factors_follow_loads_and_mode_changes(change):
+    """Inside ``reusing_factors`` (generation, evaluation) U is built once; loading weights or
+    toggling train()/eval() rebuilds it, and leaving the block drops it, even after ``.data`` writes."""
+    from mor.layer import reusing_factors
+
+    model = _tiny_mor()
+    other = _tiny_mor()
+    _write_through_data(other, seed=2)
+    with reusing_factors(model):
+        with torch.no_grad():
+            model(input_ids=BATCH)  # U kept from here
+        if change == "load_state_dict":
+            model.load_state_dict(other.state_dict())
+        else:
+            _write_through_data(model)
+        if change == "train_then_eval":
+            model.train()
+            model.eval()
+        if change != "end_of_the_block":
+            with torch.no_grad():
+                got = model(input_ids=BATCH).logits
+    if change == "end_of_the_block":
+        with torch.no_grad():
+            got = model(input_ids=BATCH).logits
+    torch.testing.assert_close(got, _fresh_logits(model), atol=0, rtol=0)
+
+
+def test_generate_builds_u_once_per_call_and_sees_data_writes_between_calls(monkeypatch):
+    from mor.layer import MoRAdapter
+
+    model = _tiny_mor()
+    builds = []
+    build = MoRAdapter._build_factors
+    monkeypatch.setattr(MoRAdapter, "_build_factors", lambda self: builds.append(self) or build(self))
+    prompt = BATCH[:1, :4]
+    model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False)
+    adapters = [m for m in model.modules() if isinstance(m, MoRAdapter)]
+    assert len(builds) == len(adapters)  # once per adapter for 6 tokens, not once per token
+    _write_through_data(model)
+    fresh = _tiny_mor()
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False),
+                       fresh.generate(input_ids=prompt, max_new_tokens=6, do_sample=False))
+
+
 def naive_mor_forward(adapter, x, base_out=None):
     """sum_i G_i(x) D_i x one expert at a time, the router run as a module (its hooks see the gates)."""
     gates, x = adapter.router(x), adapter.dropout(x)

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import mor
-from mor import MoRConfig
+from mor import MoRConfig, _compat
 from mor.config import WEIGHTS_NAME
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
@@ -149,7 +149,8 @@ def four_bit(tmp_path):
     folder = tmp_path / "base"
     make_tiny_llama(hidden=64).save_pretrained(folder)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    return lambda: AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.float32)
+    return lambda: AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant,
+                                                        **_compat.dtype_kwargs(torch.float32))  # 4.55: torch_dtype
 
 
 def test_four_bit_base_trains_saves_loads_and_merges_into_a_plain_model(four_bit, tmp_path):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import mor
 from mor import MoRConfig
@@ -59,6 +59,37 @@ def test_trainable_token_indices_train_only_those_rows_and_reload(tmp_path):
     assert changed == indices  # only the listed tokens' rows moved, and the merge kept them
 
 
+
+@pytest.mark.parametrize("beside", [{"modules_to_save": ["lm_head"]}, {"trainable_token_indices": [5, 7]}])
+def test_a_lora_export_carries_what_the_adapter_trains_beside_it(tmp_path, beside):
+    from peft import LoraConfig
+
+    from mor.export import export_lora
+
+    model = get_peft_model(make_tiny_llama(), MoRConfig(r=4, num_experts=3, dropout=0.0, init_seed=0, **beside))
+    train_steps(model)
+    model.eval()
+    profile = model.measure_routing([{"input_ids": BATCH}])
+    with model.fixed_routing(profile):
+        expected = logits(model)
+    export_lora(model, profile, tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    key, value = next(iter(beside.items()))
+    assert config[key] == value
+    lora = PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "lora").eval()
+    assert isinstance(lora.peft_config["default"], LoraConfig)
+    assert (logits(lora) - expected).abs().max() < 1e-5
+    # the layers' LoRA alone (what the export wrote before): other logits, so carrying them matters
+    tensors = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    assert any(".lora_" not in k for k in tensors)
+    (tmp_path / "alone").mkdir()
+    layers_only = {k: v for k, v in tensors.items() if ".lora_" in k}
+    save_file(layers_only, str(tmp_path / "alone" / "adapter_model.safetensors"))
+    (tmp_path / "alone" / "adapter_config.json").write_text(json.dumps({**config, key: None}))
+    alone = PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "alone").eval()
+    assert (logits(alone) - expected).abs().max() > 1e-3
+
+
 def test_use_rslora_scales_by_alpha_over_sqrt_r_in_the_forward_the_merge_and_the_export(tmp_path):
     config = MoRConfig(r=4, num_experts=3, alpha=8, dropout=0.0, init_seed=0, router="mean", use_rslora=True)
     assert config.scaling == 8 / math.sqrt(4) and MoRConfig(r=4, alpha=8).scaling == 8 / 4
@@ -83,6 +114,30 @@ def test_use_rslora_scales_by_alpha_over_sqrt_r_in_the_forward_the_merge_and_the
     assert isinstance(lora.peft_config["default"], LoraConfig)
     assert (logits(lora) - expected).abs().max() < 1e-5
     assert (logits(loaded.merge_and_unload()) - expected).abs().max() < 1e-5
+
+
+
+@pytest.mark.parametrize("method", ["mor", "lora"])
+def test_mor_train_flags_set_rslora_and_modules_to_save_for_every_method(method):
+    from peft import LoraConfig
+
+    from mor.cli import build_parser
+    from mor.cli.flags import settings_from_args
+    from mor.train.adapters import AdapterSpec, apply_adapter
+
+    args = build_parser().parse_args(["train", "--method", method, "--r", "4", "--alpha", "8", "--use-rslora",
+                                      "--modules-to-save", "lm_head"])
+    spec = settings_from_args(AdapterSpec, args)
+    config = spec.to_peft_config(make_tiny_llama())
+    assert isinstance(config, LoraConfig if method == "lora" else MoRConfig)
+    assert config.use_rslora is True and list(config.modules_to_save) == ["lm_head"]
+    model = apply_adapter(make_tiny_llama(), spec)
+    assert any("lm_head" in n and p.requires_grad for n, p in model.named_parameters())
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    scale = layer.scaling["default"] if method == "lora" else next(iter(model.mor_adapters().values())).scaling
+    assert scale == 8 / math.sqrt(4)
+    plain = settings_from_args(AdapterSpec, build_parser().parse_args(["train", "--method", method]))
+    assert plain.use_rslora is False and plain.modules_to_save is None
 
 
 def test_the_balanced_routers_loss_is_added_through_the_peft_model():

@@ -273,6 +273,9 @@ def test_cli_export_vllm_refuses_what_it_cannot_serve_and_writes_nothing(tmp_pat
     # a target the server cannot place (the output head)
     head = save_adapter(base_dir, tmp_path / "head", target_modules=["lm_head"])
     assert "lm_head" in refused(str(head), "--model", str(base_dir), "--output", str(out))
+    # a head trained beside the adapter (modules_to_save): the plugin would serve the base's head
+    beside = save_adapter(base_dir, tmp_path / "beside", target_modules="ffn", modules_to_save=["lm_head"])
+    assert "also trains modules_to_save" in refused(str(beside), "--model", str(base_dir), "--output", str(out))
     # a peft LoRA: vLLM serves it itself
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM

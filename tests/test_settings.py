@@ -143,3 +143,15 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"mor {mor.__version__}"
+
+
+def test_a_run_recorded_before_a_switch_existed_resumes_with_it_off(tmp_path):
+    from mor.errors import OutputError
+    from mor.train.run_folder import RUN_RECORD, claim_run_folder
+
+    (tmp_path / RUN_RECORD).write_text(json.dumps({"settings": {"adapter": {"r": 8}, "lr": 0.001}}))
+    now = {"adapter": {"r": 8, "use_rslora": False, "modules_to_save": None}, "lr": 0.001}
+    claim_run_folder(tmp_path, now, resume=True)  # mor train --resume of a run from before --use-rslora
+    with pytest.raises(OutputError, match="use_rslora: None in the run, True now"):
+        claim_run_folder(tmp_path, {**now, "adapter": {**now["adapter"], "use_rslora": True}}, resume=True)
+

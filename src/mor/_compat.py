@@ -15,8 +15,8 @@ import importlib.metadata
 #: library -> ([min, max) release range the private names below were checked on, what needs it)
 CHECKED: dict[str, tuple[tuple[int, int], tuple[int, int], str]] = {
     "peft": ((0, 18), (0, 22), "MoR registers in peft.mapping and subclasses peft's BaseTuner"),
-    # 4.56: from_pretrained(dtype=...), which mor's loaders pass
-    "transformers": ((4, 56), (6, 0), "from_pretrained(dtype=) and the Trainer's _load_from_checkpoint"),
+    # 4.55: LLaMA-Factory 0.9.5's floor; below 4.56 the dtype keyword is torch_dtype (dtype_kwargs)
+    "transformers": ((4, 55), (6, 0), "the Trainer's _load_from_checkpoint, checked on 4.55 to 5.19"),
 }
 
 #: private methods of other libraries' classes that mor's subclasses override, by the class they
@@ -169,9 +169,17 @@ def compiled_original(model):
 
 # -- transformers ------------------------------------------------------------------------------------
 
+def dtype_kwargs(dtype) -> dict:
+    """The keyword of ``from_pretrained`` / ``from_config`` that sets the weights' dtype: ``dtype`` since
+    transformers 4.56, ``torch_dtype`` before (4.55, which LLaMA-Factory 0.9.5 allows)."""
+    import transformers
+
+    return {"dtype" if _release(transformers.__version__) >= (4, 56) else "torch_dtype": dtype}
+
+
 def require_training_argument(name: str, what: str) -> None:
     """ValueError, one line, when this transformers' TrainingArguments lacks ``name`` (transformers 4.x
-    lacks train_sampling_strategy, which ``mor train`` sets): the library runs on 4.56, ``mor train`` on 5."""
+    lacks train_sampling_strategy, which ``mor train`` sets): the library runs on 4.55, ``mor train`` on 5."""
     import inspect
 
     from transformers import TrainingArguments

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import AdapterError
-from .layer import MoRAdapter, mixture_layers, transformers_model  # noqa: F401  (mixture_layers: mor.export's API)
+from .layer import Factors, MoRAdapter, mixture_layers, transformers_model  # noqa: F401  (mixture_layers: mor.export's API)
 from .routing import ROUTING_NAME, Routing, resolve_routing
 from .safety import atomic_folder, nonfinite_tensors, oversized_tensors
 
@@ -41,16 +41,16 @@ def exported_rank(layer: nn.Module) -> int:
 
 
 @torch.no_grad()
-def lora_factors(layer: nn.Module, routing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(lora_A (R, d_in), lora_B (d_out, R), lora_alpha) with (lora_alpha / R) * lora_B @ lora_A
-    equal to sum_i g_i D_i for the fixed weights g = ``routing`` (N,).
+def lora_factors(layer: nn.Module, routing: torch.Tensor) -> Factors:
+    """(lora_A (R, d_in), lora_B (d_out, R), scale) with scale * lora_B @ lora_A equal to
+    sum_i g_i D_i for the fixed weights g = ``routing`` (N,); peft's lora_alpha is scale * R.
 
     MoR: R = r, lora_A = A, lora_B = M(g). Any other mixture (MoE-LoRA): R = N*r, the experts'
     factors side by side. lora_B is summed in float64; both come back in the adapter's dtype.
     """
     n, r = layer.num_experts, layer.r
-    g = torch.as_tensor(routing).reshape(n).to(torch.float64)
-    down, up = layer.expert_factors()  # (N, r, d_in), (N, d_out, r); D_i = scaling * up[i] @ down[i]
+    g = torch.as_tensor(routing).reshape(n).to(device=layer.lora_A.device, dtype=torch.float64)  # a profile is on the CPU
+    down, up, scale = layer.expert_factors()  # (N, r, d_in), (N, d_out, r); D_i = scale * up[i] @ down[i]
     dtype = up.dtype
     if isinstance(layer, MoRAdapter):
         # up[i] = diag(Omega_B[i]) B, so M(g) = sum_i g_i up[i] diag(Omega_A[i])
@@ -62,8 +62,7 @@ def lora_factors(layer: nn.Module, routing: torch.Tensor) -> tuple[torch.Tensor,
         lora_A = down.detach().reshape(n * r, layer.in_features)  # [A_1; ...; A_N]: (N*r, d_in)
         gated = g.reshape(n, 1, 1) * up.detach().to(torch.float64)  # g_i B_i: (N, d_out, r)
         lora_B = gated.permute(1, 0, 2).reshape(layer.out_features, n * r)  # (d_out, N*r)
-    rank = lora_A.shape[0]
-    return lora_A.to(dtype).contiguous(), lora_B.to(dtype).contiguous(), layer.scaling * rank
+    return Factors(lora_A.to(dtype).contiguous(), lora_B.to(dtype).contiguous(), scale)
 
 
 # -- writing the folder -------------------------------------------------------------------------
@@ -77,6 +76,31 @@ def _target_modules(model: nn.Module, layers: Mapping[str, nn.Module]) -> list[s
     return sorted(leaves) if selected == set(layers) else sorted(layers)
 
 
+def _trained_beside(model: nn.Module, layers: Mapping[str, nn.Module]) -> tuple[dict, dict]:
+    """What the adapter trains beside its mixture layers (``modules_to_save``, ``trainable_token_indices``):
+    its tensors, keyed as peft saves them (the same keys in a LoRA file), and the LoraConfig fields
+    that declare them. Refused on a bare model carrying such modules: their settings are the PeftModel's."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if not isinstance(model, PeftModel):
+        if any(isinstance(module, AuxiliaryTrainingWrapper) for module in model.modules()):
+            raise AdapterError("this model trains modules beside its adapter (modules_to_save / "
+                               "trainable_token_indices); export it from its PeftModel (mor.load_adapter / "
+                               "PeftModel.from_pretrained) so that the LoRA carries them")
+        return {}, {}
+    name = model.active_adapter
+    config = model.peft_config[name]
+    fields = {key: getattr(config, key, None) for key in ("modules_to_save", "trainable_token_indices")}
+    fields = {key: value for key, value in fields.items() if value}
+    if not fields:
+        return {}, {}
+    mixtures = tuple(f"base_model.model.{layer}." for layer in layers)
+    saved = get_peft_model_state_dict(model, adapter_name=name)
+    tensors = {key: value.detach().cpu() for key, value in saved.items() if not key.startswith(mixtures)}
+    return tensors, fields
+
+
 @torch.no_grad()
 def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path],
                 base_model_name_or_path: Union[str, None] = None) -> Path:
@@ -85,8 +109,10 @@ def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path]
     ``model``: a model carrying MoR / MoE-LoRA layers (a ``MoRModel`` or the bare transformers
     model after injection). ``routing``: see ``resolve_routing``. The folder holds
     adapter_config.json (peft ``LoraConfig``: rank r for MoR, N*r for MoE-LoRA; ``lora_alpha``
-    such that lora_alpha / rank is the layer's alpha / r; no dropout), adapter_model.safetensors
-    and the routing it was made with (routing_profile.json, ignored by peft). Returns the folder.
+    such that lora_alpha / rank is the layer's alpha / r; no dropout; the adapter's own
+    ``modules_to_save`` / ``trainable_token_indices``, whose trained tensors go along in peft's keys),
+    adapter_model.safetensors and the routing it was made with (routing_profile.json, ignored by
+    peft). Returns the folder.
 
     The folder is written whole or not at all (:func:`mor.safety.atomic_folder`; what was there
     is replaced), and never with NaN/inf or absurdly large weights.
@@ -97,7 +123,8 @@ def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path]
     weights = resolve_routing(layers, routing)
     tensors, ranks, alphas, conv1d = {}, set(), set(), set()
     for name, layer in layers.items():
-        lora_A, lora_B, alpha = lora_factors(layer, weights[name])
+        lora_A, lora_B, scale = lora_factors(layer, weights[name])
+        alpha = scale * lora_A.shape[0]  # peft's lora_alpha: its scaling is lora_alpha / rank
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.cpu()
         ranks.add(lora_A.shape[0])
@@ -108,11 +135,13 @@ def export_lora(model: nn.Module, routing: Routing, output_dir: Union[str, Path]
                            "(Linear vs Conv1D); one LoRA folder needs them alike")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(transformers_model(model), "config", None), "_name_or_path", None)
+    beside, beside_fields = _trained_beside(model, layers)  # a trained lm_head / new tokens' rows go along
+    tensors.update(beside)
     alpha = alphas.pop()
     config = LoraConfig(r=ranks.pop(), lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
                         lora_dropout=0.0, target_modules=_target_modules(model, layers),
                         fan_in_fan_out=conv1d.pop(), bias="none", task_type="CAUSAL_LM",
-                        base_model_name_or_path=base_model_name_or_path or None)
+                        base_model_name_or_path=base_model_name_or_path or None, **beside_fields)
     bad = nonfinite_tensors(tensors) + [name for name, _ in oversized_tensors(tensors)]
     if bad:
         raise AdapterError(f"the exported LoRA would hold NaN/inf or absurdly large values ({len(bad)} tensors, e.g. "
@@ -199,7 +228,7 @@ class MergeCheck(NamedTuple):
 def merge_checked(model: nn.Module, routing: Routing, tokenizer, texts: list[str]) -> tuple[nn.Module, MergeCheck]:
     """``model.merge_and_unload(routing)`` and how its logits compare with the un-merged model's
     under the same fixed routing (:class:`MergeCheck`), on the real tokens of ``texts[:8]``."""
-    from .layer import is_4bit
+    from .quantized import is_4bit
 
     batch = _check_batch(tokenizer, texts)
     expected = _routed_logits(model, routing, batch)

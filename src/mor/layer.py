@@ -18,9 +18,9 @@ The MoE-LoRA baseline (``mor.baselines.moelora.MoELoRAAdapter``) plugs into the 
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,17 @@ from transformers.pytorch_utils import Conv1D
 from . import _compat
 from .errors import AdapterError, SettingsError
 from .options import update_scale
+from .quantized import dense_weight, is_quantized, linear_shape, plain_linear, stored_dtype
 from .routing import Router
+
+
+class Factors(NamedTuple):
+    """A low-rank update ``scale * B @ A``, in the one order every function giving adapter factors
+    uses (``expert_factors``, ``serving_factors``, ``mor.export.lora_factors``)."""
+
+    A: torch.Tensor  # down: (R, d_in), or (N, r, d_in) expert by expert
+    B: torch.Tensor  # up: (d_out, R), or (N, d_out, r) expert by expert
+    scale: float  # alpha/r, or 1 where it is folded into B
 
 
 class TokenIndependentFactors(NamedTuple):
@@ -43,16 +53,16 @@ class TokenIndependentFactors(NamedTuple):
 
 class ExpertMixture(nn.Module):
     """What every mixture of low-rank experts derives from its ``expert_factors()``
-    (down (N, r, d_in), up (N, d_out, r), with D_i = scaling * up[i] @ down[i])."""
+    (A (N, r, d_in), B (N, d_out, r), scale, with D_i = scale * B[i] @ A[i])."""
 
     def expert_deltas(self) -> torch.Tensor:
         """The experts' update matrices D_i (alpha/r included): (N, d_out, d_in)."""
-        down, up = self.expert_factors()
-        return self.scaling * up @ down
+        down, up, scale = self.expert_factors()
+        return scale * up @ down
 
     def merged_delta(self, routing: torch.Tensor) -> torch.Tensor:
         """sum_i g_i D_i for a fixed weight vector g (N,): (d_out, d_in), a rank-r matrix for MoR."""
-        g = routing.to(self.lora_A.dtype).reshape(self.num_experts, 1, 1)
+        g = routing.to(self.lora_A).reshape(self.num_experts, 1, 1)  # the adapter's device and dtype
         return (g * self.expert_deltas()).sum(dim=0)
 
     @property
@@ -81,6 +91,8 @@ class MoRAdapter(ExpertMixture):
         self.expert_scales_in = nn.Parameter(torch.empty(num_experts, r, **factory))  # Omega_A: (N, r)
         self.expert_scales_out = nn.Parameter(torch.empty(num_experts, out_features, **factory))  # Omega_B
         self._factors_cache: tuple[list, TokenIndependentFactors] | None = None  # see token_independent_factors
+        self._reusing_factors = False  # True inside reusing_factors(model)
+        self.register_load_state_dict_post_hook(_drop_factors_after_load)
         self.reset_parameters(init, init_scale_std, generator)
 
     @torch.no_grad()
@@ -116,10 +128,10 @@ class MoRAdapter(ExpertMixture):
         """z = concat_i(G_i * h): gates (T, N) times the shared code h = A x (T, r), as (T, N*r)."""
         return (gates.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)
 
-    def serving_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(down (r, d_in), up_t (N*r, d_out), 1.0): the update is ``up_t``-times ``mix(G, down x)``
-        (a server that fuses several layers' products, mor.serving, reads this)."""
-        return self.lora_A, self.token_independent_factors().up_t, 1.0
+    def serving_factors(self) -> Factors:
+        """(A (r, d_in), U (d_out, N*r), 1.0): the update is U ``mix(G, A x)`` (alpha/r lives in U;
+        a server that fuses several layers' products, mor.serving, reads this)."""
+        return Factors(self.lora_A, self.token_independent_factors().up_t.T, 1.0)
 
     def route_and_down(self, x: torch.Tensor, router_and_down_t: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,24 +152,39 @@ class MoRAdapter(ExpertMixture):
         """U^T (N*r, d_out) and, where one product gives what the router computes (fp32, a learned
         router), the stacked [W_g; A]^T (d_in, N + r).
 
-        When no gradient is needed (generation, evaluation) they are built once and reused until a
-        parameter changes: at one decoded token, rebuilding U costs more than the adapter's own
-        product. The cache is keyed on every parameter's storage and version, so any in-place update
-        (an optimizer step, load_state_dict, ``.to()``) rebuilds it.
+        Built from the parameters at every call, except inside :func:`reusing_factors` (generation
+        and evaluation open it): there they are built at the first call without gradients and
+        reused until the block ends, since at one decoded token rebuilding U costs more than the
+        adapter's own product (docs/results.md, "U at decode"). Inside the block an in-place update
+        (an optimizer step, ``load_state_dict``) or new storage (``.to()``) rebuilds them, and so do
+        ``train()`` / ``eval()``; a write through ``.data`` is not seen until the block ends.
         """
         # the parameter dicts, not attribute access: this runs at every call, 90 times per decoded token
         params = (*_compat.direct_parameters(self), *_compat.direct_parameters(self.router))  # A, B, Omega_A, Omega_B, W_g
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return TokenIndependentFactors(self._build_stacked_up_t(), None)
+        if not self._reusing_factors or torch.compiler.is_compiling():  # torch.compile: in its graph (no pointer compares)
+            return self._build_factors()
         # new storage (.to(), .data =) changes the pointer; in-place updates bump the version
         key = _compat.parameter_versions(params)
         if self._factors_cache is None or self._factors_cache[0] != key:
-            with torch.no_grad():
-                router_weight = self.router.weight
-                stack = router_weight is not None and self.lora_A.dtype == router_weight.dtype == torch.float32
-                router_and_down_t = torch.cat([router_weight, self.lora_A]).t() if stack else None
-                self._factors_cache = (key, TokenIndependentFactors(self._build_stacked_up_t(), router_and_down_t))
+            self._factors_cache = (key, self._build_factors())
         return self._factors_cache[1]
+
+    @torch.no_grad()
+    def _build_factors(self) -> TokenIndependentFactors:
+        router_weight = self.router.weight
+        stack = router_weight is not None and self.lora_A.dtype == router_weight.dtype == torch.float32
+        router_and_down_t = torch.cat([router_weight, self.lora_A]).t() if stack else None
+        return TokenIndependentFactors(self._build_stacked_up_t(), router_and_down_t)
+
+    def drop_factors(self) -> None:
+        """Forget the factors kept inside :func:`reusing_factors` (the next call rebuilds them)."""
+        self._factors_cache = None
+
+    def train(self, mode: bool = True) -> "MoRAdapter":
+        self.drop_factors()  # train() / eval() start from the parameters as they are now
+        return super().train(mode)
 
     def _build_stacked_up_t(self) -> torch.Tensor:
         """U^T (N*r, d_out): U_i^T = (alpha/r) diag(Omega_A[i]) B^T diag(Omega_B[i]), built in the
@@ -167,122 +194,45 @@ class MoRAdapter(ExpertMixture):
         up_t = scales_in.unsqueeze(-1) * (self.expert_scales_out.unsqueeze(1) * self.lora_B.t())  # (N, r, d_out)
         return up_t.reshape(self.num_experts * self.r, self.out_features)  # [U_i^T]_i stacked
 
-    def expert_factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down (N, r, d_in), up (N, d_out, r)) with D_i = scaling * up[i] @ down[i], computed in
+    def expert_factors(self, dtype: torch.dtype | None = None) -> Factors:
+        """(A (N, r, d_in), B (N, d_out, r), scale) with D_i = scale * B[i] @ A[i], computed in
         ``dtype`` when given (float64 for spectra: in fp32 diag(Omega_A[i]) A rounds A's row space)."""
         a, b, omega_a, omega_b = (t if dtype is None else t.to(dtype) for t in
                                   (self.lora_A, self.lora_B, self.expert_scales_in, self.expert_scales_out))
-        return omega_a.unsqueeze(-1) * a, omega_b.unsqueeze(-1) * b  # diag(Omega_A[i]) A, diag(Omega_B[i]) B
+        return Factors(omega_a.unsqueeze(-1) * a, omega_b.unsqueeze(-1) * b, self.scaling)  # diag(Omega_A[i]) A, diag(Omega_B[i]) B
+
+
+def _drop_factors_after_load(adapter: MoRAdapter, _incompatible_keys) -> None:
+    adapter.drop_factors()  # whatever the loader wrote through, the next forward reads the loaded weights
+
+
+@contextlib.contextmanager
+def reusing_factors(model: nn.Module) -> Iterator[None]:
+    """Inside the block, each MoR adapter of ``model`` builds its token-independent factors (U) once,
+    at its first forward without gradients, and reuses them; at exit they are dropped. Generation
+    (``MoRModel.generate``, so ``peft_model.generate``) and evaluation open it: the weights do not
+    change during one call. Outside it nothing is kept, so a write through ``.data`` (weight
+    averaging, EMA, a loader) is always seen by the next forward. Nested blocks are fine."""
+    adapters = [m for m in model.modules() if isinstance(m, MoRAdapter)] if isinstance(model, nn.Module) else []
+    before = [adapter._reusing_factors for adapter in adapters]
+    for adapter in adapters:
+        adapter._reusing_factors = True
+    try:
+        yield
+    finally:
+        for adapter, reusing in zip(adapters, before):
+            adapter._reusing_factors = reusing
+            adapter.drop_factors()
 
 
 # -- the peft tuner layer --------------------------------------------------------------------------
 
-def linear_shape(layer: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a linear layer (nn.Linear and its quantised subclasses, or Conv1D)."""
-    if isinstance(layer, Conv1D):
-        d_in, d_out = layer.weight.shape
-        return d_in, d_out
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    raise TypeError(f"cannot adapt a {type(layer).__name__}: MoR adapts torch.nn.Linear (including "
-                    "bitsandbytes / torchao quantised linears) and transformers' Conv1D layers")
-
-
-def compute_dtype(layer: nn.Module) -> torch.dtype:
-    """The dtype a linear layer computes in: its weight's, or a quantised layer's compute dtype."""
-    dtype = getattr(layer, "compute_dtype", None)  # bitsandbytes Linear4bit
-    if dtype is not None:
-        return dtype
-    weight = layer.weight
-    if weight.dtype.is_floating_point and type(weight) in (torch.Tensor, nn.Parameter):
-        return weight.dtype
-    return torch.float32 if not weight.dtype.is_floating_point else weight.dtype
-
-
-def is_quantized(layer: nn.Module) -> bool:
-    """True for layers whose weight is not a plain float tensor (bitsandbytes, torchao, ...)."""
-    return type(layer.weight) not in (torch.Tensor, nn.Parameter) or not layer.weight.dtype.is_floating_point
-
-
-def is_4bit(layer: nn.Module) -> bool:
-    """True for a bitsandbytes 4-bit linear layer (its weight carries a ``quant_state``)."""
-    return getattr(getattr(layer, "weight", None), "quant_state", None) is not None
-
-
-def keep_4bit_states(model: nn.Module) -> None:
-    """Remember each bitsandbytes 4-bit layer's quantisation state as loaded, before its first forward.
-
-    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first no-grad forward in
-    eval mode for a bf16 kernel, rounding the per-block absmax to bf16 (its own inverse cannot undo
-    that). With the state kept, :func:`unpacked_4bit` gives back the weight as loaded, bit for bit.
-    The copy is shallow: it holds the original absmax (one byte per 64 weights), not the weights."""
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None and not getattr(state, "packing_format_for_cpu", False):
-            module.mor_quant_state = copy.copy(state)
-
-
-def unpacked_4bit(layer: nn.Module):
-    """(codes, quant_state) of a bitsandbytes 4-bit layer in bitsandbytes' standard layout, as
-    ``bitsandbytes.functional.dequantize_4bit`` takes them: the layer's own if it was never repacked
-    for the CPU kernel, else the codes unpacked by bitsandbytes' inverse and the state
-    :func:`keep_4bit_states` kept (the inverse's bf16-rounded state if none was kept)."""
-    weight = layer.weight
-    state = weight.quant_state
-    if not getattr(state, "packing_format_for_cpu", False):
-        return weight.data, state
-    codes, inverse_state = _compat.unpack_4bit_for_cpu(weight.data.clone(), copy.copy(state))
-    return codes, getattr(layer, "mor_quant_state", inverse_state)
-
-
-def keep_4bit_layout(model: nn.Module) -> int:
-    """Stop bitsandbytes from repacking ``model``'s 4-bit layers for its CPU bf16 kernel (see
-    :func:`keep_4bit_states`): a repacked layer passes no gradient to its input (bitsandbytes 0.50
-    registers no backward for that kernel) and computes differently from the training forward, so a
-    model that is evaluated while it trains must keep the layout it trains with. Returns how many
-    layers it applies to (0 off a CPU with AVX512-BF16)."""
-    kept = 0
-    for module in model.modules():
-        if is_4bit(module) and getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            kept += 1
-    return kept
-
-
-def stored_dtype(layer: nn.Module) -> torch.dtype:
-    """The float dtype a layer's weight is held in: for a bitsandbytes 4-bit layer the dtype its weights
-    had when they were quantised (that of the model's other weights, e.g. fp32 when loaded without a
-    dtype), else :func:`compute_dtype`. A merged 4-bit layer takes it, so the model stays one dtype."""
-    if is_4bit(layer):
-        state = layer.weight.quant_state
-        return getattr(state, "original_dtype", None) if getattr(state, "packing_format_for_cpu", False) \
-            else state.dtype
-    return compute_dtype(layer)
-
-
-@torch.no_grad()
-def dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """W (d_out, d_in) as the layer holds it. A bitsandbytes 4-bit layer is dequantised by
-    bitsandbytes' own ``dequantize_4bit`` from its state as loaded (:func:`unpacked_4bit`): the exact
-    weight its training forward multiplies by. Other quantised layers (8-bit, torchao) are read off
-    the layer's own output on the identity."""
-    if is_4bit(layer):
-        from bitsandbytes.functional import dequantize_4bit
-
-        return dequantize_4bit(*unpacked_4bit(layer)).to(dtype)
-    if not is_quantized(layer):
-        weight = layer.weight.to(dtype)
-        return weight.T if isinstance(layer, Conv1D) else weight
-    d_in, _ = linear_shape(layer)
-    device = layer.weight.device
-    rows = []
-    for start in range(0, d_in, 1024):
-        eye = torch.eye(d_in, dtype=compute_dtype(layer), device=device)[start:start + 1024]
-        out = layer(eye)
-        if getattr(layer, "bias", None) is not None:
-            out = out - layer.bias.to(out.dtype)
-        rows.append(out.to(dtype))
-    return torch.cat(rows).T  # (d_out, d_in)
+def autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is on for ``device_type`` (torch < 2.4 has one function per device)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 class MixtureLayer(nn.Module, BaseTunerLayer):
@@ -319,6 +269,11 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
                 dtype = adapter.dtype
                 if x.dtype == result.dtype == dtype:  # no casts to call: one decoded token is many small calls
                     result = adapter(x, base_out=result)
+                elif torch.is_grad_enabled() and autocast_enabled(x.device.type):
+                    # autocast runs the adapter's products in its own dtype: casting x and the (tokens, d_out)
+                    # output to the adapter's dtype and back would only add passes over them, forward and
+                    # backward (without gradients the sum is written in place, which autocast does not cast)
+                    result = adapter(x, base_out=result)
                 else:
                     result = adapter(x.to(dtype), base_out=result.to(dtype)).to(result.dtype)
         return result
@@ -351,18 +306,6 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "mor." + super().__repr__()
-
-
-def plain_linear(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
-    """An ``nn.Linear`` with ``weight`` (d_out, d_in) and the bias of ``layer``."""
-    d_out, d_in = weight.shape
-    bias = getattr(layer, "bias", None)
-    linear = nn.Linear(d_in, d_out, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias.to(weight.dtype))
-    return linear
 
 
 # -- finding the layers: the one way (the peft model, export, routing statistics, analysis, the CLI) -

@@ -27,7 +27,8 @@ from . import _compat
 from .baselines.moelora import MoELoRAAdapter
 from .config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, MoRConfig, read_adapter_config
 from .errors import AdapterError, DataError, MissingInput, SettingsError
-from .layer import MixtureLayer, MoRAdapter, compute_dtype, keep_4bit_states, linear_shape, named_mixture_layers
+from .layer import MixtureLayer, MoRAdapter, named_mixture_layers, reusing_factors
+from .quantized import compute_dtype, keep_4bit_states, linear_shape
 from .routing import GateRecorder, Routing, RoutingProfile, mean_balancing_loss, resolve_routing
 
 
@@ -102,6 +103,12 @@ class MoRModel(BaseTuner):
         # through the module call, so that the balance loss's hooks on the model run (peft <0.21 calls
         # self.model.forward, which skips them)
         return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """The model's ``generate`` (peft's ``PeftModel.generate`` calls this one), each MoR adapter's
+        U built once for the whole call (:func:`mor.layer.reusing_factors`), not at every token."""
+        with reusing_factors(self.model):
+            return self.model.generate(*args, **kwargs)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # peft's hook for swapping a module in (a mixture layer around its base) and back (unload, merge):
@@ -193,11 +200,12 @@ class MoRModel(BaseTuner):
     @contextlib.contextmanager
     def fixed_routing(self, routing: Routing) -> Iterator[None]:
         """Run with every router pinned to fixed weights (the un-merged twin of a merge)."""
-        routers = self._routers()
+        adapters = self.mor_adapters()
         weights = self.resolve_routing(routing)
+        routers = {name: adapter.router for name, adapter in adapters.items()}
         try:
             for name, router in routers.items():
-                router.fixed = weights[name]
+                router.fixed = weights[name].to(adapters[name].lora_A.device)  # a profile is on the CPU; the model may not be
             yield
         finally:
             for router in routers.values():
@@ -261,9 +269,9 @@ class MoRModel(BaseTuner):
 
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every quantised linear layer (bitsandbytes, torchao) by a plain ``nn.Linear`` in the
-    dtype its weights were loaded in, its weight dequantised by ``layer.dense_weight``, and drop the
+    dtype its weights were loaded in, its weight dequantised by ``quantized.dense_weight``, and drop the
     quantisation config: a merged model is then a plain model of one dtype that saves and reloads."""
-    from .layer import dense_weight, is_quantized, plain_linear, stored_dtype
+    from .quantized import dense_weight, is_quantized, plain_linear, stored_dtype
 
     quantized = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and is_quantized(m)]
     for name in quantized:

@@ -16,6 +16,9 @@ METHODS = ("mor", "moelora")  # the peft methods of this package
 ALL_METHODS = (*METHODS, "lora", "dora")  # every adapter a training run can put on (LoRA/DoRA: peft's own)
 ROUTERS = ("softmax", "mean", "balanced", "topk")
 INITS = ("ones_noise", "ones")
+#: Prompts per task a routing is measured on by default (a routing profile for merge / export-lora, the
+#: figures of mor analyze, mor compare's routing statistics): the one default of all of them.
+ROUTING_PROMPTS = 200
 
 #: Presets for ``target_modules`` (LLaMA-family names; other models: give the names).
 TARGET_PRESETS: dict[str, list[str]] = {
@@ -59,7 +62,7 @@ class MoROptions:
         "help": "shapes and a hash of a few base weights, recorded at save and checked at load"})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={
         "help": "modules trained in full beside the adapter and saved with it (e.g. lm_head, embed_tokens), "
-                "as in peft's LoRA", "flag": None})
+                "as in peft's LoRA"})
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(default=None, metadata={
         "help": "token ids whose embedding rows are trained and saved (new tokens of a chat template), "
                 "as in peft's LoRA; a dict maps embedding layer names to ids", "flag": None})

@@ -33,7 +33,7 @@ def layer_parameter_count(method: str, d_in: int, d_out: int, r: int, num_expert
 
 def target_shapes(model: nn.Module, target_modules="ffn") -> list[tuple[int, int]]:
     """(d_in, d_out) of every module that ``target_modules`` selects in ``model``."""
-    from .layer import linear_shape
+    from .quantized import linear_shape
     from .model import find_target_modules
 
     model = model.get_base_model() if hasattr(model, "get_base_model") else model

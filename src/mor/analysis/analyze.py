@@ -257,7 +257,7 @@ def spectrum_stats(sv: torch.Tensor, r: int | None = None, rtol: float = RANK_RT
 
 
 def _lora_factors(lora_model: nn.Module, layer_name: str):
-    """(scaling, B (d_out, r), A (r, d_in)) of the peft LoRA module whose name ends with
+    """(A (r, d_in), B (d_out, r), scale) of the peft LoRA module whose name ends with
     ``layer_name``, or None."""
     for name, module in lora_model.named_modules():
         if not (name == layer_name or name.endswith("." + layer_name)):
@@ -267,7 +267,7 @@ def _lora_factors(lora_model: nn.Module, layer_name: str):
             continue
         active = getattr(module, "active_adapters", None) or list(lora_a.keys())
         adapter = active[0] if active[0] in lora_a else next(iter(lora_a.keys()))
-        return float(module.scaling[adapter]), lora_b[adapter].weight, lora_a[adapter].weight
+        return lora_a[adapter].weight, lora_b[adapter].weight, float(module.scaling[adapter])
     return None
 
 
@@ -296,7 +296,8 @@ def layer_spectrum(layer: nn.Module, g: torch.Tensor, lora: tuple | None = None,
     """Spectra of one mixture layer for routing g (N,): mixed update, each expert, experts side by
     side and stacked, shared (alpha/r) B A (MoR), a LoRA model's (alpha/r) B A (docs/method.md, section 9)."""
     n, r, s = layer.num_experts, layer.r, layer.scaling
-    down, up = (t.detach().cpu() for t in layer.expert_factors(torch.float64))  # (N, r, d_in), (N, d_out, r)
+    down, up, _ = layer.expert_factors(torch.float64)
+    down, up = down.detach().cpu(), up.detach().cpu()  # (N, r, d_in), (N, d_out, r)
     g = torch.as_tensor(g).double().reshape(n, 1, 1)
     stack_up = lambda u: u.permute(1, 0, 2).reshape(layer.out_features, n * r)  # noqa: E731  (d_out, N*r)
     all_down = down.reshape(n * r, layer.in_features)  # (N*r, d_in)
@@ -322,7 +323,7 @@ def layer_spectrum(layer: nn.Module, g: torch.Tensor, lora: tuple | None = None,
     if isinstance(layer, MoRAdapter):
         data["shared"] = spectrum_stats(lowrank_singular_values(s * layer.lora_B, layer.lora_A.T), r, rtol)
     if lora is not None:
-        scale, b, a = lora
+        a, b, scale = lora
         data["lora"] = spectrum_stats(lowrank_singular_values(scale * b.double(), a.double().T), r, rtol)
         data["lora"]["r"] = int(a.shape[0])
     return data

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..options import update_scale
-from ..layer import ExpertMixture
+from ..layer import ExpertMixture, Factors
 from ..routing import Router
 
 
@@ -44,25 +44,27 @@ class MoELoRAAdapter(ExpertMixture):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         """sum_i G_i(x) B_i A_i x (times alpha/r), plus ``base_out`` (W x) when given."""
-        down, up_t, scaling = self.serving_factors()  # [A_1; ...; A_N] (N*r, d_in), B~^T (N*r, d_out), alpha/r
+        down, up, scale = self.serving_factors()  # [A_1; ...; A_N] (N*r, d_in), B~ (d_out, N*r), alpha/r
+        up_t = up.T  # (N*r, d_out)
         gates = self.router(x)  # (..., N)
         codes = self.dropout(x) @ down.T  # [A_i x]_i: (..., N*r)
         z = self.mix(gates, codes)  # G_i * A_i x: (..., N*r)
         if base_out is None:
-            return scaling * (z @ up_t)
+            return scale * (z @ up_t)
         out = torch.addmm(base_out.reshape(-1, self.out_features), z.reshape(-1, z.shape[-1]), up_t,
-                          alpha=scaling)  # W x + (alpha/r) B~ z in one pass over the output
+                          alpha=scale)  # W x + (alpha/r) B~ z in one pass over the output
         return out.view(base_out.shape)
 
     def mix(self, gates: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """z: each expert's code A_i x (..., N*r) times its gate G_i (..., N)."""
         return gates.repeat_interleave(self.r, dim=-1) * codes
 
-    def serving_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(down (N*r, d_in), up_t (N*r, d_out), alpha/r): the update is alpha/r times ``up_t``-times
-        ``mix(G, down x)``, with B~ = [B_1, ..., B_N] (d_out, N*r)."""
-        return self.lora_A.flatten(0, 1), self.lora_B.permute(1, 0, 2).flatten(1).T, self.scaling
+    def serving_factors(self) -> Factors:
+        """([A_1; ...; A_N] (N*r, d_in), B~ = [B_1, ..., B_N] (d_out, N*r), alpha/r): the update is
+        alpha/r times B~ ``mix(G, [A_i x]_i)``."""
+        return Factors(self.lora_A.flatten(0, 1), self.lora_B.permute(1, 0, 2).flatten(1), self.scaling)
 
-    def expert_factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down (N, r, d_in), up (N, d_out, r)) with D_i = scaling * up[i] @ down[i], in ``dtype`` when given."""
-        return (self.lora_A, self.lora_B) if dtype is None else (self.lora_A.to(dtype), self.lora_B.to(dtype))
+    def expert_factors(self, dtype: torch.dtype | None = None) -> Factors:
+        """(A (N, r, d_in), B (N, d_out, r), scale) with D_i = scale * B[i] @ A[i], in ``dtype`` when given."""
+        a, b = (self.lora_A, self.lora_B) if dtype is None else (self.lora_A.to(dtype), self.lora_B.to(dtype))
+        return Factors(a, b, self.scaling)

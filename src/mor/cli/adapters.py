@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import add_data, add_load_in_4bit, add_model, add_overwrite, at_least_one, command, load_in_4bit_of
 from ..errors import SettingsError
+from ..options import ROUTING_PROMPTS
 
 PLAIN_TEXT = ["The quick brown fox jumps over the lazy dog."]  # the check text when no --data is given
 
@@ -76,7 +77,8 @@ def add_merge_flags(m: argparse.ArgumentParser) -> None:
     m.add_argument("--adapter", required=True, help="MoR or MoE-LoRA adapter folder")
     add_data(m, required=False, help="task files/folders whose routing to measure (or give --routing)")
     m.add_argument("--routing", default=None, help="a saved routing_profile.json instead of measuring on --data")
-    m.add_argument("--limit", type=at_least_one, default=200, help="records of --data used to measure the routing")
+    m.add_argument("--limit", type=at_least_one, default=ROUTING_PROMPTS,
+                   help=f"records of --data used to measure the routing (default: {ROUTING_PROMPTS})")
     m.add_argument("--output", required=True, help="folder for the merged model (safetensors)")
     add_overwrite(m)
 
@@ -134,7 +136,8 @@ def add_analyze_flags(a: argparse.ArgumentParser) -> None:
     add_load_in_4bit(a)
     a.add_argument("--adapter", required=True, help="MoR or MoE-LoRA adapter folder")
     add_data(a, required=True)
-    a.add_argument("--limit", type=at_least_one, default=100, help="records per task used to measure routing")
+    a.add_argument("--limit", type=at_least_one, default=ROUTING_PROMPTS,
+                   help=f"records per task used to measure routing (default: {ROUTING_PROMPTS})")
     a.add_argument("--output", default="figures", help="folder for the figures and analysis.json (default: figures)")
     a.add_argument("--routing-stats", default=None,
                    help="routing_stats.json of a training run (default: the one beside --adapter, if any): "
@@ -178,8 +181,8 @@ def add_export_lora_flags(x: argparse.ArgumentParser) -> None:
     routing.add_argument("--data", nargs="+", default=[],
                          help="task files/folders: measure each task's routing, one LoRA per task in --output/<task>")
     x.add_argument("--skip-bad", action="store_true", help="skip malformed records of --data and report how many")
-    x.add_argument("--limit", type=at_least_one, default=200,
-                   help="records per task of --data used to measure the routing")
+    x.add_argument("--limit", type=at_least_one, default=ROUTING_PROMPTS,
+                   help=f"records per task of --data used to measure the routing (default: {ROUTING_PROMPTS})")
     x.add_argument("--output", required=True, help="folder for the LoRA (with --data: one subfolder per task)")
     add_overwrite(x)
     x.add_argument("--no-check", action="store_true",

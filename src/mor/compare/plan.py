@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import PlanError
+from ..options import ROUTING_PROMPTS
 from ..train.adapters import AdapterSpec
 from ..train.config import TrainConfig, read_mapping_file
 
@@ -51,7 +52,7 @@ ARM_KEYS = {"label", "lr", "lrs", "seeds"}
 
 @dataclass
 class DataPlan:
-    train: list[str]
+    train: list[str] = field(default_factory=list)  # required: validate() says so
     heldout: list[str] = field(default_factory=list)
     root: Optional[str] = None
     train_per_task: int = 1000
@@ -60,6 +61,15 @@ class DataPlan:
     heldout_per_task: int = 300
     split_seed: int = 1234
     columns: dict = field(default_factory=dict)  # record field -> column of the data (as --columns)
+
+    def validate(self, where: str) -> None:
+        _need(isinstance(self.train, list) and self.train and all(isinstance(t, str) for t in self.train),
+              f"{where}.train", "give a list of tasks (paths, hub ids or builtin:<task>)")
+        for key in ("train_per_task", "test_per_task", "heldout_per_task"):
+            _count(getattr(self, key), f"{where}.{key}", 1)
+        _count(self.validation_per_task, f"{where}.validation_per_task", 0)
+        names = [Path(t.removeprefix(BUILTIN_PREFIX)).name for t in self.train + self.heldout]
+        _need(len(set(names)) == len(names), where, f"two tasks share a name in {names}")
 
     def key(self) -> dict:
         """What the carved splits depend on (paths as written: the key does not change between machines)."""
@@ -85,6 +95,13 @@ class Select:
     max_steps: Optional[int] = None  # default: the plan's
     seeds: Optional[list[int]] = None  # default: the plan's first seed
     widen: int = 2  # rates an arm's grid may gain beyond its edges (0: the grid as written)
+
+    def validate(self, where: str) -> None:
+        self.lrs = _rates(self.lrs, f"{where}.lrs")
+        if self.seeds is not None:
+            self.seeds = _positive_ints(self.seeds, f"{where}.seeds")
+        _need(isinstance(self.widen, int) and not isinstance(self.widen, bool) and self.widen >= 0,
+              f"{where}.widen", "give how many rates a grid may gain beyond its edges (0 or more)")
 
 
 @dataclass
@@ -117,7 +134,7 @@ class Plan:
     baseline: bool = False  # also score the base model (no adapter)
     budget: Optional[dict] = None
     processes: int = 1  # processes per training (accelerate), where the machine has them
-    routing_prompts: int = 64
+    routing_prompts: int = ROUTING_PROMPTS  # prompts per task for the routing statistics of the final runs
     eval_batch_size: int = 16
     results: Optional[str] = None
     work: Optional[str] = None
@@ -125,6 +142,26 @@ class Plan:
     resources: dict = field(default_factory=dict)  # one run's gpus / cpus / mem_gb (engines.Resources)
     slurm: dict = field(default_factory=dict)  # partition / timeout_min / array_parallelism of --engine slurm
     path: Optional[Path] = None  # the plan file
+
+    def validate(self, where: str = "plan") -> None:
+        """Every value checked, each error naming its key (as ``TrainConfig.validate`` names the flag)."""
+        self.data.validate(f"{where}: data")
+        for k in self.train:
+            _need(k in TRAIN_FIELDS, f"{where}: train.{k}",
+                  f"not a run setting a plan may set ({'set per run by compare' if k in ENGINE_SETTINGS else 'unknown'}); "
+                  f"known: {sorted(TRAIN_FIELDS)}")
+        _need(isinstance(self.train.get("max_steps"), int) and self.train["max_steps"] >= 1,
+              f"{where}: train.max_steps", "give the optimizer steps of every run (at least 1)")
+        self.select.validate(f"{where}: select")
+        self.seeds = _positive_ints(self.seeds, f"{where}: seeds")
+        _need(self.engine in ENGINE_NAMES, f"{where}: engine", f"give one of {', '.join(ENGINE_NAMES)}")
+        for a, b in self.comparisons():
+            for side in (a, b):
+                _need(side in self.arms or (side == "base" and self.baseline), f"{where}: compare [{a}, {b}]",
+                      f"no arm {side!r} (arms: {sorted(self.arms)}{', base' if self.baseline else ''})")
+        for key in ("processes", "routing_prompts", "eval_batch_size"):
+            _count(getattr(self, key), f"{where}: {key}", 1)
+        _need(isinstance(self.baseline, bool), f"{where}: baseline", "give true or false")
 
     @property
     def folder(self) -> Path:
@@ -257,45 +294,38 @@ def read_plan(path: str | Path) -> Plan:
 
 
 def plan_from_dict(raw: dict, path: Path | None = None) -> Plan:
+    """A plan from ``{key: value}`` as a plan file holds it, the way ``TrainConfig.from_dict`` reads
+    a run: an unknown key is an error naming it, every default comes from the dataclasses above,
+    and :meth:`Plan.validate` checks the values (errors name the key)."""
     where = f"plan {path}" if path else "plan"
-    known = {f.name for f in fields(Plan)} - {"path"}
-    _only(raw, known, where)
+    _only(raw, PLAN_KEYS, where)
     _need("data" in raw and "arms" in raw, where, "needs data: and arms:")
-    name = str(raw.get("name") or (path.stem if path else "compare"))
+    values = dict(raw)
+    values["name"] = str(raw.get("name") or (path.stem if path else "compare"))
+    values["data"] = _sub_plan(DataPlan, raw["data"], f"{where}: data", "give a mapping (train:, heldout:, sizes)")
+    values["select"] = _sub_plan(Select, raw.get("select") or {}, f"{where}: select",
+                                 "give a mapping (lrs:, max_steps:, seeds:, widen:)")
+    values["arms"] = _arms(raw["arms"], where)
+    values["train"] = dict(raw.get("train") or {})
+    values["compare"] = [tuple(c) for c in raw.get("compare") or []]
+    for key, known in (("resources", RESOURCE_KEYS), ("slurm", SLURM_KEYS)):
+        values[key] = _engine_mapping(raw, key, known, where)
+    plan = Plan(**values, path=path.resolve() if path else None)
+    plan.validate(where)
+    return plan
 
-    data = raw["data"]
-    _need(isinstance(data, dict), f"{where}: data", "give a mapping (train:, heldout:, sizes)")
-    _only(data, {f.name for f in fields(DataPlan)}, f"{where}: data")
-    _need(isinstance(data.get("train"), list) and data["train"] and all(isinstance(t, str) for t in data["train"]),
-          f"{where}: data.train", "give a list of tasks (paths, hub ids or builtin:<task>)")
-    data_plan = DataPlan(**data)
-    for key in ("train_per_task", "test_per_task", "heldout_per_task"):
-        _need(isinstance(getattr(data_plan, key), int) and getattr(data_plan, key) >= 1, f"{where}: data.{key}",
-              "give at least 1")
-    _need(isinstance(data_plan.validation_per_task, int) and data_plan.validation_per_task >= 0,
-          f"{where}: data.validation_per_task", "give 0 or more")
-    names = [Path(t.removeprefix(BUILTIN_PREFIX)).name for t in data_plan.train + data_plan.heldout]
-    _need(len(set(names)) == len(names), f"{where}: data", f"two tasks share a name in {names}")
 
-    train = dict(raw.get("train") or {})
-    for k in train:
-        _need(k in TRAIN_FIELDS, f"{where}: train.{k}",
-              f"not a run setting a plan may set ({'set per run by compare' if k in ENGINE_SETTINGS else 'unknown'}); "
-              f"known: {sorted(TRAIN_FIELDS)}")
-    _need(isinstance(train.get("max_steps"), int) and train["max_steps"] >= 1, f"{where}: train.max_steps",
-          "give the optimizer steps of every run (at least 1)")
+PLAN_KEYS = {f.name for f in fields(Plan)} - {"path"}
 
-    select = raw.get("select") or {}
-    _need(isinstance(select, dict), f"{where}: select", "give a mapping (lrs:, max_steps:, seeds:, widen:)")
-    _only(select, {f.name for f in fields(Select)}, f"{where}: select")
-    select_plan = Select(lrs=_rates(select.get("lrs", Select().lrs), f"{where}: select.lrs"),
-                         max_steps=select.get("max_steps"),
-                         seeds=_positive_ints(select["seeds"], f"{where}: select.seeds") if "seeds" in select else None,
-                         widen=select.get("widen", Select().widen))
-    _need(isinstance(select_plan.widen, int) and not isinstance(select_plan.widen, bool) and select_plan.widen >= 0,
-          f"{where}: select.widen", "give how many rates a grid may gain beyond its edges (0 or more)")
 
-    arms_raw = raw["arms"]
+def _sub_plan(cls, value, where: str, what: str):
+    """``cls(**value)`` for a mapping of a plan (data:, select:), its unknown keys named."""
+    _need(isinstance(value, dict), where, what)
+    _only(value, {f.name for f in fields(cls)}, where)
+    return cls(**value)
+
+
+def _arms(arms_raw, where: str) -> dict[str, Arm]:
     if isinstance(arms_raw, list):  # shorthand: [lora, mor] -> default settings, matched budget
         arms_raw = {a: {"method": a} for a in arms_raw}
     _need(isinstance(arms_raw, dict) and arms_raw, f"{where}: arms", "give a mapping of arm name -> settings")
@@ -317,22 +347,18 @@ def plan_from_dict(raw: dict, path: Path | None = None) -> Plan:
                   seeds=_positive_ints(settings["seeds"], f"{w}.seeds") if "seeds" in settings else None)
         _need(arm.lr is None or arm.lrs is None, w, "give lr (fixed) or lrs (its grid), not both")
         arms[str(arm_name)] = arm
+    return arms
 
-    plan = Plan(name=name, data=data_plan, arms=arms, model=raw.get("model"), train=train,
-                seeds=_positive_ints(raw.get("seeds", [0, 1, 2]), f"{where}: seeds"), select=select_plan,
-                compare=[tuple(c) for c in raw.get("compare") or []], baseline=bool(raw.get("baseline", False)),
-                budget=raw.get("budget"), processes=int(raw.get("processes", 1)),
-                routing_prompts=int(raw.get("routing_prompts", 64)), eval_batch_size=int(raw.get("eval_batch_size", 16)),
-                results=raw.get("results"), work=raw.get("work"), engine=str(raw.get("engine", "local")),
-                resources=_engine_mapping(raw, "resources", RESOURCE_KEYS, where),
-                slurm=_engine_mapping(raw, "slurm", SLURM_KEYS, where), path=path.resolve() if path else None)
-    _need(plan.engine in ENGINE_NAMES, f"{where}: engine", f"give one of {', '.join(ENGINE_NAMES)}")
-    for a, b in plan.comparisons():
-        for side in (a, b):
-            _need(side in arms or (side == "base" and plan.baseline), f"{where}: compare [{a}, {b}]",
-                  f"no arm {side!r} (arms: {sorted(arms)}{', base' if plan.baseline else ''})")
-    _need(plan.processes >= 1, f"{where}: processes", "give at least 1")
-    return plan
+
+def _default(cls, name: str):
+    """The default of field ``name`` of the dataclass ``cls``."""
+    item = cls.__dataclass_fields__[name]
+    return item.default_factory() if callable(item.default_factory) else item.default
+
+
+def _count(value, where: str, least: int) -> None:
+    _need(isinstance(value, int) and not isinstance(value, bool) and value >= least, where,
+          f"give {'at least 1' if least else '0 or more'}")
 
 
 # -- the common case without a plan file ---------------------------------------------------------------
@@ -360,7 +386,7 @@ def plan_from_flags(data: list[str], heldout: list[str] | None = None, arms: lis
     raw = dict(name=name, model=str(Path(model).resolve()) if model and Path(model).exists() else model,
                data=dict(train=[local(t) for t in data], heldout=[local(t) for t in heldout or []]),
                train=dict(max_steps=steps or DEFAULT_STEPS, **({"target": target} if target else {})),
-               seeds=list(seeds or [0, 1, 2]), select=dict(lrs=list(lrs or Select().lrs)),
+               seeds=list(seeds or _default(Plan, "seeds")), select=dict(lrs=list(lrs or Select().lrs)),
                arms=list(arms or ["lora", "mor"]),
                results=str(Path("results/compare", name).resolve()), work=str(Path("runs/compare", name).resolve()))
     plan_from_dict(raw)

@@ -376,12 +376,14 @@ def _score_requests(model, requests: list[_Request], groups: list[list[_Request]
         from tqdm.auto import tqdm
 
         pbar = tqdm(total=len(requests), desc="Scoring choices", unit="choice")
+    from ..layer import reusing_factors
+
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
         model.eval()
     device = _model_device(model)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), reusing_factors(model):  # each MoR adapter's U built once for all batches
             if groups:
                 try:
                     _score_prefix_groups(model, groups, batch_size, device, _cache_kwarg(model), pbar)

@@ -17,19 +17,15 @@ import dataclasses
 import typing
 from typing import Any, Optional
 
-from peft import PeftConfig
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from .. import _compat
 from ..config import MoRConfig
 from ..train.config import TrainConfig
+from . import BLOCK_FIELDS, mor_config
 
 ADAPTER = "mor"
 AXOLOTL_CHECKED = ((0, 19), (0, 20))  # [min, max): the axolotl releases this plugin was tested with
-
-#: MoRConfig's own fields (not peft's bookkeeping ones) that the ``mor:`` block takes
-BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(MoRConfig)
-                     if f.name not in {g.name for g in dataclasses.fields(PeftConfig)} | {"base_model_fingerprint"})
 TRAINING_FIELDS = ("router_lr_multiplier",)  # from TrainConfig: a training setting, not the adapter's
 
 
@@ -67,12 +63,6 @@ class MoRArgs(BaseModel):
             raise ValueError("adapter: mor does not support load_in_8bit (MoR wraps float and bitsandbytes 4-bit "
                              "linear layers only): use load_in_4bit, or a full-precision base")
         return data
-
-
-def mor_config(block: Optional[dict], base_model: Optional[str] = None) -> MoRConfig:
-    """The MoRConfig of a ``mor:`` block (router_lr_multiplier left out: it is the optimizer's)."""
-    fields = {k: v for k, v in (block or {}).items() if k in BLOCK_FIELDS and v is not None}
-    return MoRConfig(**fields, base_model_name_or_path=base_model)
 
 
 def _router_lr_multiplier(cfg) -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import _compat
 from ..errors import MissingInput, SettingsError, require
 
 DEFAULT_MODEL = "smollm2"
@@ -71,13 +72,14 @@ def convert_gguf(gguf: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                          **_compat.dtype_kwargs(torch.float32))
         # The weights are dequantised already, but the model still carries the GGUF quantiser,
         # which refuses to save: rebuild a plain model from the config and copy the weights.
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, **_compat.dtype_kwargs(torch.float32))
         model.load_state_dict(gguf_model.state_dict())
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -151,7 +153,7 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype | str = torch
     kwargs.setdefault("trust_remote_code", False)
     if load_in_4bit:
         kwargs["quantization_config"] = four_bit_config(dtype)
-    return _from_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype, **kwargs)
+    return _from_pretrained(AutoModelForCausalLM, name_or_path, **_compat.dtype_kwargs(dtype), **kwargs)
 
 
 def four_bit_config(compute_dtype: torch.dtype = torch.float32):

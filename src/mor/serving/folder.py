@@ -64,6 +64,11 @@ def export_for_vllm(adapter_dir: Union[str, Path], output_dir: Union[str, Path],
         raise AdapterError(f"{adapter_dir} holds a {kind or 'non-MoR'} adapter, not MoR/MoE-LoRA: vLLM serves peft "
                              "LoRA folders itself (vllm serve BASE --enable-lora --lora-modules name=FOLDER)")
     config = MoRConfig.from_dict(data)
+    beside = [key for key in ("modules_to_save", "trainable_token_indices") if getattr(config, key, None)]
+    if beside:
+        raise AdapterError(f"{adapter_dir} also trains {' and '.join(beside)}, which the MoR vLLM plugin does not "
+                           "serve (it places the adapter's layers only): merge it with mor merge, or export per-task "
+                           "LoRAs that carry them with mor export-lora")
     base_dir = base_model_folder(model or config.base_model_name_or_path)
     base_config = json.loads((base_dir / "config.json").read_text())
     arch = (base_config.get("architectures") or [None])[0]

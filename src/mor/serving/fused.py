@@ -8,7 +8,7 @@ its own adapter, so the fused layer computes, for every adapted slice s of its o
     [W_g,s; down_s] x      for all slices at once: ONE product with the stacked (d_in, sum_s (N_s + R_s))
     G_s = gates_from_logits(W_g,s x)          (T, N)    mor.routing: softmax / top-k / uniform
     z_s = mix_s(G_s, down_s x)                (T, N*r)  MoRAdapter.mix: G_i * A x for each expert i
-    out[:, c_s] += alpha_s * z_s @ up_t_s     U_s z_s, with U_s built by the adapter itself
+    out[:, c_s] += scale_s * z_s @ up_t_s     U_s z_s, with U_s built by the adapter itself
 
 which is, slice by slice, the equation of ``MoRAdapter.forward`` (``MoELoRAAdapter.forward``):
 the factors come from the adapters' own ``serving_factors()``, the gates from the same function
@@ -54,7 +54,7 @@ class ServedSlice:
     num_experts: int
     strategy: str
     top_k: int
-    alpha: float  # 1 for MoR (alpha/r lives in U), alpha/r for MoE-LoRA
+    scale: float  # 1 for MoR (alpha/r lives in U), alpha/r for MoE-LoRA
 
 
 class ServedMixtureLinear(nn.Module):
@@ -78,7 +78,8 @@ class ServedMixtureLinear(nn.Module):
             for name, adapter in adapters.items():
                 if adapter.in_features != self.in_features or adapter.dtype != self.dtype:
                     raise ValueError(f"{name}: every adapter of one fused layer needs the same input size and dtype")
-                down, up_t, alpha = adapter.serving_factors()
+                down, up, scale = adapter.serving_factors()  # (A, B, scale): B (d_out, R)
+                up_t = up.T  # (R, d_out)
                 router = adapter.router.weight  # W_g (N, d_in); None for the uniform router
                 n = adapter.num_experts
                 logits = None
@@ -99,7 +100,7 @@ class ServedMixtureLinear(nn.Module):
                     raise AdapterError(f"{name}: the adapter writes {up_t.shape[1]} outputs but the served layer has "
                                          f"{stop - start} in columns {start}:{stop}")
                 slices.append(ServedSlice(name, (start, stop), logits, codes, n, adapter.router.strategy,
-                                          adapter.router.top_k, float(alpha)))
+                                          adapter.router.top_k, float(scale)))
         self.slices = tuple(slices)
         self.mixes: tuple[Callable, ...] = tuple(adapter.mix for adapter in adapters.values())
         # token-independent factors, built once into the engine's GEMMs: [W_g; down]^T of every
@@ -123,7 +124,7 @@ class ServedMixtureLinear(nn.Module):
         work = flat if flat.dtype == self.dtype else flat.to(self.dtype)
         for part, mix, expand in zip(self.slices, self.mixes, self.expands):
             z = mix(self._gates(part, tokens, logits), stacked[:, part.codes[0]:part.codes[1]])  # (T, N*r)
-            work[:, part.columns[0]:part.columns[1]].add_(expand(z), alpha=part.alpha)
+            work[:, part.columns[0]:part.columns[1]].add_(expand(z), alpha=part.scale)
         return out if work is flat else work.to(out.dtype).view(out.shape)
 
     def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -44,6 +44,7 @@ class AdapterSpec:
     r: int = _from_mor("r")
     num_experts: int = _from_mor("num_experts")
     alpha: Optional[float] = _from_mor("alpha")
+    use_rslora: bool = _from_mor("use_rslora")
     dropout: float = _from_mor("dropout")
     target_modules: Union[list[str], str] = _from_mor("target_modules", parse=parse_targets)
     router: str = _from_mor("router", choices=ROUTERS)
@@ -52,6 +53,7 @@ class AdapterSpec:
     init: str = _from_mor("init", choices=INITS)
     init_scale_std: float = _from_mor("init_scale_std")
     init_seed: Optional[int] = _from_mor("init_seed", flag=None)  # no flag of its own: --seed seeds the adapter
+    modules_to_save: Optional[list[str]] = _from_mor("modules_to_save")
 
     def __post_init__(self) -> None:
         if self.method not in ALL_METHODS:
@@ -85,7 +87,8 @@ class AdapterSpec:
 
         targets = find_target_modules(model, config) if model is not None else config.target_modules
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
-                          use_dora=self.method == "dora", task_type="CAUSAL_LM")
+                          use_dora=self.method == "dora", use_rslora=self.use_rslora,
+                          modules_to_save=self.modules_to_save, task_type="CAUSAL_LM")
 
     def parameter_count(self, model: nn.Module) -> int:
         """Closed-form trainable parameters of this adapter on ``model`` (see mor.params)."""

@@ -24,7 +24,8 @@ from .. import _compat
 from ..analysis.routing_stats import STATS_NAME, RoutingStatsCallback
 from ..data import Task, collate, tokenize_examples, training_examples
 from ..eval.tasks import evaluate_model
-from ..layer import find_routers, keep_4bit_layout
+from ..layer import find_routers
+from ..quantized import keep_4bit_layout
 from ..params import count_trainable_parameters
 from ..runtime.distributed import (adapter_checksum, all_gather_objects, check_launch_before_start, checkpoint_state,
                                    gather_adapter_state_dict, save_adapter, world_size)

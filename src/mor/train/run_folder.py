@@ -27,7 +27,7 @@ def _differences(recorded: Mapping[str, Any], now: Mapping[str, Any], prefix: st
         old, new = recorded.get(key), now.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
             out.extend(_differences(old, new, f"{prefix}{key}."))
-        elif old != new:
+        elif old != new and not (key not in recorded and new is False):  # a switch added since, left off
             out.append(f"{prefix}{key}: {old!r} in the run, {new!r} now")
     return out
 
