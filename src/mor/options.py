@@ -17,7 +17,8 @@ ALL_METHODS = (*METHODS, "lora", "dora")  # every adapter a training run can put
 ROUTERS = ("softmax", "mean", "balanced", "topk")
 INITS = ("ones_noise", "ones")
 #: Prompts per task a routing is measured on by default (a routing profile for merge / export-lora, the
-#: figures of mor analyze, mor compare's routing statistics): the one default of all of them.
+#: figures of mor analyze): the one default of the commands. mor compare's plans keep 64 (compare/plan.py):
+#: their finished results are keyed on it.
 ROUTING_PROMPTS = 200
 
 #: Presets for ``target_modules`` (LLaMA-family names; other models: give the names).

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import PlanError
-from ..options import ROUTING_PROMPTS
 from ..train.adapters import AdapterSpec
 from ..train.config import TrainConfig, read_mapping_file
 
@@ -134,7 +133,9 @@ class Plan:
     baseline: bool = False  # also score the base model (no adapter)
     budget: Optional[dict] = None
     processes: int = 1  # processes per training (accelerate), where the machine has them
-    routing_prompts: int = ROUTING_PROMPTS  # prompts per task for the routing statistics of the final runs
+    # prompts per task for the routing statistics of the final runs: 64, not the commands' ROUTING_PROMPTS, because
+    # every finished result is keyed on it (runner.job_key): another default would orphan the results on disk
+    routing_prompts: int = 64
     eval_batch_size: int = 16
     results: Optional[str] = None
     work: Optional[str] = None
