@@ -444,3 +444,14 @@ def test_each_bootstrap_interval_is_drawn_on_its_comparisons_row(count):
         assert y == point.get_ydata()[0] and low + 0.4 < y < high - 0.4  # on the point's row, inside the axis
         assert list(band.get_xdata()) == pytest.approx([100 * x for x in comp["trained"]["bootstrap_95"]])
     _plt().close(fig)
+
+
+def test_settings_added_since_results_were_keyed_change_the_key_only_when_set():
+    """use_rslora / modules_to_save came after results/quality was keyed: left at their defaults the key
+    is the one those results carry (test_report_reproduces_* reads them); set, the key differs."""
+    from mor.train.adapters import AdapterSpec
+
+    plain, rslora = AdapterSpec(method="mor"), AdapterSpec(method="mor", use_rslora=True)
+    assert "use_rslora" not in plain.key() and "modules_to_save" not in plain.key()
+    assert rslora.key()["use_rslora"] is True
+    assert AdapterSpec(method="lora", modules_to_save=["lm_head"]).key()["modules_to_save"] == ["lm_head"]

@@ -117,7 +117,7 @@ class Arm:
         return AdapterSpec(**self.adapter)
 
     def key(self) -> dict:
-        return dict(adapter=self.spec().to_dict(), train=dict(sorted(self.train.items())))
+        return dict(adapter=self.spec().key(), train=dict(sorted(self.train.items())))
 
 
 @dataclass

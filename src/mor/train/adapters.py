@@ -99,6 +99,15 @@ class AdapterSpec:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    #: Fields added after results were first keyed on ``key()`` (mor compare's finished runs).
+    ADDED_SINCE_KEYED = ("use_rslora", "modules_to_save")
+
+    def key(self) -> dict:
+        """What a result depends on: ``to_dict()`` without the fields added since, when left at their
+        defaults, so that results keyed before those fields existed still match."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: v for k, v in self.to_dict().items() if not (k in self.ADDED_SINCE_KEYED and v == defaults[k])}
+
 
 def apply_adapter(model: nn.Module, spec: AdapterSpec, tokens_per_step: int = 0) -> nn.Module:
     """Freeze ``model`` and attach the adapter of ``spec``; returns the peft model.
