@@ -38,19 +38,20 @@ def mor_generate(capsys, model: str, adapter, prompt: str) -> str:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, smollm2_path):
     """A MoR adapter trained on SmolLM2 (boolq + ARC-Easy, attention+ffn) with the router's
-    learning rate x100, so that routing is far from uniform; and its vLLM folder."""
+    learning rate x100, so that routing is far from uniform (after 12 steps the mean top gate is about
+    0.85 where uniform is 0.125; the test asserts > 0.1875) and the answers change; and its vLLM folder."""
     if not COMMONSENSE.is_dir():
         pytest.skip("../shared/data/commonsense is absent")
     folder = tmp_path_factory.mktemp("vllm-trained")
     run = folder / "run"
     data = []
-    for task in ("boolq", "ARC-Easy"):  # 24 steps of 4 use 96 records: tokenise 256 of each, not all 11,678
+    for task in ("boolq", "ARC-Easy"):  # 12 steps of 4 use 48 records: tokenise 256 of each, not all 11,678
         (folder / task).mkdir()
         records = json.loads((COMMONSENSE / task / "train.json").read_text())[:TRAIN_RECORDS]
         (folder / task / "train.json").write_text(json.dumps(records))
         data.append(str(folder / task))
     assert cli(["train", "--data", *data,
-                "--target-modules", "attention+ffn", "--router-lr-multiplier", "100", "--max-steps", "24",
+                "--target-modules", "attention+ffn", "--router-lr-multiplier", "100", "--max-steps", "12",
                 "--batch-size", "4", "--max-length", "96", "--no-eval", "--no-figures", "--routing-stats-steps", "0",
                 "--output", str(run)]) == 0
     assert cli(["export-vllm", "--adapter", str(run / "adapter"), "--model", smollm2_path,
