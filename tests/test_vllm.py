@@ -116,6 +116,26 @@ def test_vllm_serves_each_architecture_with_peft_tokens_and_gates(tmp_path, arch
     assert slices == 4  # q, k, v in the fused qkv_proj, and down_proj
 
 
+def test_compiled_vllm_serves_mor_with_peft_tokens(tmp_path):
+    """vLLM as a user runs it (compiled: torch.compile of the model with the served MoR layers, not
+    --enforce-eager) gives peft's greedy tokens, as the eager engines above do."""
+    base = tiny_base(tmp_path / "base", "LlamaForCausalLM")
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                                mor.MoRConfig(r=4, num_experts=4, init_seed=0, target_modules="attention+ffn"))
+    randomise(peft_model, router_scale=10.0)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    serve = export_for_vllm(tmp_path / "adapter", tmp_path / "serve", model=str(base))
+    got = run_vllm(tmp_path, {"model": str(serve), "prompts": PROMPTS, "max_tokens": 12, "eager": False})
+
+    model = mor.load_adapter(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter").eval()
+    want = peft_greedy(model, PROMPTS, 12)
+    assert got["tokens"] == want
+    with model.disable_adapter():
+        assert peft_greedy(model, PROMPTS, 12) != want  # the adapter changes the tokens: the equality can fail
+
+
 def test_a_served_folder_fails_loudly_on_a_vllm_without_the_plugin(tmp_path):
     base = tiny_base(tmp_path / "base", "LlamaForCausalLM")
     from transformers import AutoModelForCausalLM
