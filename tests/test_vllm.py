@@ -71,6 +71,19 @@ def tiny_base(folder: Path, arch: str, max_positions: int = 512) -> Path:
     return folder
 
 
+def served_tiny_mor(tmp_path: Path, arch: str, **config) -> tuple[Path, Path]:
+    """(base, vLLM folder): a tiny ``arch`` with a randomised MoR adapter (r=4, N=4, attention+ffn; ``config``
+    adds to it) saved under tmp_path/adapter and exported for vLLM."""
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_base(tmp_path / "base", arch)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                                mor.MoRConfig(r=4, num_experts=4, init_seed=0, target_modules="attention+ffn", **config))
+    randomise(peft_model, router_scale=10.0)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return base, export_for_vllm(tmp_path / "adapter", tmp_path / "serve", model=str(base))
+
+
 PROMPTS = [[5 + (7 * i + 3 * j) % 250 for j in range(4 + i % 7)] for i in range(8)]
 
 
@@ -81,15 +94,9 @@ PROMPTS = [[5 + (7 * i + 3 * j) % 250 for j in range(4 + i % 7)] for i in range(
     ("LlamaForCausalLM", "moelora", "softmax"),
 ])
 def test_vllm_serves_each_architecture_with_peft_tokens_and_gates(tmp_path, arch, method, router):
-    base = tiny_base(tmp_path / "base", arch)
     from transformers import AutoModelForCausalLM
 
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                                mor.MoRConfig(method=method, router=router, r=4, num_experts=4, init_seed=0,
-                                              target_modules="attention+ffn"))
-    randomise(peft_model, router_scale=10.0)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    serve = export_for_vllm(tmp_path / "adapter", tmp_path / "serve", model=str(base))
+    base, serve = served_tiny_mor(tmp_path, arch, method=method, router=router)
     probe = ["model.layers.1.self_attn.qkv_proj", "model.layers.1.mlp.down_proj"]
     got = run_vllm(tmp_path, {"model": str(serve), "prompts": PROMPTS, "max_tokens": 12, "probe": probe})
 
@@ -119,14 +126,9 @@ def test_vllm_serves_each_architecture_with_peft_tokens_and_gates(tmp_path, arch
 def test_compiled_vllm_serves_mor_with_peft_tokens(tmp_path):
     """vLLM as a user runs it (compiled: torch.compile of the model with the served MoR layers, not
     --enforce-eager) gives peft's greedy tokens, as the eager engines above do."""
-    base = tiny_base(tmp_path / "base", "LlamaForCausalLM")
     from transformers import AutoModelForCausalLM
 
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                                mor.MoRConfig(r=4, num_experts=4, init_seed=0, target_modules="attention+ffn"))
-    randomise(peft_model, router_scale=10.0)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    serve = export_for_vllm(tmp_path / "adapter", tmp_path / "serve", model=str(base))
+    base, serve = served_tiny_mor(tmp_path, "LlamaForCausalLM")
     got = run_vllm(tmp_path, {"model": str(serve), "prompts": PROMPTS, "max_tokens": 12, "eager": False})
 
     model = mor.load_adapter(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter").eval()
