@@ -154,4 +154,27 @@ def test_a_run_recorded_before_a_switch_existed_resumes_with_it_off(tmp_path):
     claim_run_folder(tmp_path, now, resume=True)  # mor train --resume of a run from before --use-rslora
     with pytest.raises(OutputError, match="use_rslora: None in the run, True now"):
         claim_run_folder(tmp_path, {**now, "adapter": {**now["adapter"], "use_rslora": True}}, resume=True)
+    with pytest.raises(OutputError, match="packing: None in the run, True now"):
+        claim_run_folder(tmp_path, {**now, "packing": True}, resume=True)
+    # a run recorded with the switches written out at their defaults is the same run as one without them
+    (tmp_path / RUN_RECORD).write_text(json.dumps({"settings": {**now, "packing": False}}))
+    claim_run_folder(tmp_path, {"adapter": {"r": 8}, "lr": 0.001}, resume=True)
+    with pytest.raises(OutputError, match="lr: 0.001 in the run, 0.002 now"):  # other settings still count
+        claim_run_folder(tmp_path, {"adapter": {"r": 8}, "lr": 0.002}, resume=True)
+
+
+def test_one_rule_for_settings_added_since_in_run_records_and_result_keys():
+    from dataclasses import fields
+
+    from mor.train.adapters import AdapterSpec, without_added_defaults
+    from mor.train.config import TrainConfig
+
+    added = {f.name for cls in (TrainConfig, AdapterSpec) for f in fields(cls) if f.metadata.get("added")}
+    assert added == {"use_rslora", "modules_to_save", "packing", "load_in_4bit", "group_by_length"}
+    spec = AdapterSpec(use_rslora=True)
+    assert spec.key() == without_added_defaults(spec.to_dict(), AdapterSpec) and spec.key()["use_rslora"] is True
+    settings = TrainConfig().resume_settings()
+    key = TrainConfig.resume_key(settings)
+    assert "packing" in settings and "packing" not in key and "use_rslora" not in key["adapter"]
+    assert TrainConfig.resume_key({**settings, "packing": True})["packing"] is True
 

@@ -7,7 +7,7 @@ r, alpha, dropout and targets from it. ``AdapterSpec`` itself imports neither to
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from ..errors import SettingsError
 from ..options import ALL_METHODS, INITS, METHODS, ROUTERS, TARGET_PRESETS, MoROptions
@@ -28,6 +28,20 @@ def parse_targets(value: str):
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
+ADDED = {"added": True}
+"""Field metadata (here and in ``TrainConfig``) of a setting added after runs and results were first recorded,
+whose default does what was done before it existed (``use_rslora=False``, no ``modules_to_save``,
+``packing=False``)."""
+
+
+def without_added_defaults(values: Mapping[str, Any], cls) -> dict:
+    """``values`` (the fields of the dataclass ``cls``) without its ``ADDED`` settings where they hold their
+    default: the one rule by which a record or result key written before such a setting existed still
+    matches (``mor train --resume``'s ``mor_run.json``, ``mor compare``'s result keys)."""
+    added = {f.name: f.default for f in fields(cls) if f.metadata.get("added")}
+    return {k: v for k, v in values.items() if not (k in added and v == added[k])}
+
+
 def _from_mor(name: str, **meta):
     """The MoRConfig field ``name``: same default, same help (one source)."""
     source = MoROptions.__dataclass_fields__[name]
@@ -44,7 +58,7 @@ class AdapterSpec:
     r: int = _from_mor("r")
     num_experts: int = _from_mor("num_experts")
     alpha: Optional[float] = _from_mor("alpha")
-    use_rslora: bool = _from_mor("use_rslora")
+    use_rslora: bool = _from_mor("use_rslora", **ADDED)
     dropout: float = _from_mor("dropout")
     target_modules: Union[list[str], str] = _from_mor("target_modules", parse=parse_targets)
     router: str = _from_mor("router", choices=ROUTERS)
@@ -53,7 +67,7 @@ class AdapterSpec:
     init: str = _from_mor("init", choices=INITS)
     init_scale_std: float = _from_mor("init_scale_std")
     init_seed: Optional[int] = _from_mor("init_seed", flag=None)  # no flag of its own: --seed seeds the adapter
-    modules_to_save: Optional[list[str]] = _from_mor("modules_to_save")
+    modules_to_save: Optional[list[str]] = _from_mor("modules_to_save", **ADDED)
 
     def __post_init__(self) -> None:
         if self.method not in ALL_METHODS:
@@ -99,14 +113,10 @@ class AdapterSpec:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    #: Fields added after results were first keyed on ``key()`` (mor compare's finished runs).
-    ADDED_SINCE_KEYED = ("use_rslora", "modules_to_save")
-
     def key(self) -> dict:
-        """What a result depends on: ``to_dict()`` without the fields added since, when left at their
-        defaults, so that results keyed before those fields existed still match."""
-        defaults = {f.name: f.default for f in fields(self)}
-        return {k: v for k, v in self.to_dict().items() if not (k in self.ADDED_SINCE_KEYED and v == defaults[k])}
+        """What a result depends on: ``to_dict()`` without the settings added since at their defaults
+        (:func:`without_added_defaults`), so that results keyed before those settings existed still match."""
+        return without_added_defaults(self.to_dict(), AdapterSpec)
 
 
 def apply_adapter(model: nn.Module, spec: AdapterSpec, tokens_per_step: int = 0) -> nn.Module:

@@ -4,7 +4,9 @@ meaning live. The ``mor train`` flags are generated from these fields (``--batch
 flag. Adding a training option is adding a field here (and using it in the recipe).
 
 Field metadata: ``help`` (the flag's help text), ``choices``, ``flag`` (a flag name other than the
-field's, e.g. ``--no-eval`` for ``evaluate``), ``resume_free`` (a ``--resume`` may change it).
+field's, e.g. ``--no-eval`` for ``evaluate``), ``resume_free`` (a ``--resume`` may change it), ``added``
+(``mor.train.adapters.ADDED``: added after runs were first recorded; at its default it matches a record
+written before it existed).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ..data.builtin import DEFAULT_TRAIN_SIZE
 from ..data.sources import EVAL_SPLIT, TRAIN_SPLIT
 from ..data.tables import parse_columns
 from ..errors import MissingInput, SettingsError
-from .adapters import AdapterSpec
+from .adapters import ADDED, AdapterSpec, without_added_defaults
 
 # The default run (`mor train` alone, or run_training(TrainConfig())) must finish in under 10
 # minutes on a 2-core CPU: SmolLM2 takes about 2.7 s per step of 8 examples there, and each
@@ -30,7 +32,7 @@ FIGURE_PROMPTS = 40  # prompts per task for the routing figures after training
 
 
 def setting(default, help: str, **meta):
-    """A dataclass field with its help text (and optional choices / flag / resume_free)."""
+    """A dataclass field with its help text (and optional choices / flag / resume_free / added)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
@@ -91,7 +93,7 @@ class TrainConfig:
                                               "default: never)", resume_free=True)
     packing: bool = setting(False, "pack each micro-batch's examples into one row without padding, positions restarting "
                                    "per example so that none attends to another (transformers' "
-                                   "DataCollatorWithFlattening; the loss stays on the answers only)")
+                                   "DataCollatorWithFlattening; the loss stays on the answers only)", **ADDED)
     bf16: Optional[bool] = setting(None, "bf16 autocast for forward and backward (adapter and optimizer stay fp32; "
                                          "default: on a GPU with bf16, else off; on CPU through torch's CPU autocast)")
     attn_implementation: Optional[str] = setting(None, "the base model's attention (eager, sdpa, flash_attention_2, ...; "
@@ -102,7 +104,7 @@ class TrainConfig:
                                                 "folder's name, under your account)", resume_free=True)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory)")
     load_in_4bit: bool = setting(False, "quantise the frozen base to bitsandbytes nf4 (QLoRA-style); the adapter "
-                                        "trains in fp32")
+                                        "trains in fp32", **ADDED)
     evaluate: bool = setting(True, "skip the before/after evaluation", flag="--no-eval", resume_free=True)
     evaluate_before: bool = setting(True, "skip the evaluation with the adapter off (the 'before' column)",
                                     flag="--no-eval-before")
@@ -114,7 +116,7 @@ class TrainConfig:
     base_dtype: str = setting("fp32", "dtype of the frozen base (adapter and optimizer stay fp32); auto: bf16 where "
                                       "the hardware runs it natively (CPU with AVX512-BF16/AMX, GPU with bf16)",
                               choices=("fp32", "bf16", "auto"))
-    group_by_length: bool = setting(False, "batch examples of similar length (less padding; changes the order)")
+    group_by_length: bool = setting(False, "batch examples of similar length (less padding; changes the order)", **ADDED)
     router_lr_multiplier: float = setting(1.0, "router learning rate = lr times this (own optimizer group)")
     router_init_scale: float = setting(1.0, "multiply the router's initial weights by this (1/temperature of its "
                                             "logits at init)")
@@ -180,6 +182,14 @@ class TrainConfig:
             free |= {"builtin_train_size", "builtin_eval_size"}
         settings = {k: v for k, v in asdict(self).items() if k not in free and k != "adapter"}
         return {**settings, "adapter": self.adapter.to_dict()}
+
+    @staticmethod
+    def resume_key(settings: dict) -> dict:
+        """``resume_settings()`` as a ``--resume`` compares them, recorded or now: without the settings added
+        since at their defaults (:func:`~mor.train.adapters.without_added_defaults`)."""
+        adapter = settings.get("adapter")
+        key = without_added_defaults(settings, TrainConfig)
+        return {**key, "adapter": without_added_defaults(adapter, AdapterSpec)} if isinstance(adapter, dict) else key
 
     def to_dict(self) -> dict:
         """Every setting but the adapter's (recorded in training.json as ``train_config``)."""

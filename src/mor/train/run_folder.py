@@ -27,7 +27,7 @@ def _differences(recorded: Mapping[str, Any], now: Mapping[str, Any], prefix: st
         old, new = recorded.get(key), now.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
             out.extend(_differences(old, new, f"{prefix}{key}."))
-        elif old != new and not (key not in recorded and new is False):  # a switch added since, left off
+        elif old != new:
             out.append(f"{prefix}{key}: {old!r} in the run, {new!r} now")
     return out
 
@@ -58,7 +58,10 @@ def claim_run_folder(folder: str | Path, settings: Mapping[str, Any], overwrite:
                 raise OutputError(f"--resume: {folder} holds no record of a mor train run ({RUN_RECORD}), so "
                                   "there is nothing to continue; choose a new --output, or add --overwrite "
                                   "(without --resume) to start a new run there.")
-            differ = _differences(json.loads(record.read_text())["settings"], _jsonable(dict(settings)))
+            from .config import TrainConfig  # a setting added since the run, at its default, is no difference
+
+            differ = _differences(TrainConfig.resume_key(json.loads(record.read_text())["settings"]),
+                                  TrainConfig.resume_key(_jsonable(dict(settings))))
             if differ:
                 raise OutputError(f"--resume: the run in {folder} was started with other settings ("
                                   + "; ".join(differ) + "); resume with the same flags, or choose a new --output.")
