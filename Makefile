@@ -25,16 +25,19 @@ demo: install  ## train MoR on the built-in suite with SmolLM2, evaluate before/
 # engine are built once): while one waits on a subprocess (vLLM, accelerate launch, an import) the other runs.
 PYTEST_WORKERS ?= 2
 
-# The other peft minors, axolotl and LLaMA-Factory: each in its own venv (scripts/test_*.sh), the three side by
-# side (each is mostly one process: a venv from uv's cache, then one pytest), each one's output printed whole.
-OTHER_VERSIONS := test-peft-minors test-axolotl test-llamafactory
+# The other peft minors, axolotl and LLaMA-Factory: each in its own venv (scripts/test_*.sh), side by side (each
+# is mostly one process: a venv from uv's cache, then one pytest), each one's output printed whole when it ends.
+PEFT_MINORS := $(shell bash scripts/test_peft_versions.sh --list)
+OTHER_VERSIONS := $(addprefix test-peft-,$(PEFT_MINORS)) test-axolotl test-llamafactory
 
 test: install  ## the whole test suite (offline; real-model tests included), then the other peft minors, axolotl and LLaMA-Factory
 	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30
 	$(MAKE) --no-print-directory -j3 --output-sync=target $(OTHER_VERSIONS)
 
-test-peft-minors: install
-	PYTHON=$(PYTHON) bash scripts/test_peft_versions.sh
+test-peft-minors: $(addprefix test-peft-,$(PEFT_MINORS))
+
+test-peft-%: install
+	PYTHON=$(PYTHON) bash scripts/test_peft_versions.sh $*
 
 test-axolotl: install
 	PYTHON=$(PYTHON) bash scripts/test_axolotl.sh

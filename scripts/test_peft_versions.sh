@@ -4,11 +4,14 @@
 # checks) on every supported peft minor other than the installed one. Each gets a venv under
 # .venvs/ that sees the main environment (torch, transformers, trl, mor) and holds only its own peft:
 # `uv` makes one in about a second. Usage: scripts/test_peft_versions.sh [peft versions...]
+# (`--list` prints the default versions: `make test` runs one of these scripts per version, side by side).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
+DEFAULT=(0.18.1 0.19.1 0.20.0)  # with 0.21 installed: every other minor of peft>=0.18,<0.22
+if [ "${1:-}" = --list ]; then echo "${DEFAULT[@]}"; exit 0; fi
 VERSIONS=("$@")
-[ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(0.18.1 0.19.1 0.20.0)  # with 0.21 installed: every other minor of peft>=0.18,<0.22
+[ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=("${DEFAULT[@]}")
 TESTS=(tests/test_peft_integration.py tests/test_peft_options.py tests/test_compat.py)
 command -v uv >/dev/null || "$PYTHON" -m pip install --disable-pip-version-check -q "uv>=0.9"
 for version in "${VERSIONS[@]}"; do
