@@ -146,3 +146,32 @@ def test_under_autocast_the_layer_keeps_its_output_in_the_autocast_dtype(method)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cast = layer.base_layer(x) + adapter(x.float()).to(torch.bfloat16)
     torch.testing.assert_close(out, cast, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("method", ["mor", "moelora"])
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+def test_under_autocast_the_router_computes_its_logits_in_fp32(method, grad):
+    """bf16 autocast runs every linear in bf16; the router's W_g x stays fp32 (as outside autocast), in
+    training and in the inference path that takes the logits from one product with A x: the gates equal
+    the fp32 formula's exactly, where bf16 logits would move them."""
+    import torch.nn.functional as F
+
+    from mor import MixtureLayer, MoELoRAAdapter, MoRAdapter
+    from mor.routing import gates_from_logits
+
+    torch.manual_seed(0)
+    cls = MoRAdapter if method == "mor" else MoELoRAAdapter
+    adapter = cls(64, 48, r=4, num_experts=4, alpha=8)
+    with torch.no_grad():
+        adapter.router.weight.mul_(20)  # logits of several units: bf16 rounds them visibly
+    layer = MixtureLayer(nn.Linear(64, 48, bias=False).to(torch.bfloat16), "default", adapter.train(grad))
+    x = torch.randn(6, 64).to(torch.bfloat16)
+    seen = []
+    adapter.router.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    router = adapter.router
+    want = gates_from_logits(F.linear(x.float(), router.weight.float()), router.strategy, router.top_k)
+    bf16 = gates_from_logits(F.linear(x, router.weight.to(torch.bfloat16)).float(), router.strategy, router.top_k)
+    assert not torch.equal(want.to(seen[0].dtype), bf16.to(seen[0].dtype))  # the test can tell the two apart
+    torch.testing.assert_close(seen[0], want.to(seen[0].dtype), atol=0, rtol=0)

@@ -32,7 +32,7 @@ from . import _compat
 from .errors import AdapterError, SettingsError
 from .options import update_scale
 from .quantized import dense_weight, is_quantized, linear_shape, plain_linear, stored_dtype
-from .routing import Router
+from .routing import Router, autocast_enabled
 
 
 class Factors(NamedTuple):
@@ -142,7 +142,8 @@ class MoRAdapter(ExpertMixture):
         product costs more than its arithmetic. The router module still runs on the logits, so
         forward hooks on it (routing profiles, the balance loss) see the gates as always.
         """
-        if router_and_down_t is None or (self.training and not isinstance(self.dropout, nn.Identity)):
+        if router_and_down_t is None or (self.training and not isinstance(self.dropout, nn.Identity)) \
+                or autocast_enabled(x.device.type):  # autocast would give bf16 logits: the router's own fp32 product
             return self.router(x), F.linear(self.dropout(x), self.lora_A)
         logits_and_h = torch.mm(x, router_and_down_t)  # [W_g x, A x]: (T, N + r)
         n = self.num_experts
@@ -226,13 +227,6 @@ def reusing_factors(model: nn.Module) -> Iterator[None]:
 
 
 # -- the peft tuner layer --------------------------------------------------------------------------
-
-def autocast_enabled(device_type: str) -> bool:
-    """Whether torch.autocast is on for ``device_type`` (torch < 2.4 has one function per device)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 class MixtureLayer(nn.Module, BaseTunerLayer):

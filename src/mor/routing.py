@@ -17,6 +17,7 @@ real tokens; ``MoRModel.measure_routing`` reads a ``RoutingProfile`` off it, and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -58,8 +59,11 @@ class Router(nn.Module):
         if logits is None:
             if self.weight is None:
                 return x.new_full((*x.shape[:-1], self.num_experts), 1.0 / self.num_experts)
-            # fp32 whatever the activations' dtype: softmax over a few logits is cheap, bf16 logits are noisy
-            logits = F.linear(x.float(), self.weight.float())  # W_g x: (..., N)
+            # fp32 whatever the activations' dtype, under autocast too (which would run this product in bf16):
+            # the logits of N experts are cheap, bf16 ones are noisy (Switch Transformers' "selective precision")
+            with torch.autocast(x.device.type, enabled=False) if autocast_enabled(x.device.type) \
+                    else contextlib.nullcontext():
+                logits = F.linear(x.float(), self.weight.float())  # W_g x: (..., N)
         probs = gates_from_logits(logits, self.strategy, self.top_k)
         return probs if probs.dtype == x.dtype else probs.to(x.dtype)
 
@@ -74,6 +78,17 @@ class Router(nn.Module):
             "routing=model.measure_routing(...) (a RoutingProfile), a weight vector of length num_experts, "
             "a saved routing_profile.json, or 'uniform'"
         )
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is on for ``device_type`` (torch < 2.4 has one function per device; a device
+    autocast does not know, such as "meta", has none)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:
+        return False
 
 
 def gates_from_logits(logits: torch.Tensor, strategy: str, top_k: int) -> torch.Tensor:
