@@ -284,3 +284,24 @@ def test_a_record_too_long_for_any_model_is_refused_with_its_line(tmp_path, tiny
     assert run_cli("eval", "--model", tiny_model_dir, "--data", data) == 2
     err = capsys.readouterr().err
     assert f"{data}:2:" in err and "2.0 million characters" in err
+
+
+def test_the_memory_check_counts_the_trainable_copies_of_modules_to_save(tiny_model_dir, monkeypatch):
+    """--modules-to-save lm_head trains a copy of a vocabulary-sized head: the estimate before allocation
+    counts it, so an adapter that fits alone is refused with it when the head does not fit."""
+    from transformers import AutoModelForCausalLM
+
+    import mor.safety
+    from mor.errors import SettingsError
+    from mor.train.adapters import AdapterSpec, apply_adapter, training_size
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    head = model.get_output_embeddings().weight.numel()
+    plain, with_head = AdapterSpec(r=2, num_experts=2), AdapterSpec(r=2, num_experts=2, modules_to_save=["lm_head"])
+    assert training_size(model, with_head)[0] == training_size(model, plain)[0] + head
+    assert "lm_head" in training_size(model, with_head)[1] and "--modules-to-save" in training_size(model, with_head)[1]
+    enough_for_the_adapter = (training_size(model, plain)[0] + head // 2) * mor.safety.TRAINING_BYTES_PER_PARAMETER
+    monkeypatch.setattr(mor.safety, "available_memory", lambda: enough_for_the_adapter)
+    apply_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), plain)
+    with pytest.raises(SettingsError, match="trainable copies of lm_head"):
+        apply_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), with_head)

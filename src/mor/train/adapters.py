@@ -146,7 +146,9 @@ def training_size(model: nn.Module, spec: AdapterSpec, tokens_per_step: int = 0)
     """(trainable parameters, a description, activation floats) of training ``spec`` on ``model``
     with ``tokens_per_step`` tokens a step. A mixture layer keeps, per token, the router's logits
     and gates (2N), the down-projection (r) and the per-expert products (N*r), twice over for the
-    backward pass; a LoRA/DoRA layer keeps its r-dimensional down-projection."""
+    backward pass; a LoRA/DoRA layer keeps its r-dimensional down-projection. ``modules_to_save``
+    adds a full trainable copy of each module it names (peft's ModulesToSaveWrapper), e.g. a
+    vocabulary-sized ``lm_head``."""
     from ..params import layer_parameter_count, target_shapes
 
     shapes = target_shapes(model, spec.target_modules)
@@ -156,4 +158,14 @@ def training_size(model: nn.Module, spec: AdapterSpec, tokens_per_step: int = 0)
     per_token = 2 * (spec.num_experts * spec.r + 2 * spec.num_experts + spec.r if mixture else spec.r)
     what = f"the {spec.method} adapter (r={spec.r}" + (f", {spec.num_experts} experts" if mixture else "") \
         + f", {len(shapes)} layers)"
-    return parameters, what, per_token * len(shapes) * tokens_per_step
+    saved = saved_module_parameters(model, spec.modules_to_save or [])
+    if saved:
+        what += f" with trainable copies of {', '.join(spec.modules_to_save)} ({saved:,} parameters; --modules-to-save)"
+    return parameters + saved, what, per_token * len(shapes) * tokens_per_step
+
+
+def saved_module_parameters(model: nn.Module, names: list[str]) -> int:
+    """Parameters of the modules of ``model`` that ``names`` match as peft's ``modules_to_save`` does (a
+    module name ending with one of them: peft.utils.other._set_trainable): peft trains a copy of each."""
+    matched = [module for key, module in model.named_modules() if any(key.endswith(name) for name in names)]
+    return sum(p.numel() for p in {id(p): p for module in matched for p in module.parameters()}.values())
