@@ -8,19 +8,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
+source scripts/venv.sh
 DEFAULT=(0.18.1 0.19.1 0.20.0)  # with 0.21 installed: every other minor of peft>=0.18,<0.22
 if [ "${1:-}" = --list ]; then echo "${DEFAULT[@]}"; exit 0; fi
 VERSIONS=("$@")
 [ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=("${DEFAULT[@]}")
 TESTS=(tests/test_peft_integration.py tests/test_peft_options.py tests/test_compat.py)
-command -v uv >/dev/null || "$PYTHON" -m pip install --disable-pip-version-check -q "uv>=0.9"
 for version in "${VERSIONS[@]}"; do
   venv=.venvs/peft-$version
-  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('peft') != '$version')" 2>/dev/null; then
-    rm -rf "$venv"
-    uv venv -q --system-site-packages -p "$(command -v "$PYTHON")" "$venv"
-    VIRTUAL_ENV="$PWD/$venv" uv pip install -q --no-deps "peft==$version"  # its dependencies are the main env's
-  fi
+  make_venv "$venv" "peft==$version"  # its dependencies are the main env's
   echo "== peft $version"
   # the tests that touch peft; not the CLI's 4-bit training run, the pure-mor checks or the import orders
   # through a mor submodule (subprocesses, 7 s each; the main run has them all)

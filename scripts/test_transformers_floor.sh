@@ -8,15 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
+source scripts/venv.sh
 venv=.venvs/transformers-4.55.4
 PACKAGES=(transformers==4.55.4 tokenizers==0.21.4 huggingface_hub==0.34.4 datasets==4.1.1 peft==0.18.1)
-command -v uv >/dev/null || "$PYTHON" -m pip install --disable-pip-version-check -q "uv>=0.9"
-if [ ! -f "$venv/.complete" ]; then
-  rm -rf "$venv"
-  uv venv -q --system-site-packages -p "$(command -v "$PYTHON")" "$venv"
-  VIRTUAL_ENV="$PWD/$venv" uv pip install -q --no-deps "${PACKAGES[@]}"
-  touch "$venv/.complete"
-fi
+make_venv "$venv" "${PACKAGES[@]}"
 echo "== transformers 4.55.4 (peft 0.18.1)"
 # as in scripts/test_peft_versions.sh, the import orders through a mor submodule are left to the main run
 SKIP="four_bit_base_trains_saves or cli_trains or failed_import or (imported_first and (config or layer))"
