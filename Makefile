@@ -25,8 +25,9 @@ demo: install  ## train MoR on the built-in suite with SmolLM2, evaluate before/
 # engine are built once): while one waits on a subprocess (vLLM, accelerate launch, an import) the other runs.
 PYTEST_WORKERS ?= 2
 
-# The other peft minors, the oldest transformers, axolotl and LLaMA-Factory: each in its own venv (scripts/test_*.sh), side by side (each
-# is mostly one process: a venv from uv's cache, then one pytest), each one's output printed whole when it ends.
+# The other peft minors, the oldest transformers, axolotl and LLaMA-Factory: each in its own venv
+# (scripts/test_*.sh), side by side (each is mostly one process: a venv from uv's cache, then one pytest),
+# each one's output printed whole when it ends.
 PEFT_MINORS := $(shell bash scripts/test_peft_versions.sh --list)
 OTHER_VERSIONS := $(addprefix test-peft-,$(PEFT_MINORS)) test-transformers-floor test-axolotl test-llamafactory
 

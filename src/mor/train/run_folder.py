@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from ..errors import OutputError
 from ..safety import _describe, _entries, atomic_write_text, check_output_place
+from .config import TrainConfig
 
 RUN_RECORD = "mor_run.json"
 """Written by ``mor train`` into its output folder: the settings a ``--resume`` must match."""
@@ -58,8 +59,7 @@ def claim_run_folder(folder: str | Path, settings: Mapping[str, Any], overwrite:
                 raise OutputError(f"--resume: {folder} holds no record of a mor train run ({RUN_RECORD}), so "
                                   "there is nothing to continue; choose a new --output, or add --overwrite "
                                   "(without --resume) to start a new run there.")
-            from .config import TrainConfig  # a setting added since the run, at its default, is no difference
-
+            # a setting added since the run, at its default, is no difference (TrainConfig.resume_key)
             differ = _differences(TrainConfig.resume_key(json.loads(record.read_text())["settings"]),
                                   TrainConfig.resume_key(_jsonable(dict(settings))))
             if differ:
